@@ -1,0 +1,19 @@
+"""raytrainer: write a LightningModule once, train it on CPU, GPU, TPU or an elastic Ray cluster.
+
+``import raytrainer as pl`` gives the names Lightning users know.
+"""
+from raytrainer.callbacks import (Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint, ModelSummary,
+                                  TQDMProgressBar)
+from raytrainer.datamodule import LightningDataModule
+from raytrainer.loggers import CSVLogger, Logger
+from raytrainer.module import LightningModule
+from raytrainer.trainer.plan import Plan
+from raytrainer.trainer.trainer import Trainer
+from raytrainer.utilities import seed_everything
+from raytrainer import callbacks, loggers
+
+__version__ = "0.1.0"
+
+__all__ = ["Callback", "CSVLogger", "EarlyStopping", "LearningRateMonitor", "LightningDataModule", "LightningModule",
+           "Logger", "ModelCheckpoint", "ModelSummary", "Plan", "TQDMProgressBar", "Trainer", "callbacks", "loggers",
+           "seed_everything", "__version__"]

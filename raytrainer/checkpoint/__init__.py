@@ -1,0 +1,1 @@
+"""Checkpoint formats and durable storage (see ``format.py`` and ``storage.py``)."""

@@ -1,0 +1,962 @@
+"""Durable checkpoint I/O on local paths and any pyarrow filesystem (file://, s3://, gs://, hdfs://).
+
+A checkpoint file is either the old complete content or the new complete content, never a mix,
+and every file written here has a manifest next to it, ``<name>.manifest.json``, that records
+its size and sha256. Loading checks the manifest, so a truncated, partly uploaded or damaged file
+is reported instead of being loaded.
+
+How a write makes that hold (``write_bytes_atomic``):
+
+1. The new bytes are staged where nobody reads them: local disks and other filesystems with an
+   atomic rename get a hidden temporary file ``.<name>.tmp-<id>`` in the same directory, written
+   and fsynced. Object stores (S3, GCS) need no staging: an uploaded object becomes visible
+   only once its upload completes.
+2. The manifest is written (atomically) *before* the data becomes visible. If a file already
+   exists at the target, the manifest also lists that file's size and sha256 under
+   ``previous``, so the file verifies whichever of the two contents a crash leaves in place.
+3. The data becomes visible: ``os.replace`` (then the directory is fsynced), ``FileSystem.move``
+   or the object upload.
+4. If step 2 listed a previous content, the manifest is rewritten without it.
+
+A crash at any point therefore leaves a file that verifies (old or new content), or no file and
+a manifest without its file ("a write never completed"), which ``read_verified`` reports as
+missing. Leftover temporary files are removed by the next successful write to the same name.
+
+Files without a manifest were written by other tools (for example a Lightning ``.ckpt``) and
+are accepted as they are; ``newest_valid`` additionally checks that such a file is a complete
+torch archive. One writer per file at a time is assumed (rank 0 writes, nobody else).
+
+Local paths and ``file://`` use plain OS calls; every other URI goes through
+``pyarrow.fs.FileSystem.from_uri``. ``s3://`` URIs honour ``RAYTRAINER_S3_ENDPOINT``,
+``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` (for MinIO, moto, on-prem S3), and any URI prefix
+can be pointed at a filesystem object with ``register_filesystem``; every public function also
+takes an explicit ``filesystem=``.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import json
+import logging
+import os
+import pickle
+import posixpath
+import queue
+import re
+import threading
+import time
+import traceback
+import uuid
+import zipfile
+from typing import Any
+from urllib.parse import unquote
+
+import numpy as np
+import pyarrow.fs as pafs
+import torch
+
+__all__ = [
+    "MANIFEST_SUFFIX",
+    "AsyncCheckpointWriter",
+    "CheckpointCorruptError",
+    "exists",
+    "join",
+    "listdir",
+    "load",
+    "makedirs",
+    "newest_valid",
+    "read_verified",
+    "register_filesystem",
+    "remove",
+    "resolve",
+    "save",
+    "to_cpu",
+    "unregister_filesystem",
+    "write_bytes_atomic",
+]
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_SUFFIX = ".manifest.json"
+MANIFEST_FORMAT = "raytrainer-checkpoint-manifest"
+MANIFEST_VERSION = 1
+_TMP_MARK = ".tmp-"
+_URI_RE = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*)://(?P<netloc>[^/?]*)(?P<path>[^?]*)(?:\?(?P<query>.*))?$")
+# Schemes whose pyarrow path is "<bucket>/<key>" and whose uploads become visible only when complete.
+_BUCKET_SCHEMES = {"s3", "s3a", "gs", "gcs"}
+# Schemes whose pyarrow path is the URI's path (the netloc names the host, not part of the path).
+_HOST_SCHEMES = {"file", "hdfs", "viewfs"}
+_OBJECT_STORE_TYPES = {"s3", "gcs"}
+_S3_TIMEOUT_S = 10.0
+_VERIFY_ATTEMPTS = 3
+
+
+class CheckpointCorruptError(ValueError):
+    """A checkpoint file is damaged or not a checkpoint; the message names the file and the mismatch."""
+
+
+# --------------------------------------------------------------------------------------------
+# Resolving paths and URIs to (filesystem, path)
+# --------------------------------------------------------------------------------------------
+
+_LOCAL = pafs.LocalFileSystem()
+_lock = threading.Lock()
+_registry: dict[str, pafs.FileSystem] = {}
+_cache: dict[tuple, pafs.FileSystem] = {}
+
+
+def register_filesystem(prefix: str, filesystem: pafs.FileSystem) -> None:
+    """Send every URI that starts with ``prefix`` (e.g. ``"s3://"`` or ``"s3://bucket/"``) to ``filesystem``.
+
+    The registration lives in this process only; ranks on other processes configure S3 endpoints
+    through the environment variables instead (see the module docstring).
+    """
+    match = _URI_RE.match(prefix) if isinstance(prefix, str) else None
+    if match is None:
+        raise ValueError(f"register_filesystem needs a URI prefix like 's3://' or 's3://bucket/', got {prefix!r}")
+    if not isinstance(filesystem, pafs.FileSystem):
+        raise TypeError(f"register_filesystem needs a pyarrow.fs.FileSystem, got {type(filesystem).__name__}")
+    if match["scheme"].lower() not in _BUCKET_SCHEMES | _HOST_SCHEMES:
+        raise ValueError(
+            f"cannot map {match['scheme']}:// URIs onto a filesystem object; supported schemes are "
+            f"{sorted(_BUCKET_SCHEMES | _HOST_SCHEMES)}"
+        )
+    with _lock:
+        _registry[prefix] = filesystem
+
+
+def unregister_filesystem(prefix: str) -> None:
+    """Undo ``register_filesystem(prefix, ...)``; unknown prefixes are ignored."""
+    with _lock:
+        _registry.pop(prefix, None)
+
+
+def _is_uri(path_or_uri: str) -> bool:
+    """True for ``scheme://...`` strings, False for plain local paths."""
+    return _URI_RE.match(path_or_uri) is not None
+
+
+def _path_for_scheme(scheme: str, netloc: str, path: str) -> str:
+    """The path pyarrow uses inside the filesystem of a ``scheme://netloc/path`` URI."""
+    scheme = scheme.lower()
+    if scheme in _BUCKET_SCHEMES:
+        joined = unquote(netloc + path).rstrip("/")
+        if not joined:
+            raise ValueError(f"a {scheme}:// URI needs a bucket name, got {scheme}://{netloc}{path}")
+        return joined
+    if scheme in _HOST_SCHEMES:
+        path = unquote(path)
+        return path.rstrip("/") or "/"
+    raise ValueError(f"cannot map {scheme}:// URIs onto an explicit filesystem object")
+
+
+def _s3_endpoint_from_env() -> str | None:
+    """The S3 endpoint named by the environment, or None for AWS's own endpoints."""
+    for var in ("RAYTRAINER_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        value = os.environ.get(var, "").strip()
+        if value:
+            return value
+    return None
+
+
+def _s3_from_env(endpoint: str) -> tuple[tuple, pafs.FileSystem | None]:
+    """Cache key and (on a cache miss) an S3FileSystem for the endpoint and credentials in the environment."""
+    if "://" in endpoint:
+        scheme, _, host = endpoint.partition("://")
+    else:
+        scheme, host = "https", endpoint
+    host = host.rstrip("/")
+    if scheme not in ("http", "https") or not host:
+        raise ValueError(
+            f"S3 endpoint {endpoint!r} (from RAYTRAINER_S3_ENDPOINT / AWS_ENDPOINT_URL) must look like "
+            "'http://host:port' or 'https://host'"
+        )
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    access = os.environ.get("AWS_ACCESS_KEY_ID") or None
+    secret = os.environ.get("AWS_SECRET_ACCESS_KEY") or None
+    token = os.environ.get("AWS_SESSION_TOKEN") or None
+    if not (access and secret):
+        access = secret = token = None  # let the AWS SDK find credentials (config files, instance role)
+    key = ("s3-env", scheme, host, region, access, secret, token)
+    with _lock:
+        if key in _cache:
+            return key, _cache[key]
+    fs = pafs.S3FileSystem(
+        access_key=access, secret_key=secret, session_token=token, region=region,
+        scheme=scheme, endpoint_override=host,
+        connect_timeout=_S3_TIMEOUT_S, request_timeout=6 * _S3_TIMEOUT_S,
+    )
+    return key, fs
+
+
+def resolve(path_or_uri: str, filesystem: pafs.FileSystem | None = None) -> tuple[pafs.FileSystem, str]:
+    """Return the pyarrow filesystem and the path inside it for a local path or a URI.
+
+    Local paths become absolute paths on ``LocalFileSystem``. With ``filesystem`` given, a URI's
+    bucket/key (or path) is used inside that filesystem and a plain string is taken as a path in it.
+    Otherwise a registered prefix wins, then (for ``s3://``) an endpoint from the environment, then
+    ``pyarrow.fs.FileSystem.from_uri``. Filesystems are cached per bucket/host.
+    """
+    if isinstance(path_or_uri, os.PathLike):
+        path_or_uri = os.fspath(path_or_uri)
+    if not isinstance(path_or_uri, str) or not path_or_uri:
+        raise ValueError(f"expected a non-empty path or URI string, got {path_or_uri!r}")
+    match = _URI_RE.match(path_or_uri)
+
+    if filesystem is not None:
+        if not isinstance(filesystem, pafs.FileSystem):
+            raise TypeError(f"filesystem= must be a pyarrow.fs.FileSystem, got {type(filesystem).__name__}")
+        if match is not None:
+            return filesystem, _path_for_scheme(match["scheme"], match["netloc"], match["path"])
+        if isinstance(filesystem, pafs.LocalFileSystem):
+            return filesystem, os.path.abspath(os.path.expanduser(path_or_uri))
+        return filesystem, path_or_uri.rstrip("/") or "/"
+
+    if match is None:
+        return _LOCAL, os.path.abspath(os.path.expanduser(path_or_uri))
+
+    scheme, netloc, path, query = match["scheme"].lower(), match["netloc"], match["path"], match["query"]
+    with _lock:
+        prefixes = sorted((p for p in _registry if path_or_uri.startswith(p)), key=len, reverse=True)
+        registered = _registry[prefixes[0]] if prefixes else None
+    if registered is not None:
+        return registered, _path_for_scheme(scheme, netloc, path)
+
+    if scheme == "file":
+        return _LOCAL, _path_for_scheme(scheme, netloc, path)
+
+    endpoint = _s3_endpoint_from_env() if scheme in ("s3", "s3a") and not query else None
+    if endpoint is not None:
+        key, fs = _s3_from_env(endpoint)
+        with _lock:
+            fs = _cache.setdefault(key, fs)
+        return fs, _path_for_scheme(scheme, netloc, path)
+
+    cacheable = scheme in _BUCKET_SCHEMES | _HOST_SCHEMES
+    key = ("uri", scheme, netloc, query or "")
+    if cacheable:
+        with _lock:
+            cached = _cache.get(key)
+        if cached is not None:
+            return cached, _path_for_scheme(scheme, netloc, path)
+    try:
+        fs, fs_path = pafs.FileSystem.from_uri(path_or_uri)
+    except Exception as exc:
+        raise ValueError(f"cannot open a filesystem for {path_or_uri!r}: {exc}") from exc
+    if cacheable:
+        with _lock:
+            fs = _cache.setdefault(key, fs)
+        return fs, _path_for_scheme(scheme, netloc, path)
+    return fs, fs_path
+
+
+def join(base: str, *parts: str) -> str:
+    """Join relative path parts onto a local path or a URI (keeping any ``?query`` at the end)."""
+    if isinstance(base, os.PathLike):
+        base = os.fspath(base)
+    if not isinstance(base, str) or not base:
+        raise ValueError(f"join() needs a non-empty base path or URI, got {base!r}")
+    for part in parts:
+        if not isinstance(part, str) or not part:
+            raise ValueError(f"join() parts must be non-empty strings, got {part!r}")
+        if part.startswith("/") or _is_uri(part):
+            raise ValueError(f"join() parts must be relative, got {part!r} (joining onto {base!r})")
+    match = _URI_RE.match(base)
+    if match is None:
+        return os.path.join(base, *parts)
+    joined = posixpath.join(match["path"] or "/", *parts)
+    query = f"?{match['query']}" if match["query"] is not None else ""
+    return f"{match['scheme']}://{match['netloc']}{joined}{query}"
+
+
+# --------------------------------------------------------------------------------------------
+# Low-level reads and writes
+# --------------------------------------------------------------------------------------------
+
+def _is_local(fs: pafs.FileSystem) -> bool:
+    """True when plain OS calls (fsync, os.replace) can be used on this filesystem's paths."""
+    return isinstance(fs, pafs.LocalFileSystem)
+
+
+def _is_object_store(fs: pafs.FileSystem) -> bool:
+    """True for stores where an upload becomes visible only when complete (so no temp file is needed)."""
+    return fs.type_name in _OBJECT_STORE_TYPES
+
+
+def _split(path: str, fs: pafs.FileSystem) -> tuple[str, str]:
+    """(directory, base name) of a path in ``fs``."""
+    return os.path.split(path) if _is_local(fs) else posixpath.split(path)
+
+
+def _tmp_name(name: str) -> str:
+    """A hidden, unique sibling name used to stage ``name`` before it is renamed into place."""
+    return f".{name}{_TMP_MARK}{uuid.uuid4().hex[:16]}"
+
+
+def _is_tmp_name(name: str) -> bool:
+    """True for temporary names made by ``_tmp_name``."""
+    return name.startswith(".") and _TMP_MARK in name
+
+
+def _fsync_dir(directory: str) -> None:
+    """Persist a rename in ``directory`` (the new directory entry) to disk."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _file_type(fs: pafs.FileSystem, path: str) -> pafs.FileType:
+    """The type of ``path`` (NotFound when it does not exist)."""
+    if _is_local(fs):
+        if os.path.isfile(path):
+            return pafs.FileType.File
+        if os.path.isdir(path):
+            return pafs.FileType.Directory
+        return pafs.FileType.NotFound if not os.path.lexists(path) else pafs.FileType.Unknown
+    return fs.get_file_info(path).type
+
+
+def _read_all(fs: pafs.FileSystem, path: str) -> bytes:
+    """All bytes of ``path``; FileNotFoundError when it does not exist."""
+    if _is_local(fs):
+        with open(path, "rb") as f:
+            return f.read()
+    with fs.open_input_file(path) as f:  # one ranged GET; open_input_stream reads in small chunks
+        return f.read()
+
+
+def _stage(fs: pafs.FileSystem, path: str, data: Any) -> str | None:
+    """Write ``data`` to a hidden sibling of ``path`` and return its name (None for object stores)."""
+    if _is_object_store(fs) or _is_local(fs):
+        return None
+    directory, name = _split(path, fs)
+    tmp = (os.path.join if _is_local(fs) else posixpath.join)(directory, _tmp_name(name))
+    try:
+        if _is_local(fs):
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        else:
+            with fs.open_output_stream(tmp) as out:
+                out.write(data)
+    except BaseException:
+        _delete_quietly(fs, tmp)
+        raise
+    return tmp
+
+
+def _publish(fs: pafs.FileSystem, path: str, data: Any, tmp: str | None) -> None:
+    """Make the staged ``tmp`` (or, for object stores, a fresh upload of ``data``) visible at ``path``."""
+    if tmp is None and _is_local(fs):
+        with open(path, "wb") as f:
+            f.write(data)
+        return
+    if tmp is None:
+        with fs.open_output_stream(path) as out:
+            out.write(data)
+        return
+    try:
+        if _is_local(fs):
+            os.replace(tmp, path)
+            _fsync_dir(os.path.dirname(path))
+        else:
+            fs.move(tmp, path)
+    except BaseException:
+        _delete_quietly(fs, tmp)
+        raise
+
+
+def _write_raw_atomic(fs: pafs.FileSystem, path: str, data: Any) -> None:
+    """Replace ``path`` with ``data`` so readers see the old or the new bytes, never a part."""
+    _publish(fs, path, data, _stage(fs, path, data))
+
+
+def _delete_quietly(fs: pafs.FileSystem, path: str) -> None:
+    """Delete ``path`` if it exists, logging (not raising) failures: used for cleanup only."""
+    try:
+        if _is_local(fs):
+            os.unlink(path)
+        else:
+            fs.delete_file(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        logger.warning("could not remove %s: %s", path, exc)
+
+
+def _remove_stale_tmp(fs: pafs.FileSystem, path: str) -> None:
+    """Remove temporary files left behind by interrupted writes of ``path`` or of its manifest."""
+    if _is_object_store(fs):
+        return
+    directory, name = _split(path, fs)
+    prefixes = (f".{name}{_TMP_MARK}", f".{name}{MANIFEST_SUFFIX}{_TMP_MARK}")
+    try:
+        if _is_local(fs):
+            names = [e.name for e in os.scandir(directory) if e.name.startswith(prefixes)]
+            stale = [os.path.join(directory, n) for n in names]
+        else:
+            infos = fs.get_file_info(pafs.FileSelector(directory, allow_not_found=True))
+            stale = [i.path for i in infos if i.base_name.startswith(prefixes)]
+    except OSError as exc:
+        logger.warning("could not list %s to remove temporary files: %s", directory, exc)
+        return
+    for tmp in stale:
+        _delete_quietly(fs, tmp)
+
+
+# --------------------------------------------------------------------------------------------
+# Manifests
+# --------------------------------------------------------------------------------------------
+
+def _digest(data: Any) -> dict[str, Any]:
+    """Size and sha256 of ``data`` (bytes-like), as stored in a manifest."""
+    view = memoryview(data)
+    return {"size": view.nbytes, "sha256": hashlib.sha256(view).hexdigest()}
+
+
+def _manifest_bytes(name: str, digest: dict[str, Any], previous: list[dict[str, Any]]) -> bytes:
+    """The JSON manifest for a file called ``name`` with content ``digest``."""
+    manifest: dict[str, Any] = {
+        "format": MANIFEST_FORMAT,
+        "format_version": MANIFEST_VERSION,
+        "name": name,
+        "size": digest["size"],
+        "sha256": digest["sha256"],
+        "written_at": time.time(),
+    }
+    if previous:
+        manifest["previous"] = previous  # the content in place until this write finishes
+    return json.dumps(manifest, indent=1).encode()
+
+
+def _parse_manifest(raw: bytes, manifest_uri: str) -> dict[str, Any]:
+    """Check and return a manifest read from ``manifest_uri``; CheckpointCorruptError if it is malformed."""
+    try:
+        manifest = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointCorruptError(f"manifest {manifest_uri} is not valid JSON ({exc}); the checkpoint "
+                                     "cannot be verified — delete both files or rewrite the checkpoint") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise CheckpointCorruptError(f"{manifest_uri} is not a raytrainer checkpoint manifest")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > MANIFEST_VERSION:
+        raise CheckpointCorruptError(
+            f"manifest {manifest_uri} has format_version {version!r}; this raytrainer reads up to "
+            f"{MANIFEST_VERSION} — upgrade raytrainer to read it"
+        )
+    entries = [manifest, *manifest.get("previous", [])]
+    for entry in entries:
+        if not (isinstance(entry, dict) and isinstance(entry.get("size"), int)
+                and isinstance(entry.get("sha256"), str) and len(entry["sha256"]) == 64):
+            raise CheckpointCorruptError(f"manifest {manifest_uri} lacks a valid size/sha256 entry: {entry!r}")
+    return manifest
+
+
+def _read_manifest(fs: pafs.FileSystem, path: str, manifest_uri: str) -> dict[str, Any] | None:
+    """The parsed manifest at ``path``, or None when there is none."""
+    try:
+        raw = _read_all(fs, path)
+    except FileNotFoundError:
+        return None
+    return _parse_manifest(raw, manifest_uri)
+
+
+def _mismatch(data: bytes, manifest: dict[str, Any]) -> tuple[str | None, bool]:
+    """(None, matched_previous) when ``data`` matches the manifest, else (what mismatched, False)."""
+    size = len(data)
+    sha = None
+    for i, entry in enumerate([manifest, *manifest.get("previous", [])]):
+        if entry["size"] != size:
+            continue
+        sha = sha or hashlib.sha256(data).hexdigest()
+        if entry["sha256"] == sha:
+            return None, i > 0
+    if size != manifest["size"]:
+        return (f"size is {size} bytes but the manifest records {manifest['size']} bytes "
+                "(the file is truncated, partly written or was replaced)"), False
+    return (f"sha256 is {sha} but the manifest records {manifest['sha256']} "
+            "(the content changed after it was written)"), False
+
+
+def _manifest_uri(uri: str) -> str:
+    """The manifest's path/URI for a checkpoint path/URI (before any ``?query``), for messages."""
+    match = _URI_RE.match(uri)
+    if match is None or match["query"] is None:
+        return uri + MANIFEST_SUFFIX
+    return f"{match['scheme']}://{match['netloc']}{match['path']}{MANIFEST_SUFFIX}?{match['query']}"
+
+
+def _check_target(path: str, uri: str, fs: pafs.FileSystem) -> None:
+    """Reject names that the manifest/temp-file scheme reserves, or that are no file names."""
+    name = _split(path, fs)[1]
+    match = _URI_RE.match(uri)
+    names_dir = match["path"] in ("", "/") or match["path"].endswith("/") if match else uri.endswith(os.sep)
+    if not name or names_dir:
+        raise ValueError(f"checkpoint path {uri!r} names a directory; give a file name like {join(uri, 'last.ckpt')!r}")
+    if name.endswith(MANIFEST_SUFFIX) or _is_tmp_name(name):
+        raise ValueError(f"checkpoint path {uri!r} uses a name reserved for manifests/temporary files; pick another name")
+
+
+# --------------------------------------------------------------------------------------------
+# Public byte-level API
+# --------------------------------------------------------------------------------------------
+
+def write_bytes_atomic(uri: str, data: bytes, *, filesystem: pafs.FileSystem | None = None) -> None:
+    """Write ``data`` to ``uri`` so readers see the old or the new complete file, with a manifest to verify it.
+
+    The parent directory must exist (``makedirs``); object stores have no directories to create.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"write_bytes_atomic needs bytes, got {type(data).__name__}")
+    fs, path = resolve(uri, filesystem)
+    _check_target(path, uri, fs)
+    kind = _file_type(fs, path)
+    if kind == pafs.FileType.Directory:
+        raise IsADirectoryError(f"cannot write checkpoint {uri}: it is an existing directory")
+    directory = _split(path, fs)[0]
+    if _is_local(fs) and not os.path.isdir(directory):
+        kind_of_parent = "is not a directory" if os.path.exists(directory) else "does not exist"
+        error = NotADirectoryError if os.path.exists(directory) else FileNotFoundError
+        raise error(f"cannot write checkpoint {uri}: its parent {directory} {kind_of_parent}; "
+                    "create it first (raytrainer.checkpoint.storage.makedirs)")
+
+    digest = _digest(data)
+    manifest_path = path + MANIFEST_SUFFIX
+    previous: list[dict[str, Any]] = []
+    if kind == pafs.FileType.File:
+        try:
+            old = _read_manifest(fs, manifest_path, _manifest_uri(uri))
+        except CheckpointCorruptError:
+            old = None
+        if old is not None and not old.get("previous"):
+            previous = [{"size": old["size"], "sha256": old["sha256"]}]
+        else:  # no manifest, or the last write was interrupted: learn what is there now
+            current = _digest(_read_all(fs, path))
+            previous = [current]
+        if previous[0] == digest:
+            previous = []
+
+    name = _split(path, fs)[1]
+    tmp = _stage(fs, path, data)
+    try:
+        _write_raw_atomic(fs, manifest_path, _manifest_bytes(name, digest, previous))
+    except BaseException:
+        if tmp is not None:
+            _delete_quietly(fs, tmp)
+        raise
+    _publish(fs, path, data, tmp)
+    if previous:
+        _write_raw_atomic(fs, manifest_path, _manifest_bytes(name, digest, []))
+    _remove_stale_tmp(fs, path)
+
+
+def _read_checked(uri: str, filesystem: pafs.FileSystem | None) -> tuple[bytes, dict[str, Any] | None]:
+    """Bytes of ``uri`` and its manifest (None if it has none), after verifying them against each other."""
+    fs, path = resolve(uri, filesystem)
+    manifest_uri = _manifest_uri(uri)
+    manifest_path = path + MANIFEST_SUFFIX
+    problem = None
+    for _ in range(_VERIFY_ATTEMPTS):
+        manifest = _read_manifest(fs, manifest_path, manifest_uri)
+        try:
+            data = _read_all(fs, path)
+        except FileNotFoundError:
+            hint = (" (a manifest exists without it: a write to it was interrupted before it finished)"
+                    if manifest is not None else "")
+            raise FileNotFoundError(f"checkpoint {uri} does not exist{hint}") from None
+        except IsADirectoryError:
+            raise IsADirectoryError(f"checkpoint {uri} is a directory, not a checkpoint file") from None
+        if manifest is None:
+            return data, None
+        problem, from_previous = _mismatch(data, manifest)
+        if problem is None:
+            if from_previous:
+                logger.warning("checkpoint %s still holds the content from before an interrupted write", uri)
+            return data, manifest
+        # A writer may have replaced the file between our two reads; retry while the manifest moves.
+        if _read_manifest(fs, manifest_path, manifest_uri) == manifest:
+            break
+    raise CheckpointCorruptError(f"checkpoint {uri} is corrupt: {problem}; manifest: {manifest_uri}")
+
+
+def read_verified(uri: str, *, filesystem: pafs.FileSystem | None = None) -> bytes:
+    """Read ``uri``, checking size and sha256 against its manifest when it has one.
+
+    Raises CheckpointCorruptError naming the file and the mismatch, FileNotFoundError when missing.
+    Files without a manifest (written by other tools) are returned as they are.
+    """
+    return _read_checked(uri, filesystem)[0]
+
+
+def _archive_problem(data: bytes) -> str | None:
+    """Why ``data`` is not a complete torch zip archive (None when it is one)."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            names = archive.namelist()
+            if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+                return "is a zip file but not a torch checkpoint (no data.pkl inside)"
+            bad = archive.testzip()
+    except zipfile.BadZipFile as exc:
+        return f"is not a torch checkpoint archive ({exc})"
+    except (OSError, EOFError, zipfile.LargeZipFile, RuntimeError) as exc:
+        return f"is a damaged zip archive ({exc})"
+    if bad is not None:
+        return f"is a damaged torch archive (CRC mismatch in member {bad!r})"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoint dicts
+# --------------------------------------------------------------------------------------------
+
+def save(obj: dict, uri: str, *, filesystem: pafs.FileSystem | None = None) -> None:
+    """``torch.save`` a checkpoint dict to ``uri`` atomically, with a manifest."""
+    if not isinstance(obj, dict):
+        raise TypeError(f"save() writes checkpoint dicts, got {type(obj).__name__} for {uri}")
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    view = buffer.getbuffer()
+    try:
+        write_bytes_atomic(uri, view, filesystem=filesystem)
+    finally:
+        view.release()
+
+
+def load(uri: str, map_location: Any = None, weights_only: bool = True, *,
+         filesystem: pafs.FileSystem | None = None) -> dict:
+    """Verify and ``torch.load`` the checkpoint dict at ``uri``.
+
+    ``weights_only=True`` refuses arbitrary pickled objects; pass False only for files you trust.
+    """
+    data = read_verified(uri, filesystem=filesystem)
+    try:
+        obj = torch.load(io.BytesIO(data), map_location=map_location, weights_only=weights_only)
+    except pickle.UnpicklingError as exc:
+        if weights_only and "weights only load failed" in str(exc).lower():
+            raise pickle.UnpicklingError(
+                f"checkpoint {uri} holds Python objects that weights_only=True refuses to load; "
+                f"call load(..., weights_only=False) if you trust this file. torch said: {exc}"
+            ) from exc
+        problem = _archive_problem(data)
+        raise CheckpointCorruptError(f"checkpoint {uri} {problem or 'cannot be unpickled'}: {exc}") from exc
+    except Exception as exc:
+        problem = _archive_problem(data)
+        if problem is not None:
+            raise CheckpointCorruptError(f"checkpoint {uri} {problem}; torch.load said: "
+                                         f"{type(exc).__name__}: {exc}") from exc
+        exc.add_note(f"while loading checkpoint {uri}")
+        raise
+    if not isinstance(obj, dict):
+        raise CheckpointCorruptError(f"{uri} holds a {type(obj).__name__}, not a checkpoint dict")
+    return obj
+
+
+# --------------------------------------------------------------------------------------------
+# Directories
+# --------------------------------------------------------------------------------------------
+
+def exists(uri: str, *, filesystem: pafs.FileSystem | None = None) -> bool:
+    """True if a file or directory exists at ``uri``."""
+    fs, path = resolve(uri, filesystem)
+    return _file_type(fs, path) != pafs.FileType.NotFound
+
+
+def remove(uri: str, *, missing_ok: bool = False, filesystem: pafs.FileSystem | None = None) -> None:
+    """Delete the checkpoint file at ``uri``, its manifest and leftover temporary files."""
+    fs, path = resolve(uri, filesystem)
+    _check_target(path, uri, fs)
+    kind = _file_type(fs, path)
+    if kind == pafs.FileType.Directory:
+        raise IsADirectoryError(f"remove() deletes checkpoint files; {uri} is a directory")
+    if kind == pafs.FileType.NotFound and not missing_ok:
+        raise FileNotFoundError(f"cannot remove checkpoint {uri}: it does not exist")
+    if kind != pafs.FileType.NotFound:
+        if _is_local(fs):
+            os.unlink(path)
+        else:
+            fs.delete_file(path)
+    _delete_quietly(fs, path + MANIFEST_SUFFIX)  # data first: a crash in between leaves an orphan manifest only
+    _remove_stale_tmp(fs, path)
+
+
+def makedirs(uri: str, *, filesystem: pafs.FileSystem | None = None) -> None:
+    """Create the directory ``uri`` and its parents; existing directories are fine."""
+    fs, path = resolve(uri, filesystem)
+    try:
+        if _is_local(fs):
+            os.makedirs(path, exist_ok=True)
+        else:
+            fs.create_dir(path, recursive=True)
+    except OSError as exc:
+        exc.add_note(f"while creating checkpoint directory {uri}")
+        raise
+
+
+def _natural_key(name: str) -> tuple:
+    """Sort key that orders 'step=9' before 'step=10'."""
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", name) if p)
+
+
+def _is_checkpoint_name(name: str) -> bool:
+    """False for manifests, temporary files and other hidden files."""
+    return not (name.endswith(MANIFEST_SUFFIX) or name.startswith("."))
+
+
+def listdir(dir_uri: str, *, missing_ok: bool = False, filesystem: pafs.FileSystem | None = None) -> list[str]:
+    """Full paths/URIs of the checkpoint files directly in ``dir_uri``, in natural name order.
+
+    Manifests, temporary files, hidden files and subdirectories are left out. A missing directory
+    raises FileNotFoundError unless ``missing_ok``.
+    """
+    fs, path = resolve(dir_uri, filesystem)
+    kind = _file_type(fs, path)
+    if kind == pafs.FileType.NotFound:
+        if missing_ok:
+            return []
+        raise FileNotFoundError(f"checkpoint directory {dir_uri} does not exist")
+    if kind != pafs.FileType.Directory:
+        raise NotADirectoryError(f"listdir() needs a directory; {dir_uri} is a file")
+    if _is_local(fs):
+        names = [e.name for e in os.scandir(path) if e.is_file()]
+    else:
+        names = [i.base_name for i in fs.get_file_info(pafs.FileSelector(path)) if i.type == pafs.FileType.File]
+    return [join(dir_uri, n) for n in sorted(filter(_is_checkpoint_name, names), key=_natural_key)]
+
+
+def newest_valid(candidates: list[str], *, filesystem: pafs.FileSystem | None = None
+                 ) -> tuple[str | None, list[tuple[str, str]]]:
+    """The newest candidate that verifies, and the (file, reason) pairs skipped on the way.
+
+    Newest means latest modification time, ties broken by natural name order (``step=10`` after
+    ``step=9``). A file with a manifest must match it; a file without one must be a complete torch
+    zip archive (every member's CRC checks). Missing candidates are listed as skipped. Storage
+    errors other than missing or corrupt files propagate instead of silently falling back.
+    """
+    if isinstance(candidates, str):
+        raise TypeError("newest_valid() takes a list of paths/URIs, not a single string")
+    skipped: list[tuple[str, str]] = []
+    ranked = []
+    for uri in dict.fromkeys(candidates):
+        fs, path = resolve(uri, filesystem)
+        info = fs.get_file_info(path)
+        if info.type != pafs.FileType.File:
+            skipped.append((uri, "does not exist" if info.type == pafs.FileType.NotFound else "is not a file"))
+            continue
+        ranked.append((info.mtime_ns or 0, _natural_key(_split(path, fs)[1]), uri))
+    ranked.sort(reverse=True)
+    for _, _, uri in ranked:
+        try:
+            data, manifest = _read_checked(uri, filesystem)
+        except (CheckpointCorruptError, FileNotFoundError) as exc:
+            skipped.append((uri, str(exc)))
+            continue
+        if manifest is None:
+            problem = _archive_problem(data)
+            if problem is not None:
+                skipped.append((uri, f"{uri} {problem}"))
+                continue
+        return uri, skipped
+    return None, skipped
+
+
+# --------------------------------------------------------------------------------------------
+# Staging copies and the background writer
+# --------------------------------------------------------------------------------------------
+
+def _view_key(t: torch.Tensor) -> tuple:
+    """Identity of the memory a tensor views, so tied tensors stay tied in the copy."""
+    try:
+        ptr = t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # sparse and other storage-less layouts
+        ptr = 0
+    if ptr == 0:
+        return ("id", id(t))
+    return (ptr, t.device, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+
+
+def _to_cpu(obj: Any, memo: dict) -> Any:
+    """Recursive worker of ``to_cpu``."""
+    if isinstance(obj, torch.Tensor):
+        key = _view_key(obj)
+        copied = memo.get(key)
+        if copied is None:
+            copied = memo[key] = obj.detach().to("cpu", copy=True)
+        return copied
+    if isinstance(obj, np.ndarray):
+        return obj.copy()
+    if isinstance(obj, dict):
+        new = copy.copy(obj)  # keeps the dict type and attributes such as a state_dict's _metadata
+        for k, v in obj.items():
+            new[k] = _to_cpu(v, memo)
+        return new
+    if isinstance(obj, list):
+        return [_to_cpu(v, memo) for v in obj]
+    if isinstance(obj, tuple):
+        items = [_to_cpu(v, memo) for v in obj]
+        if all(a is b for a, b in zip(items, obj)):
+            return obj  # immutable and nothing inside changed
+        if hasattr(obj, "_fields"):
+            return type(obj)(*items)
+        return tuple(items) if type(obj) is tuple else type(obj)(items)
+    return obj
+
+
+def to_cpu(obj: Any) -> Any:
+    """Copy every tensor in nested dicts/lists/tuples to CPU memory, detached from training.
+
+    CPU tensors are cloned too, so later in-place updates (optimizer steps) do not reach the copy;
+    tensors that view the same memory (tied weights) stay one tensor. numpy arrays are copied,
+    containers are rebuilt, other leaves are shared by reference.
+    """
+    return _to_cpu(obj, {})
+
+
+class AsyncCheckpointWriter:
+    """Save checkpoints on one background thread so training continues while bytes go to storage.
+
+    ``submit`` copies the tensors to CPU in the calling thread (so training may change them right
+    after), then serialization, hashing and the atomic write run on the background thread.
+    Background errors are logged when they happen and re-raised by the next ``submit``, ``wait``
+    or ``close``. At most ``max_pending`` checkpoints are queued or being written; a further
+    ``submit`` waits (up to its timeout) for room, which bounds host memory. Writes still queued
+    when the program's main thread ends are finished before the interpreter exits.
+    """
+
+    def __init__(self, *, max_pending: int = 1, filesystem: pafs.FileSystem | None = None) -> None:
+        """Create an idle writer; the thread starts on the first ``submit``."""
+        if not isinstance(max_pending, int) or max_pending < 1:
+            raise ValueError(f"max_pending must be an int >= 1, got {max_pending!r}")
+        self._max_pending = max_pending
+        self._filesystem = filesystem
+        self._queue: queue.Queue = queue.Queue()
+        self._cond = threading.Condition()
+        self._pending = 0
+        self._in_flight: str | None = None
+        self._errors: list[tuple[BaseException, str]] = []
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    @property
+    def pending(self) -> int:
+        """Number of submitted checkpoints not yet written."""
+        with self._cond:
+            return self._pending
+
+    def submit(self, obj: dict, uri: str, *, staged: bool = False, timeout: float | None = 600) -> None:
+        """Queue ``obj`` to be saved at ``uri``; pass ``staged=True`` if it already came from ``to_cpu``."""
+        if not isinstance(obj, dict):
+            raise TypeError(f"submit() writes checkpoint dicts, got {type(obj).__name__} for {uri}")
+        if not isinstance(uri, (str, os.PathLike)) or not os.fspath(uri):
+            raise ValueError(f"submit() needs a checkpoint path or URI, got {uri!r}")
+        uri = os.fspath(uri)
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("AsyncCheckpointWriter is closed; create a new one to write more checkpoints")
+            has_room = self._cond.wait_for(lambda: self._pending < self._max_pending or self._errors, timeout)
+            if not has_room:
+                raise TimeoutError(
+                    f"checkpoint {uri} not submitted: {self._pending} earlier write(s) still running after "
+                    f"{timeout}s (in flight: {self._in_flight}); storage is slower than the checkpoint interval"
+                )
+            errors, self._errors = self._errors, []
+            if not errors:
+                self._pending += 1  # reserve the slot before the (slow) staging copy
+        self._raise(errors)
+        try:
+            payload = obj if staged else to_cpu(obj)
+        except BaseException:
+            with self._cond:
+                self._pending -= 1
+                self._cond.notify_all()
+            raise
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="raytrainer-checkpoint-writer")
+            self._thread.start()
+        self._queue.put((payload, uri))
+
+    def wait(self, timeout: float | None = 600) -> None:
+        """Block until every submitted checkpoint is written, then re-raise the first background error."""
+        with self._cond:
+            done = self._cond.wait_for(lambda: self._pending == 0, timeout)
+            if not done:
+                raise TimeoutError(f"{self._pending} checkpoint write(s) still running after {timeout}s "
+                                   f"(in flight: {self._in_flight})")
+        self._raise_errors()
+
+    def close(self, timeout: float | None = 600) -> None:
+        """Finish outstanding writes, stop the thread and re-raise any unreported background error."""
+        with self._cond:
+            already = self._closed
+            self._closed = True
+        if not already and self._thread is not None:
+            try:
+                self.wait(timeout)
+            finally:
+                self._queue.put(None)
+                self._thread.join(timeout)
+        self._raise_errors()
+
+    def __enter__(self) -> AsyncCheckpointWriter:
+        """Use as a context manager that closes (and reports errors) on exit."""
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        """Close the writer; a background error is raised unless another error is already propagating."""
+        if exc_info[0] is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except Exception:
+            logger.exception("AsyncCheckpointWriter failed while the block was already raising")
+
+    def _raise_errors(self) -> None:
+        """Raise the first unreported background error, if any."""
+        with self._cond:
+            errors, self._errors = self._errors, []
+        self._raise(errors)
+
+    @staticmethod
+    def _raise(errors: list[tuple[BaseException, str]]) -> None:
+        """Raise the first of ``errors`` (noting the others); do nothing when there are none."""
+        if not errors:
+            return
+        exc, uri = errors[0]
+        note = f"raised on the AsyncCheckpointWriter thread while writing checkpoint {uri}"
+        if len(errors) > 1:
+            note += f"; {len(errors) - 1} later write(s) failed too: {[u for _, u in errors[1:]]}"
+        exc.add_note(note)
+        raise exc
+
+    def _run(self) -> None:
+        """Background loop: write queued checkpoints; exit on close or once the main thread has ended."""
+        while True:
+            try:
+                item = self._queue.get(timeout=0.2)
+            except queue.Empty:
+                if not threading.main_thread().is_alive():
+                    return  # interpreter shutdown and the queue is drained
+                continue
+            if item is None:
+                return
+            payload, uri = item
+            del item
+            with self._cond:
+                self._in_flight = uri
+            try:
+                save(payload, uri, filesystem=self._filesystem)
+            except BaseException as exc:  # reported to the caller; never swallowed
+                logger.error("background checkpoint write to %s failed", uri, exc_info=exc)
+                traceback.clear_frames(exc.__traceback__)  # keep the lines, drop the staged tensors
+                with self._cond:
+                    self._errors.append((exc, uri))
+            finally:
+                del payload
+                with self._cond:
+                    self._pending -= 1
+                    self._in_flight = None
+                    self._cond.notify_all()

@@ -1,0 +1,669 @@
+"""A group of Ray actors, one per rank, joined into one torch process group.
+
+``WorkerGroup`` reserves the resources (a placement group), starts the rank actors, forms the
+process group and runs a function on every rank. It knows nothing about training: the launcher
+hands it a function and decides what to do when a rank fails. Every wait here is bounded, and a
+failing rank comes back as a ``RankError`` that names the rank, its node and its traceback.
+"""
+from __future__ import annotations
+
+import functools
+import io
+import logging
+import math
+import os
+import re
+import socket
+import sys
+import threading
+import time
+import types
+from dataclasses import replace
+from typing import Any, Callable, Sequence
+
+import cloudpickle
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
+from ray.util.placement_group import (placement_group, placement_group_table,
+                                      remove_placement_group)
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from raytrainer.launchers.ray import rendezvous
+from raytrainer.launchers.ray.worker import RankInfo, RankOutcome, RankWorker
+
+log = logging.getLogger(__name__)
+
+MessageHandler = Callable[[int, Any], None]
+
+# After the first failure, wait this long for other ranks' failures so the root cause (a rank
+# that died) is reported rather than a peer's "connection closed" that followed from it.
+FAILURE_GRACE_S = 0.5
+ACTOR_NAME_PREFIX = "raytrainer-"
+
+
+class PlacementError(RuntimeError):
+    """The cluster could not provide the requested ranks within the placement timeout."""
+
+
+class RankError(RuntimeError):
+    """A rank raised or died; carries the rank, its node and the rank's own traceback."""
+
+    def __init__(self, message: str, rank: int, node_ip: str, node_id: str, traceback: str,
+                 died: bool) -> None:
+        super().__init__(message)
+        self.rank = rank
+        self.node_ip = node_ip
+        self.node_id = node_id
+        self.traceback = traceback
+        self.died = died
+
+
+class GroupTimeoutError(TimeoutError):
+    """The ranks did not finish within the time the caller allowed."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Ray session
+# ------------------------------------------------------------------------------------------------
+def ensure_ray(num_cpus_needed: int, num_gpus_needed: int = 0, address: str | None = None) -> bool:
+    """Make sure this process is connected to Ray; True if this call started a local instance.
+
+    Order: an existing connection; ``address`` or ``RAY_ADDRESS``; a cluster started on this
+    machine with ``ray start`` (found without waiting); else a new local instance with at least
+    ``num_cpus_needed`` logical CPUs, so 8 ranks run on a 2-core laptop. Only the caller that got
+    True should call ``ray.shutdown()``.
+    """
+    if ray.is_initialized():
+        return False
+    quiet = dict(log_to_driver=True, configure_logging=True, logging_level=logging.WARNING)
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address is None:
+        address = _running_local_cluster()
+    if address is not None:
+        log.info("connecting to the Ray cluster at %s", address)
+        ray.init(address=address, **quiet)
+        return False
+    num_cpus = max(os.cpu_count() or 1, int(math.ceil(num_cpus_needed)))
+    log.info("starting a local Ray instance with %d logical CPUs", num_cpus)
+    # GPUs are detected by Ray; asking for more than exist would only hide the real shortage.
+    ray.init(num_cpus=num_cpus, include_dashboard=False, **quiet)
+    return True
+
+
+def _running_local_cluster() -> str | None:
+    """The address of a live cluster started with ``ray start`` on this machine, if any.
+
+    Ray records the last ``ray start`` address in a file that outlives the cluster, so it only
+    counts when a GCS process with that address is running. Instances that other programs
+    started with ``ray.init()`` belong to those programs and are not joined.
+    """
+    try:
+        from ray._private import services, utils
+
+        recorded = utils.read_ray_address(None)
+        if not recorded:
+            return None
+        return recorded if recorded in services.find_gcs_addresses() else None
+    except Exception as err:  # noqa: BLE001 - private helpers may move; then we start our own
+        log.debug("could not look for a running local Ray cluster: %s", err)
+        return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Picklability
+# ------------------------------------------------------------------------------------------------
+def check_picklable(obj: Any, name: str) -> None:
+    """Raise TypeError naming the attribute path (e.g. ``model.log_file``) that cannot be pickled.
+
+    Everything sent to the ranks is pickled with cloudpickle; this finds the culprit before any
+    actor starts instead of failing deep inside Ray.
+    """
+    try:
+        cloudpickle.dumps(obj)
+    except Exception as err:  # noqa: BLE001 - any pickling failure is reported the same way
+        raise _unpicklable_error(obj, name, err) from err
+
+
+def _unpicklable_error(obj: Any, name: str, err: Exception) -> TypeError:
+    chain = _find_unpicklable(obj, name, err, seen={id(obj)}, depth=0)
+    path, leaf, leaf_err = chain[-1]
+    lines = [f"{path} cannot be pickled, so it cannot be sent to the Ray workers: it is "
+             f"{_describe(leaf)} ({type(leaf_err).__name__}: {leaf_err})."]
+    for outer_path, outer, _ in chain[:-1]:
+        if isinstance(outer, (types.FunctionType, types.MethodType, functools.partial)):
+            lines.append(f"{outer_path} is {_describe(outer)}.")
+    lines.append(f"Everything handed to the ranks ({name} included) is pickled: drop the "
+                 "attribute before fit(), create it lazily on the rank (e.g. in setup()), or "
+                 "leave it out in __getstate__.")
+    return TypeError(" ".join(lines))
+
+
+def _find_unpicklable(obj: Any, path: str, err: Exception, seen: set[int],
+                      depth: int) -> list[tuple[str, Any, Exception]]:
+    """The chain from obj down to the deepest part that fails to pickle on its own."""
+    here = [(path, obj, err)]
+    if depth > 40:
+        return here
+    for label, child in _children(obj):
+        if id(child) in seen or _surely_picklable(child):
+            continue
+        seen.add(id(child))
+        try:
+            cloudpickle.dumps(child)
+        except Exception as child_err:  # noqa: BLE001
+            return here + _find_unpicklable(child, path + label, child_err, seen, depth + 1)
+    return here
+
+
+def _surely_picklable(obj: Any) -> bool:
+    import torch
+
+    return obj is None or isinstance(obj, (bool, int, float, complex, str, bytes, torch.Tensor))
+
+
+def _children(obj: Any) -> list[tuple[str, Any]]:
+    """Labelled parts of obj as pickling sees them: items, attributes, closures, globals."""
+    import torch
+
+    if isinstance(obj, dict):
+        return [(f"[{k!r}]", v) for k, v in obj.items()]
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [(f"[{i}]", v) for i, v in enumerate(obj)]
+    if isinstance(obj, types.FunctionType):
+        code = obj.__code__
+        cells = [(f" -> closure variable {n!r}", c.cell_contents)
+                 for n, c in zip(code.co_freevars, obj.__closure__ or ()) if _cell_filled(c)]
+        globs = [(f" -> global {n!r}", obj.__globals__[n]) for n in code.co_names
+                 if n in obj.__globals__ and not isinstance(obj.__globals__[n], types.ModuleType)]
+        return cells + globs
+    if isinstance(obj, types.MethodType):
+        return [(".__self__", obj.__self__), (".__func__", obj.__func__)]
+    if isinstance(obj, functools.partial):
+        return ([(".func", obj.func)] + [(f".args[{i}]", a) for i, a in enumerate(obj.args)]
+                + [(f".keywords[{k!r}]", v) for k, v in obj.keywords.items()])
+    try:
+        reduced = obj.__reduce_ex__(4)
+    except Exception:  # noqa: BLE001 - the object itself refuses: it is the leaf
+        return []
+    if not isinstance(reduced, tuple) or len(reduced) < 3:
+        return []
+    state = reduced[2]
+    if isinstance(state, tuple) and len(state) == 2:  # (__dict__, __slots__ values)
+        items = {**(state[0] or {}), **(state[1] or {})}
+    elif isinstance(state, dict):
+        items = state
+    else:
+        return [(".<state>", state)] if state is not None else []
+    out: list[tuple[str, Any]] = []
+    for key, value in items.items():
+        if isinstance(obj, torch.nn.Module) and key in ("_modules", "_parameters", "_buffers") \
+                and isinstance(value, dict):
+            out.extend((f".{k}", v) for k, v in value.items())
+        else:
+            out.append((f".{key}", value))
+    return out
+
+
+def _cell_filled(cell: types.CellType) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:
+        return False
+    return True
+
+
+def _describe(obj: Any) -> str:
+    """A short human name for what obj is."""
+    if isinstance(obj, io.IOBase):
+        name = getattr(obj, "name", None)
+        return f"an open file ({name!r})" if name is not None else "an open file"
+    if isinstance(obj, types.FunctionType):
+        where = f"{obj.__code__.co_filename}:{obj.__code__.co_firstlineno}"
+        if obj.__name__ == "<lambda>":
+            return f"a lambda defined at {where}"
+        return f"the function {obj.__qualname__} defined at {where}"
+    if isinstance(obj, types.MethodType):
+        return f"the bound method {obj.__qualname__}"
+    if isinstance(obj, functools.partial):
+        return "a functools.partial"
+    if isinstance(obj, (type(threading.Lock()), type(threading.RLock()))):
+        return "a thread lock"
+    if isinstance(obj, socket.socket):
+        return "a socket"
+    if isinstance(obj, types.GeneratorType):
+        return "a generator"
+    cls = type(obj)
+    return f"a {cls.__module__}.{cls.__qualname__} object"
+
+
+# ------------------------------------------------------------------------------------------------
+# The group
+# ------------------------------------------------------------------------------------------------
+_RemoteRankWorker = ray.remote(RankWorker)
+
+
+class WorkerGroup:
+    """One Ray actor per rank, placed node by node, joined into a torch process group.
+
+    ``start()`` reserves and starts everything; ``run(fn, *args)`` calls ``fn(rank_info, *args)``
+    on every rank and returns the results by rank; ``shutdown()`` kills the actors and frees the
+    reservation. A rank failure shuts the whole group down and raises ``RankError``.
+    """
+
+    def __init__(self, run_name: str, num_nodes: int = 1, ranks_per_node: int = 1,
+                 cpus_per_rank: float = 1, gpus_per_rank: float = 0,
+                 placement_timeout_s: float = 60, collective_timeout_s: float = 300,
+                 env: dict[str, str] | None = None, start_timeout_s: float = 120,
+                 poll_interval_s: float = 0.2, ray_address: str | None = None) -> None:
+        if not isinstance(run_name, str) or not run_name.strip():
+            raise ValueError(f"run_name must be a non-empty string, got {run_name!r}")
+        for label, value in (("num_nodes", num_nodes), ("ranks_per_node", ranks_per_node)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{label} must be an integer >= 1, got {value!r}")
+        if cpus_per_rank < 0 or gpus_per_rank < 0:
+            raise ValueError(f"cpus_per_rank and gpus_per_rank must be >= 0, got "
+                             f"{cpus_per_rank} and {gpus_per_rank}")
+        if cpus_per_rank == 0 and gpus_per_rank == 0:
+            raise ValueError("each rank must reserve something: set cpus_per_rank or "
+                             "gpus_per_rank above 0")
+        for label, value in (("placement_timeout_s", placement_timeout_s),
+                             ("collective_timeout_s", collective_timeout_s),
+                             ("start_timeout_s", start_timeout_s),
+                             ("poll_interval_s", poll_interval_s)):
+            if not value > 0:
+                raise ValueError(f"{label} must be > 0 seconds, got {value!r}")
+        self.run_name = run_name
+        self.num_nodes = num_nodes
+        self.ranks_per_node = ranks_per_node
+        self.cpus_per_rank = cpus_per_rank
+        self.gpus_per_rank = gpus_per_rank
+        self.placement_timeout_s = placement_timeout_s
+        self.collective_timeout_s = collective_timeout_s
+        self.start_timeout_s = start_timeout_s
+        self.poll_interval_s = poll_interval_s
+        self.env = {str(k): str(v) for k, v in (env or {}).items()}
+        self.ray_address = ray_address
+        self.backend = rendezvous.default_backend(gpus_per_rank > 0)
+        self.started_ray = False          # True if start() had to start a local Ray instance
+        self.ranks: list[RankInfo] = []   # filled by start(), ordered by global rank
+        self.timings: dict[str, float] = {}
+        self._actors: list[Any] = []
+        self._pg = None
+        self._lock = threading.Lock()
+
+    # -- properties ----------------------------------------------------------------------------
+    @property
+    def world_size(self) -> int:
+        return self.num_nodes * self.ranks_per_node
+
+    @property
+    def started(self) -> bool:
+        return bool(self._actors)
+
+    def actor_name(self, rank: int) -> str:
+        """The Ray actor name of a rank: ``raytrainer-<run>-rank-<r>``."""
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", self.run_name.strip()).strip("-") or "run"
+        return f"{ACTOR_NAME_PREFIX}{safe}-rank-{rank}"
+
+    def _rank_resources(self) -> dict[str, float]:
+        res = {"CPU": float(self.cpus_per_rank), "GPU": float(self.gpus_per_rank)}
+        return {k: v for k, v in res.items() if v > 0}
+
+    # -- start ---------------------------------------------------------------------------------
+    def start(self) -> list[RankInfo]:
+        """Reserve resources, start the rank actors and form the process group."""
+        if self.started:
+            return self.ranks
+        t0 = time.perf_counter()
+        self.started_ray = ensure_ray(math.ceil(self.world_size * self.cpus_per_rank),
+                                      math.ceil(self.world_size * self.gpus_per_rank),
+                                      self.ray_address)
+        t_ray = time.perf_counter()
+        try:
+            plan = self._reserve()
+            t_pg = time.perf_counter()
+            self._start_actors(plan)
+            t_actors = time.perf_counter()
+            self._form_process_group()
+            t_end = time.perf_counter()
+        except BaseException:
+            self.shutdown(graceful=False)
+            raise
+        self.timings = {"ray_init_s": t_ray - t0, "placement_s": t_pg - t_ray,
+                        "actors_s": t_actors - t_pg, "rendezvous_s": t_end - t_actors,
+                        "start_s": t_end - t0}
+        log.info("worker group %s: %d ranks ready in %.2fs", self.run_name, self.world_size,
+                 t_end - t0)
+        return self.ranks
+
+    def _reserve(self) -> list[tuple[int, str | None]]:
+        """Create the placement group; returns (bundle index, node id) for each rank in order."""
+        per_rank = self._rank_resources()
+        if self.num_nodes == 1:
+            bundles = [dict(per_rank) for _ in range(self.world_size)]
+            strategy = "PACK"
+        else:
+            bundles = [{k: v * self.ranks_per_node for k, v in per_rank.items()}
+                       for _ in range(self.num_nodes)]
+            strategy = "STRICT_SPREAD"
+        pg = placement_group(bundles, strategy=strategy, name=self.actor_name(0) + "-pg")
+        self._pg = pg
+        if not pg.wait(self.placement_timeout_s):
+            self._pg = None
+            _quietly(remove_placement_group, pg)
+            raise PlacementError(self._placement_message(bundles))
+        try:
+            table = placement_group_table(pg).get("bundles_to_node_id", {})
+            bundle_node = {int(k): v for k, v in table.items()}
+        except Exception:  # noqa: BLE001 - only used to order ranks; actual nodes are checked
+            bundle_node = {}
+        if self.num_nodes == 1:
+            # Node-major: bundles on the node that holds bundle 0 first, and so on.
+            first_seen: dict[Any, int] = {}
+            for b in range(len(bundles)):
+                first_seen.setdefault(bundle_node.get(b), b)
+            order = sorted(range(len(bundles)), key=lambda b: (first_seen[bundle_node.get(b)], b))
+            return [(b, bundle_node.get(b)) for b in order]
+        return [(b, bundle_node.get(b)) for b in range(self.num_nodes)
+                for _ in range(self.ranks_per_node)]
+
+    def _placement_message(self, bundles: list[dict[str, float]]) -> str:
+        per_rank = self._rank_resources()
+        bundle = bundles[0]
+        try:
+            nodes = [n for n in ray.nodes() if n.get("Alive")]
+            fitting = sum(all(n.get("Resources", {}).get(k, 0) >= v for k, v in bundle.items())
+                          for n in nodes)
+            total = ray.cluster_resources()
+            free = ray.available_resources()
+        except Exception as err:  # noqa: BLE001 - still report what was asked for
+            return (f"could not place {self.world_size} rank(s) within "
+                    f"{self.placement_timeout_s:g}s (and could not read the cluster state: {err})")
+        keys = sorted(bundle)
+        want = {k: v * len(bundles) for k, v in bundle.items()}
+        have = {k: total.get(k, 0.0) for k in keys}
+        avail = {k: round(free.get(k, 0.0), 3) for k in keys}
+        if self.num_nodes == 1:
+            asked = (f"requested: {self.world_size} rank(s) with {_fmt(per_rank)} each, packed on "
+                     f"as few nodes as possible (total {_fmt(want)})")
+        else:
+            asked = (f"requested: {self.num_nodes} distinct nodes, each with {_fmt(bundle)} "
+                     f"for {self.ranks_per_node} rank(s) (total {_fmt(want)})")
+        return (f"could not place {self.world_size} rank(s) for run {self.run_name!r} within "
+                f"{self.placement_timeout_s:g}s.\n  {asked}\n"
+                f"  available: {len(nodes)} alive node(s), {fitting} of which can hold "
+                f"{_fmt(bundle)}; cluster total {_fmt(have)}, free now {_fmt(avail)}\n"
+                "Fix: ask for fewer nodes or devices, lower the CPUs/GPUs per rank, add nodes, "
+                "or raise the placement timeout if the cluster is still scaling up.")
+
+    def _start_actors(self, plan: list[tuple[int, str | None]]) -> None:
+        """Start one actor per rank and learn where each one really runs."""
+        per_rank = self._rank_resources()
+        driver_path = [p for p in sys.path if p]
+        options: dict[str, Any] = dict(num_cpus=per_rank.get("CPU", 0),
+                                       num_gpus=per_rank.get("GPU", 0),
+                                       max_concurrency=4, max_restarts=0)
+        if self.env:
+            options["runtime_env"] = {"env_vars": dict(self.env)}
+        for rank, (bundle_index, _) in enumerate(plan):
+            name = self.actor_name(rank)
+            strategy = PlacementGroupSchedulingStrategy(
+                placement_group=self._pg, placement_group_bundle_index=bundle_index,
+                placement_group_capture_child_tasks=False)
+            try:
+                actor = _RemoteRankWorker.options(name=name, scheduling_strategy=strategy,
+                                                  **options).remote(self.run_name, driver_path)
+            except ValueError as err:
+                raise RuntimeError(
+                    f"cannot create Ray actor {name!r}: {err}. Another worker group with run "
+                    f"name {self.run_name!r} is still alive in this Ray namespace; shut it down "
+                    "or use a different run name.") from err
+            self._actors.append(actor)
+        infos = self._gather([a.node_info.remote() for a in self._actors], self.start_timeout_s,
+                             "starting the rank actors")
+        self.ranks = self._assign_ranks(plan, infos)
+
+    def _assign_ranks(self, plan: list[tuple[int, str | None]],
+                      infos: list[dict[str, Any]]) -> list[RankInfo]:
+        """Rank layout from the nodes the actors actually run on: node-major, local by bundle."""
+        node_ids = [info["node_id"] for info in infos]
+        node_order: list[str] = []
+        for nid in node_ids:
+            if nid not in node_order:
+                node_order.append(nid)
+        # Node-major means each node's ranks form one contiguous block.
+        blocks = [nid for i, nid in enumerate(node_ids) if i == 0 or node_ids[i - 1] != nid]
+        if len(blocks) != len(node_order):
+            raise RuntimeError(f"internal error: ranks of run {self.run_name!r} are not grouped by "
+                               f"node (nodes by rank: {node_ids}); please report this")
+        if self.num_nodes > 1 and len(node_order) != self.num_nodes:
+            raise RuntimeError(f"asked for {self.num_nodes} nodes but the ranks landed on "
+                               f"{len(node_order)}: {node_order}")
+        for rank, ((_, planned), nid) in enumerate(zip(plan, node_ids)):
+            if planned is not None and planned != nid:
+                log.warning("rank %d runs on node %s, not %s as the placement group said",
+                            rank, nid, planned)
+        ranks = []
+        for rank, info in enumerate(infos):
+            nid = info["node_id"]
+            same_node = [r for r, n in enumerate(node_ids) if n == nid]
+            ranks.append(RankInfo(global_rank=rank, local_rank=same_node.index(rank),
+                                  node_rank=node_order.index(nid), world_size=len(infos),
+                                  local_world_size=len(same_node), run_name=self.run_name,
+                                  node_id=nid, node_ip=info["node_ip"], pid=info["pid"],
+                                  backend=self.backend,
+                                  collective_timeout_s=self.collective_timeout_s,
+                                  gpu_ids=tuple(info["gpu_ids"])))
+        return ranks
+
+    def _form_process_group(self) -> None:
+        """Rank 0 opens the store on its node; every rank joins the process group through it."""
+        first = self.ranks[0]
+        addr, port = self._gather([self._actors[0].open_rendezvous.remote(
+            first.node_ip, self.collective_timeout_s)], self.start_timeout_s,
+            "opening the rendezvous store on rank 0")[0]
+        node_gpus: dict[str, list[str]] = {}
+        for r in self.ranks:
+            for g in r.gpu_ids:
+                if g not in node_gpus.setdefault(r.node_id, []):
+                    node_gpus[r.node_id].append(g)
+        self.ranks = [replace(r, master_addr=addr, master_port=port) for r in self.ranks]
+        refs = [a.setup.remote(r, tuple(sorted(node_gpus.get(r.node_id, []), key=_gpu_key)))
+                for a, r in zip(self._actors, self.ranks)]
+        done = self._gather(refs, min(self.start_timeout_s, self.collective_timeout_s + 5),
+                            "forming the process group")
+        self.ranks = [replace(r, device_index=d["device_index"]) for r, d in zip(self.ranks, done)]
+
+    # -- run -----------------------------------------------------------------------------------
+    def run(self, fn: Callable[..., Any], *args: Any, timeout_s: float | None = None,
+            on_message: MessageHandler | None = None,
+            arg_names: Sequence[str] | None = None) -> list[Any]:
+        """Call ``fn(rank_info, *args)`` on every rank at once; results come back by rank.
+
+        Starts the group first if needed (after checking everything pickles). ``on_message(rank,
+        msg)`` receives what ranks pass to ``send_to_driver``: rank 0's while it runs, the
+        others' when they finish. Any rank failure stops all ranks and raises ``RankError``;
+        passing ``timeout_s`` bounds the whole call (``GroupTimeoutError``).
+        """
+        payload = self._pickle_call(fn, args, arg_names)
+        if not self.started:
+            self.start()
+        try:
+            payload_ref = ray.put(payload)
+            refs = [a.run.remote(payload_ref) for a in self._actors]
+            outcomes: list[RankOutcome] = self._gather(refs, timeout_s, "running", on_message)
+        except BaseException:  # a rank failed, time ran out, Ctrl-C, or on_message raised
+            self.shutdown(graceful=False)
+            raise
+        if on_message is not None:
+            for rank, outcome in enumerate(outcomes):
+                for msg in outcome.messages:
+                    on_message(rank, msg)
+        return [o.value for o in outcomes]
+
+    def _pickle_call(self, fn: Callable[..., Any], args: tuple[Any, ...],
+                     arg_names: Sequence[str] | None) -> bytes:
+        if not callable(fn):
+            raise TypeError(f"run() needs a callable taking (rank_info, *args), got {fn!r}")
+        if arg_names is not None and len(arg_names) != len(args):
+            raise ValueError(f"arg_names has {len(arg_names)} names for {len(args)} arguments")
+        try:
+            return cloudpickle.dumps((fn, args))
+        except Exception as err:  # noqa: BLE001 - find and name the culprit
+            names = list(arg_names) if arg_names is not None else \
+                [f"args[{i}]" for i in range(len(args))]
+            check_picklable(fn, getattr(fn, "__name__", "fn"))
+            for name, arg in zip(names, args):
+                check_picklable(arg, name)
+            raise TypeError(f"the function and its arguments cannot be pickled together: "
+                            f"{type(err).__name__}: {err}") from err
+
+    def ping(self, timeout_s: float = 10) -> list[int]:
+        """Each rank's pid; answers while run() is busy."""
+        if not self.started:
+            raise RuntimeError("the worker group is not started")
+        return ray.get([a.ping.remote() for a in self._actors], timeout=timeout_s)
+
+    # -- waiting -------------------------------------------------------------------------------
+    def _gather(self, refs: list[Any], timeout_s: float | None, what: str,
+                on_message: MessageHandler | None = None) -> list[Any]:
+        """Wait for one call per rank, noticing a failed or dead rank within a poll interval."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        pending = {ref: rank for rank, ref in enumerate(refs)}
+        results: dict[int, Any] = {}
+        failures: dict[int, tuple[str, bool]] = {}  # rank -> (text, died)
+        poll_ref = None
+        while pending:
+            waitable = list(pending) + ([poll_ref] if poll_ref is not None else [])
+            ready, _ = ray.wait(waitable, num_returns=len(waitable), timeout=self.poll_interval_s)
+            if poll_ref is not None and (poll_ref in ready or refs[0] in ready):
+                self._deliver_poll(poll_ref, on_message)
+                poll_ref = None
+            for ref in ready:
+                if ref in pending:
+                    rank = pending.pop(ref)
+                    self._collect(ref, rank, results, failures)
+            if failures:
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                slow = sorted(pending.values())
+                raise GroupTimeoutError(
+                    f"{what} on run {self.run_name!r} did not finish within {timeout_s:g}s; "
+                    f"rank(s) {slow} still busy. The group was shut down.")
+            if on_message is not None and poll_ref is None and refs[0] in pending:
+                poll_ref = self._actors[0].poll.remote()
+        if failures:
+            # Give the other ranks a moment to report, so a death is blamed, not its echo.
+            if pending:
+                more, _ = ray.wait(list(pending), num_returns=len(pending), timeout=FAILURE_GRACE_S)
+                for ref in more:
+                    self._collect(ref, pending.pop(ref), results, failures)
+            raise self._rank_error(failures, what)
+        return [results[r] for r in range(len(refs))]
+
+    def _collect(self, ref: Any, rank: int, results: dict[int, Any],
+                 failures: dict[int, tuple[str, bool]]) -> None:
+        try:
+            value = ray.get(ref, timeout=30)
+        except RayTaskError as err:  # the method raised (setup, rendezvous)
+            failures[rank] = (str(err), False)
+            return
+        except (RayActorError, GetTimeoutError, RayError) as err:  # the process is gone
+            failures[rank] = (f"{type(err).__name__}: {err}", True)
+            return
+        if isinstance(value, RankOutcome) and not value.ok:
+            failures[rank] = (value.traceback or value.error, False)
+            results[rank] = value
+            return
+        results[rank] = value
+
+    def _deliver_poll(self, poll_ref: Any, on_message: MessageHandler | None) -> None:
+        try:
+            messages = ray.get(poll_ref, timeout=5)
+        except (RayError, GetTimeoutError):
+            return  # rank 0's own call reports what happened to it
+        if on_message is not None:
+            for msg in messages:
+                on_message(0, msg)
+
+    def _rank_error(self, failures: dict[int, tuple[str, bool]], what: str) -> RankError:
+        # A rank that died is the likeliest root cause; otherwise the lowest failing rank.
+        rank = min(failures, key=lambda r: (not failures[r][1], r))
+        text, died = failures[rank]
+        info = self.ranks[rank] if rank < len(self.ranks) else RankInfo(global_rank=rank)
+        where = f"node {info.node_ip or '?'} (node id {info.node_id[:12] or '?'}, pid {info.pid})"
+        if died:
+            head = f"rank {rank} on {where} died while {what} on run {self.run_name!r}"
+        else:
+            head = f"rank {rank} on {where} raised while {what} on run {self.run_name!r}"
+        others = [f"rank {r} {'died' if d else 'raised'}" for r, (_, d) in sorted(failures.items())
+                  if r != rank]
+        tail = f"\n(also: {', '.join(others)})" if others else ""
+        body = f"\n--- rank {rank} traceback ---\n{text.rstrip()}\n--- end rank {rank} ---"
+        return RankError(head + ":" + body + tail + "\nAll ranks were stopped.", rank=rank,
+                         node_ip=info.node_ip, node_id=info.node_id, traceback=text, died=died)
+
+    # -- shutdown ------------------------------------------------------------------------------
+    def shutdown(self, graceful: bool = True, timeout_s: float = 10) -> None:
+        """Kill the rank actors and free the reservation; safe to call twice.
+
+        ``graceful`` first asks each rank to leave the process group (bounded by ``timeout_s``);
+        without it the ranks are killed at once, e.g. when one may be stuck in a collective.
+        """
+        with self._lock:
+            actors, self._actors = self._actors, []
+            pg, self._pg = self._pg, None
+        if not ray.is_initialized():
+            return
+        if actors and graceful:
+            refs = [a.teardown.remote() for a in actors]
+            ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        for actor in actors:
+            _quietly(ray.kill, actor, no_restart=True)
+        if actors:
+            # A call on a killed actor fails once Ray marks it dead: wait for that, so the
+            # resources are free when this returns (a restart can reuse them).
+            pings = []
+            for actor in actors:
+                try:
+                    pings.append(actor.ping.remote())
+                except Exception:  # noqa: BLE001
+                    pass
+            if pings:
+                ray.wait(pings, num_returns=len(pings), timeout=timeout_s)
+        if pg is not None:
+            _quietly(remove_placement_group, pg)
+            _wait_removed(pg, timeout_s)
+
+    def __enter__(self) -> "WorkerGroup":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown(graceful=exc[0] is None)
+
+
+def _quietly(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    try:
+        fn(*args, **kwargs)
+    except Exception as err:  # noqa: BLE001 - cleanup must not mask the real error
+        log.debug("%s failed during cleanup: %s", getattr(fn, "__name__", fn), err)
+
+
+def _wait_removed(pg: Any, timeout_s: float) -> None:
+    """Wait (bounded) until Ray has released a removed placement group's resources."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if placement_group_table(pg).get("state") in ("REMOVED", None):
+                return
+        except Exception:  # noqa: BLE001 - the table lookup is best effort
+            return
+        time.sleep(0.02)
+
+
+def _fmt(resources: dict[str, float]) -> str:
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(resources.items())) + "}"
+
+
+def _gpu_key(gpu_id: str) -> tuple[int, str]:
+    return (int(gpu_id), "") if gpu_id.isdigit() else (1 << 30, gpu_id)

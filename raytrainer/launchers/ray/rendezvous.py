@@ -1,0 +1,87 @@
+"""How the ranks of a Ray worker group find each other and form a torch process group.
+
+Rank 0 opens the TCP key-value store on its own node, binding port 0 so the operating system
+hands out a free port (no pick-then-bind race), and reports (address, port) to the driver. Every
+rank then sets the torchrun environment variables and joins the process group through that store.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch.distributed as dist
+
+from raytrainer.strategies.base import RankContext
+
+# The variables torchrun sets; user code and libraries read these to find their place.
+TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK",
+                 "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    """Where rank 0's store listens: every rank connects here to form the process group."""
+
+    master_addr: str
+    master_port: int
+
+
+def default_backend(use_gpu: bool) -> str:
+    """NCCL between GPUs, gloo on CPU: the backends torch supports for each."""
+    return "nccl" if use_gpu else "gloo"
+
+
+def open_master_store(host: str, timeout_s: float) -> dist.TCPStore:
+    """Start the store server on this node on a free port; its ``.port`` says which one."""
+    return dist.TCPStore(host, 0, None, True, timedelta(seconds=timeout_s), wait_for_workers=False)
+
+
+def torchrun_env(ctx: RankContext, rdzv: Rendezvous) -> dict[str, str]:
+    """The environment torchrun would give this rank."""
+    return {
+        "RANK": str(ctx.global_rank),
+        "LOCAL_RANK": str(ctx.local_rank),
+        "WORLD_SIZE": str(ctx.world_size),
+        "LOCAL_WORLD_SIZE": str(ctx.local_world_size),
+        "GROUP_RANK": str(ctx.node_rank),
+        "NODE_RANK": str(ctx.node_rank),
+        "MASTER_ADDR": rdzv.master_addr,
+        "MASTER_PORT": str(rdzv.master_port),
+    }
+
+
+def init_process_group(ctx: RankContext, rdzv: Rendezvous, backend: str, timeout_s: float,
+                       master_store: dist.TCPStore | None = None,
+                       device_id: int | None = None) -> None:
+    """Join the default process group; rank 0 passes the store it opened, others connect to it.
+
+    ``timeout_s`` bounds both the connection to the store and every later collective.
+    """
+    if dist.is_initialized():
+        raise RuntimeError("a torch.distributed process group is already initialised in this "
+                           "process; call destroy_process_group() before joining a new one")
+    os.environ.update(torchrun_env(ctx, rdzv))
+    timeout = timedelta(seconds=timeout_s)
+    if master_store is not None:
+        store = master_store
+    else:
+        store = dist.TCPStore(rdzv.master_addr, rdzv.master_port, None, False, timeout)
+    # init_process_group prefixes the stores it creates itself; do the same so keys never collide
+    # with anything else a user puts into this store.
+    store = dist.PrefixStore("default_pg", store)
+    kwargs = {}
+    if backend == "nccl" and device_id is not None:
+        import torch
+
+        kwargs["device_id"] = torch.device("cuda", device_id)
+    dist.init_process_group(backend=backend, store=store, rank=ctx.global_rank,
+                            world_size=ctx.world_size, timeout=timeout, **kwargs)
+
+
+def destroy_process_group() -> bool:
+    """Leave the default process group if this process is in one; True if it was."""
+    if not dist.is_available() or not dist.is_initialized():
+        return False
+    dist.destroy_process_group()
+    return True

@@ -1,0 +1,203 @@
+"""The rank actor: one Ray actor process per rank, running the driver's function with a RankInfo.
+
+The actor is threaded (several calls may run at once), so the driver can ``poll()`` for messages
+or ``ping()`` it while ``run()`` is busy with training. Code running inside ``run()`` reaches the
+driver with ``send_to_driver(msg)``.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import cloudpickle
+import torch
+
+from raytrainer.launchers.ray import rendezvous
+from raytrainer.strategies.base import RankContext
+
+MESSAGE_BUFFER_SIZE = 10_000  # oldest messages are dropped beyond this; progress updates are lossy
+
+
+@dataclass
+class RankInfo(RankContext):
+    """A RankContext plus where the rank runs and how it joined the process group."""
+
+    run_name: str = ""
+    node_id: str = ""
+    node_ip: str = ""
+    pid: int = 0
+    master_addr: str = ""
+    master_port: int = 0
+    backend: str = "gloo"
+    collective_timeout_s: float = 300.0
+    gpu_ids: tuple[str, ...] = ()      # the GPUs Ray assigned to this rank
+    device_index: int | None = None    # this rank's CUDA device index; None on CPU
+
+    @property
+    def device(self) -> torch.device:
+        """The device this rank trains on."""
+        if self.device_index is None:
+            return torch.device("cpu")
+        return torch.device("cuda", self.device_index)
+
+
+@dataclass
+class RankOutcome:
+    """What ``run()`` hands back: the value, or the error with the rank's own traceback."""
+
+    ok: bool
+    value: Any = None
+    error: str = ""                 # "ValueError: boom"
+    traceback: str = ""             # the traceback text as the rank saw it
+    exception: bytes | None = None  # the pickled exception, when it pickles
+    messages: list[Any] = field(default_factory=list)  # send_to_driver() calls not yet polled
+    seconds: float = 0.0
+
+
+class _MessageBuffer:
+    """Thread-safe bounded queue of messages waiting for the driver."""
+
+    def __init__(self, maxlen: int = MESSAGE_BUFFER_SIZE) -> None:
+        self._items: collections.deque[Any] = collections.deque(maxlen=maxlen)
+        self._lock = threading.Lock()
+        self.dropped = 0
+
+    def put(self, msg: Any) -> None:
+        with self._lock:
+            if len(self._items) == self._items.maxlen:
+                self.dropped += 1
+            self._items.append(msg)
+
+    def drain(self) -> list[Any]:
+        with self._lock:
+            items = list(self._items)
+            self._items.clear()
+        return items
+
+
+# Per-process state: one rank actor per process.
+_BUFFER: _MessageBuffer | None = None
+_CURRENT: RankInfo | None = None
+
+
+def send_to_driver(msg: Any) -> None:
+    """Queue a small picklable message for the driver (e.g. a progress update from rank 0).
+
+    The driver polls rank 0 while the run is going; other ranks' messages arrive when their run
+    finishes. Only valid inside a function run by ``WorkerGroup.run``.
+    """
+    if _BUFFER is None:
+        raise RuntimeError("send_to_driver() only works inside a function run on a Ray rank by "
+                           "WorkerGroup.run(); check in_rank_worker() first")
+    _BUFFER.put(msg)
+
+
+def in_rank_worker() -> bool:
+    """True inside a Ray rank actor process, where send_to_driver() works."""
+    return _BUFFER is not None
+
+
+def current_rank() -> RankInfo | None:
+    """This process's RankInfo once the group is set up, else None."""
+    return _CURRENT
+
+
+class RankWorker:
+    """One rank. ``WorkerGroup`` creates it as a Ray actor and calls these methods in order:
+    ``node_info`` -> (rank 0) ``open_rendezvous`` -> ``setup`` -> ``run``... -> ``teardown``."""
+
+    def __init__(self, run_name: str, driver_sys_path: list[str]) -> None:
+        global _BUFFER
+        # Let the worker import what the driver can (test modules, scripts next to the driver)
+        # without shadowing anything installed: append, and only directories that exist here.
+        for path in driver_sys_path:
+            if path and path not in sys.path and os.path.isdir(path):
+                sys.path.append(path)
+        self.run_name = run_name
+        self._master_store = None
+        self._info: RankInfo | None = None
+        _BUFFER = _MessageBuffer()
+
+    def node_info(self) -> dict[str, Any]:
+        """Where this actor landed: node id and IP, pid and the GPUs Ray gave it."""
+        import ray
+
+        ctx = ray.get_runtime_context()
+        return {
+            "node_id": ctx.get_node_id(),
+            "node_ip": ray.util.get_node_ip_address(),
+            "pid": os.getpid(),
+            "gpu_ids": tuple(str(g) for g in ray.get_gpu_ids()),
+        }
+
+    def ping(self) -> int:
+        """Answer while run() is busy; returns the pid."""
+        return os.getpid()
+
+    def open_rendezvous(self, host: str, timeout_s: float) -> tuple[str, int]:
+        """(rank 0) Open the store every rank will connect to; returns (address, port)."""
+        self._master_store = rendezvous.open_master_store(host, timeout_s)
+        return host, int(self._master_store.port)
+
+    def setup(self, info: RankInfo, node_gpu_ids: tuple[str, ...]) -> dict[str, Any]:
+        """Set the torchrun variables and join the process group; returns seconds and device."""
+        global _CURRENT
+        start = time.perf_counter()
+        if info.gpu_ids and node_gpu_ids and not torch.cuda.is_initialized():
+            # Every rank on a node sees all of that node's GPUs (as torchrun does), so NCCL can
+            # use peer-to-peer transfers; each rank still trains on its own device.
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(node_gpu_ids)
+            info.device_index = list(node_gpu_ids).index(info.gpu_ids[0])
+        elif info.gpu_ids:
+            info.device_index = 0
+        if info.device_index is not None:
+            torch.cuda.set_device(info.device_index)
+        rdzv = rendezvous.Rendezvous(info.master_addr, info.master_port)
+        rendezvous.init_process_group(info, rdzv, info.backend, info.collective_timeout_s,
+                                      master_store=self._master_store,
+                                      device_id=info.device_index)
+        self._info = info
+        _CURRENT = info
+        return {"seconds": time.perf_counter() - start, "device_index": info.device_index}
+
+    def run(self, payload: bytes) -> RankOutcome:
+        """Unpickle (fn, args) and return fn(rank_info, *args), or the error it raised."""
+        start = time.perf_counter()
+        try:
+            if self._info is None:
+                raise RuntimeError("run() called before setup(); the worker group did not start")
+            fn, args = cloudpickle.loads(payload)
+            value = fn(self._info, *args)
+            return RankOutcome(ok=True, value=value, messages=_drain(),
+                               seconds=time.perf_counter() - start)
+        except (Exception, SystemExit) as err:  # noqa: BLE001 - everything goes back to the driver
+            try:
+                pickled = cloudpickle.dumps(err)
+            except Exception:  # noqa: BLE001 - an exception that does not pickle still reports
+                pickled = None
+            return RankOutcome(ok=False, error=f"{type(err).__name__}: {err}",
+                               traceback=traceback.format_exc(), exception=pickled,
+                               messages=_drain(), seconds=time.perf_counter() - start)
+
+    def poll(self) -> list[Any]:
+        """Messages sent with send_to_driver() since the last poll."""
+        return _drain()
+
+    def teardown(self) -> bool:
+        """Leave the process group and close the store; True if a process group was destroyed."""
+        global _CURRENT
+        destroyed = rendezvous.destroy_process_group()
+        self._master_store = None
+        self._info = None
+        _CURRENT = None
+        return destroyed
+
+
+def _drain() -> list[Any]:
+    return _BUFFER.drain() if _BUFFER is not None else []

@@ -1,0 +1,124 @@
+"""CSVLogger: ``<save_dir>/<name>/version_N/metrics.csv`` and ``hparams.yaml``, as Lightning writes them."""
+from __future__ import annotations
+
+import csv
+import io
+import os
+from typing import Any
+
+from raytrainer.loggers.base import Logger
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+class CSVLogger(Logger):
+    """Buffers metric rows in memory and rewrites the CSV every ``flush_logs_every_n_steps`` rows."""
+
+    def __init__(self, save_dir: str, name: str = "lightning_logs", version: int | str | None = None,
+                 flush_logs_every_n_steps: int = 100) -> None:
+        self._save_dir = str(save_dir)
+        self._name = name or ""
+        self._version = version
+        self._rows: list[dict[str, Any]] = []
+        self._keys: list[str] = []
+        self._flush_every = flush_logs_every_n_steps
+        self._unflushed = 0
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def save_dir(self) -> str:
+        return self._save_dir
+
+    @property
+    def root_dir(self) -> str:
+        return _join(self._save_dir, self._name) if self._name else self._save_dir
+
+    @property
+    def version(self) -> int | str:
+        if self._version is None:
+            self._version = self._next_version()
+        return self._version
+
+    @property
+    def log_dir(self) -> str:
+        v = self.version
+        return _join(self.root_dir, v if isinstance(v, str) else f"version_{v}")
+
+    def _next_version(self) -> int:
+        from raytrainer.checkpoint import storage
+
+        fs, path = storage.resolve(self.root_dir)
+        from pyarrow import fs as pafs
+
+        try:
+            infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        except Exception:
+            return 0
+        nums = []
+        for info in infos:
+            base = info.base_name
+            if info.type == pafs.FileType.Directory and base.startswith("version_") and base[8:].isdigit():
+                nums.append(int(base[8:]))
+        return max(nums) + 1 if nums else 0
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        row = {"step": step, **metrics}
+        for k in row:
+            if k not in self._keys:
+                self._keys.append(k)
+        self._rows.append(row)
+        self._unflushed += 1
+        if self._unflushed >= self._flush_every:
+            self.save()
+
+    def log_hyperparams(self, params: dict[str, Any]) -> None:
+        import yaml
+
+        from raytrainer.checkpoint import storage
+
+        text = yaml.safe_dump(_yaml_safe(dict(params)), sort_keys=False) if params else "{}\n"
+        storage.makedirs(self.log_dir)
+        storage.write_bytes_atomic(_join(self.log_dir, "hparams.yaml"), text.encode())
+
+    def save(self) -> None:
+        """Rewrite metrics.csv with every row so far (columns may have grown)."""
+        from raytrainer.checkpoint import storage
+
+        if not self._rows:
+            return
+        buf = io.StringIO()
+        keys = ["epoch", "step"] if "epoch" in self._keys else ["step"]
+        keys += sorted(k for k in self._keys if k not in keys)
+        writer = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self._rows)
+        storage.makedirs(self.log_dir)
+        storage.write_bytes_atomic(_join(self.log_dir, "metrics.csv"), buf.getvalue().encode())
+        self._unflushed = 0
+
+    def finalize(self, status: str) -> None:
+        self.save()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # resolve the version before shipping to a worker so every process writes the same folder
+        _ = self.version
+        return self.__dict__.copy()
+
+
+def _join(base: str, part: str) -> str:
+    return base.rstrip("/") + "/" + part if _is_uri(base) else os.path.join(base, part)
+
+
+def _yaml_safe(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {str(k): _yaml_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_yaml_safe(x) for x in v]
+    if isinstance(v, (bool, int, float, str)) or v is None:
+        return v
+    return repr(v)

@@ -1,0 +1,396 @@
+"""LightningModule: the user's model, its steps, hooks and the API the Trainer gives it."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import inspect
+import warnings
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from raytrainer.utilities import AttributeDict, check_plain_hparams
+
+if TYPE_CHECKING:
+    from raytrainer.trainer.optimization import LightningOptimizer
+    from raytrainer.trainer.trainer import Trainer
+
+_TRAINER_ONLY = "is only available while a Trainer runs this module (attach it with trainer.fit/validate/...)"
+
+
+class LightningModule(nn.Module):
+    """A torch.nn.Module with Lightning's training API; run it with ``raytrainer.Trainer``."""
+
+    # Properties TorchScript must skip when scripting the module (they touch the Trainer).
+    __jit_unused_properties__: list[str] = [
+        "trainer", "device", "current_epoch", "global_step", "hparams", "hparams_initial",
+        "automatic_optimization", "example_input_array", "local_rank", "global_rank", "on_gpu",
+        "dtype", "logger", "loggers",
+    ]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        d = self.__dict__
+        d["_trainer"] = None
+        d["_results"] = None          # the running stage's Results; set by the loops
+        d["_automatic_optimization"] = True
+        d["_example_input_array"] = None
+        d["_hparams"] = AttributeDict()
+        d["_hparams_initial"] = AttributeDict()
+        d["_hparams_name"] = None
+        d["_param_requires_grad_state"] = {}
+        d["_warned_no_trainer"] = False
+
+    # ------------------------------------------------------------------ steps (user overrides)
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return super().forward(*args, **kwargs)
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError("Trainer.fit needs `training_step(self, batch, batch_idx)` to be defined "
+                                  f"on {type(self).__name__}.")
+
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        """Override to run validation."""
+
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        """Override to run testing."""
+
+    def predict_step(self, batch: Any, batch_idx: int = 0, dataloader_idx: int = 0) -> Any:
+        """Default prediction: ``self(batch)``."""
+        return self(batch)
+
+    def configure_optimizers(self) -> Any:
+        raise NotImplementedError(f"Trainer.fit needs `configure_optimizers` to be defined on "
+                                  f"{type(self).__name__}; return an optimizer, e.g. "
+                                  "torch.optim.Adam(self.parameters(), lr=1e-3).")
+
+    # ------------------------------------------------------------------ hooks (no-ops by default)
+    def setup(self, stage: str) -> None: ...
+    def teardown(self, stage: str) -> None: ...
+    def prepare_data(self) -> None: ...
+    def on_fit_start(self) -> None: ...
+    def on_fit_end(self) -> None: ...
+    def on_train_start(self) -> None: ...
+    def on_train_end(self) -> None: ...
+    def on_train_epoch_start(self) -> None: ...
+    def on_train_epoch_end(self) -> None: ...
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> Any: ...
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None: ...
+    def on_validation_start(self) -> None: ...
+    def on_validation_end(self) -> None: ...
+    def on_validation_epoch_start(self) -> None: ...
+    def on_validation_epoch_end(self) -> None: ...
+    def on_validation_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None: ...
+    def on_validation_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None: ...
+    def on_validation_model_eval(self) -> None:
+        self.eval()
+
+    def on_validation_model_train(self) -> None:
+        self.train()
+
+    def on_test_start(self) -> None: ...
+    def on_test_end(self) -> None: ...
+    def on_test_epoch_start(self) -> None: ...
+    def on_test_epoch_end(self) -> None: ...
+    def on_test_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None: ...
+    def on_test_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None: ...
+    def on_test_model_eval(self) -> None:
+        self.eval()
+
+    def on_test_model_train(self) -> None:
+        self.train()
+
+    def on_predict_start(self) -> None: ...
+    def on_predict_end(self) -> None: ...
+    def on_predict_epoch_start(self) -> None: ...
+    def on_predict_epoch_end(self) -> None: ...
+    def on_predict_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None: ...
+    def on_predict_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None: ...
+    def on_predict_model_eval(self) -> None:
+        self.eval()
+
+    def on_before_backward(self, loss: torch.Tensor) -> None: ...
+    def on_after_backward(self) -> None: ...
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None: ...
+    def on_before_zero_grad(self, optimizer: torch.optim.Optimizer) -> None: ...
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None: ...
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None: ...
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
+        """Clear gradients before the backward of a new accumulation window."""
+        optimizer.zero_grad()
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer,
+                                    gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Clip with the Trainer's settings; override for custom clipping."""
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def configure_callbacks(self) -> Sequence[Any] | Any:
+        return []
+
+    # ------------------------------------------------------------------ trainer-backed attributes
+    @property
+    def trainer(self) -> "Trainer":
+        t = self.__dict__["_trainer"]
+        if t is None:
+            raise RuntimeError(f"{type(self).__name__}.trainer {_TRAINER_ONLY}.")
+        return t
+
+    @trainer.setter
+    def trainer(self, trainer: "Trainer | None") -> None:
+        self.__dict__["_trainer"] = trainer
+
+    @property
+    def device(self) -> torch.device:
+        for p in self.parameters():
+            return p.device
+        for b in self.buffers():
+            return b.device
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        for p in self.parameters():
+            return p.dtype
+        return torch.get_default_dtype()
+
+    @property
+    def current_epoch(self) -> int:
+        t = self.__dict__["_trainer"]
+        return t.current_epoch if t is not None else 0
+
+    @property
+    def global_step(self) -> int:
+        t = self.__dict__["_trainer"]
+        return t.global_step if t is not None else 0
+
+    @property
+    def global_rank(self) -> int:
+        t = self.__dict__["_trainer"]
+        return t.global_rank if t is not None else 0
+
+    @property
+    def local_rank(self) -> int:
+        t = self.__dict__["_trainer"]
+        return t.local_rank if t is not None else 0
+
+    @property
+    def logger(self) -> Any:
+        t = self.__dict__["_trainer"]
+        return t.logger if t is not None else None
+
+    @property
+    def loggers(self) -> list[Any]:
+        t = self.__dict__["_trainer"]
+        return t.loggers if t is not None else []
+
+    @property
+    def automatic_optimization(self) -> bool:
+        return self.__dict__["_automatic_optimization"]
+
+    @automatic_optimization.setter
+    def automatic_optimization(self, value: bool) -> None:
+        self.__dict__["_automatic_optimization"] = bool(value)
+
+    @property
+    def example_input_array(self) -> Any:
+        return self.__dict__.get("_example_input_array")
+
+    @example_input_array.setter
+    def example_input_array(self, value: Any) -> None:
+        self.__dict__["_example_input_array"] = value
+
+    # ------------------------------------------------------------------ logging
+    def log(self, name: str, value: Any, prog_bar: bool = False, logger: bool = True,
+            on_step: bool | None = None, on_epoch: bool | None = None, reduce_fx: Any = "mean",
+            enable_graph: bool = False, sync_dist: bool = False, sync_dist_group: Any = None,
+            add_dataloader_idx: bool = True, batch_size: int | None = None,
+            metric_attribute: str | None = None, rank_zero_only: bool = False) -> None:
+        """Record a scalar for the progress bar, loggers and callbacks (see Lightning's self.log)."""
+        results = self.__dict__["_results"]
+        if results is None:
+            if not self.__dict__["_warned_no_trainer"]:
+                self.__dict__["_warned_no_trainer"] = True
+                warnings.warn(f"self.log({name!r}) was called with no Trainer running this module; "
+                              "the value is dropped.", stacklevel=2)
+            return
+        results.log(results.fx, name, value, prog_bar, logger, on_step, on_epoch, reduce_fx, sync_dist,
+                    batch_size, results.batch)
+
+    def log_dict(self, dictionary: Mapping[str, Any], prog_bar: bool = False, logger: bool = True,
+                 on_step: bool | None = None, on_epoch: bool | None = None, reduce_fx: Any = "mean",
+                 enable_graph: bool = False, sync_dist: bool = False, sync_dist_group: Any = None,
+                 add_dataloader_idx: bool = True, batch_size: int | None = None,
+                 rank_zero_only: bool = False) -> None:
+        """``self.log`` for every item of a mapping."""
+        for k, v in dictionary.items():
+            self.log(k, v, prog_bar=prog_bar, logger=logger, on_step=on_step, on_epoch=on_epoch,
+                     reduce_fx=reduce_fx, sync_dist=sync_dist, batch_size=batch_size)
+
+    def print(self, *args: Any, **kwargs: Any) -> None:
+        """Print from global rank 0 only."""
+        if self.global_rank == 0:
+            print(*args, **kwargs)
+
+    # ------------------------------------------------------------------ optimization API
+    def optimizers(self, use_pl_optimizer: bool = True) -> "LightningOptimizer | list[Any] | Any":
+        """The optimizers from configure_optimizers: one object when there is one, else a list."""
+        t = self.trainer
+        opts = t._lightning_optimizers if use_pl_optimizer else t.optimizers
+        if not opts:
+            raise RuntimeError("self.optimizers() found no optimizer: configure_optimizers has not run yet "
+                               "(call it from training_step or later hooks).")
+        return opts[0] if len(opts) == 1 else list(opts)
+
+    def lr_schedulers(self) -> Any:
+        """The schedulers from configure_optimizers: None, one object, or a list."""
+        configs = self.trainer.lr_scheduler_configs
+        if not configs:
+            return None
+        scheds = [c.scheduler for c in configs]
+        return scheds[0] if len(scheds) == 1 else scheds
+
+    def manual_backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        """Backward for manual optimization: hooks, loss scaling under mixed precision, DDP-aware."""
+        t = self.trainer
+        if self.automatic_optimization:
+            raise RuntimeError("manual_backward is for manual optimization: set "
+                               "`self.automatic_optimization = False` in __init__, or return the loss "
+                               "from training_step and let the Trainer call backward.")
+        t._run_backward(loss, None, *args, **kwargs)
+
+    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        """How the Trainer runs backward; override for custom backward calls."""
+        self.trainer._precision.backward(loss, *args, **kwargs)
+
+    def toggle_optimizer(self, optimizer: Any) -> None:
+        """Freeze every parameter that belongs only to other optimizers (requires_grad=False)."""
+        optimizer = getattr(optimizer, "optimizer", optimizer)
+        own = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        state: dict[int, tuple[torch.Tensor, bool]] = {}
+        for opt in self.trainer.optimizers:
+            if opt is optimizer:
+                continue
+            for g in opt.param_groups:
+                for p in g["params"]:
+                    if id(p) not in own and id(p) not in state:
+                        state[id(p)] = (p, p.requires_grad)
+                        p.requires_grad = False
+        self.__dict__["_param_requires_grad_state"] = state
+
+    def untoggle_optimizer(self, optimizer: Any) -> None:
+        """Restore the requires_grad flags changed by toggle_optimizer."""
+        for p, flag in self.__dict__["_param_requires_grad_state"].values():
+            p.requires_grad = flag
+        self.__dict__["_param_requires_grad_state"] = {}
+
+    @contextlib.contextmanager
+    def toggled_optimizer(self, optimizer: Any) -> Iterator[None]:
+        """``with self.toggled_optimizer(opt):`` toggles on entry and untoggles on exit."""
+        self.toggle_optimizer(optimizer)
+        try:
+            yield
+        finally:
+            self.untoggle_optimizer(optimizer)
+
+    def clip_gradients(self, optimizer: Any, gradient_clip_val: float | None = None,
+                       gradient_clip_algorithm: str | None = None) -> None:
+        """Clip the gradients of an optimizer's parameters by norm (default) or by value."""
+        from raytrainer.trainer.optimization import clip_gradients
+
+        t = self.__dict__["_trainer"]
+        clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm,
+                       t._precision if t is not None else None)
+
+    # ------------------------------------------------------------------ hyper-parameters
+    def save_hyperparameters(self, *args: Any, ignore: Sequence[str] | str | None = None,
+                             frame: Any = None, logger: bool = True) -> None:
+        """Record __init__ arguments (or a dict / Namespace / named args) into ``self.hparams``."""
+        ignore = [ignore] if isinstance(ignore, str) else list(ignore or [])
+        if len(args) == 1 and isinstance(args[0], (dict, argparse.Namespace)) :
+            values = dict(vars(args[0]) if isinstance(args[0], argparse.Namespace) else args[0])
+            name = None
+        else:
+            init_args = _collect_init_args(frame or inspect.currentframe().f_back, type(self))
+            if args:
+                missing = [a for a in args if a not in init_args]
+                if missing:
+                    raise ValueError(f"save_hyperparameters{args}: {missing} are not arguments of "
+                                     f"{type(self).__name__}.__init__ ({sorted(init_args)}).")
+                values = {a: init_args[a] for a in args}
+            else:
+                values = init_args
+            name = "kwargs"
+        values = {k: v for k, v in values.items() if k not in ignore}
+        check_plain_hparams(values, type(self).__name__)
+        self.__dict__["_hparams"].update(values)
+        self.__dict__["_hparams_initial"] = AttributeDict(copy.deepcopy(dict(self.__dict__["_hparams"])))
+        self.__dict__["_hparams_name"] = name
+
+    @property
+    def hparams(self) -> AttributeDict:
+        return self.__dict__["_hparams"]
+
+    @property
+    def hparams_initial(self) -> AttributeDict:
+        return self.__dict__["_hparams_initial"]
+
+    # ------------------------------------------------------------------ checkpoints and export
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: str, map_location: Any = None, hparams_file: Any = None,
+                             strict: bool = True, weights_only: bool = True, **kwargs: Any) -> "LightningModule":
+        """Rebuild the module from a checkpoint's hyper_parameters (overridable) and load its weights."""
+        from raytrainer.checkpoint.format import load_module
+
+        return load_module(cls, checkpoint_path, map_location=map_location, strict=strict,
+                           weights_only=weights_only, overrides=kwargs)
+
+    def to_torchscript(self, file_path: str | None = None, method: str = "script",
+                       example_inputs: Any = None, **kwargs: Any) -> Any:
+        """Export to TorchScript (script or trace) and save it when given a path."""
+        from raytrainer import export
+
+        return export.to_torchscript(self, file_path=file_path, method=method,
+                                     example_inputs=example_inputs, **kwargs)
+
+    def to_onnx(self, file_path: str, input_sample: Any = None, **kwargs: Any) -> Any:
+        """Export to ONNX with a dynamic batch axis; kwargs go to torch.onnx.export."""
+        from raytrainer import export
+
+        return export.to_onnx(self, file_path, input_sample=input_sample, **kwargs)
+
+    # ------------------------------------------------------------------ pickling (to Ray workers)
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_trainer"] = None
+        state["_results"] = None
+        return state
+
+
+def _collect_init_args(frame: Any, cls: type) -> dict[str, Any]:
+    """Walk up from save_hyperparameters' caller to the outermost __init__ of this object's class."""
+    collected: dict[str, Any] = {}
+    obj = frame.f_locals.get("self")
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name != "__init__" or frame.f_locals.get("self") is not obj:
+            break
+        local = frame.f_locals
+        nargs = code.co_argcount + code.co_kwonlyargcount
+        names = code.co_varnames[:nargs]
+        args = {n: local[n] for n in names if n != "self" and n in local}
+        flags = code.co_flags
+        idx = nargs
+        if flags & inspect.CO_VARARGS:
+            idx += 1
+        if flags & inspect.CO_VARKEYWORDS:
+            args.update(local.get(code.co_varnames[idx], {}))
+        for k, v in args.items():
+            collected.setdefault(k, v)  # the subclass (earlier frame) wins
+        frame = frame.f_back
+    for k in [k for k in collected if k in ("__class__",)]:
+        del collected[k]
+    return collected

@@ -1,0 +1,1 @@
+"""Strategies: device placement and collectives."""

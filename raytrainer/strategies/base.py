@@ -1,0 +1,109 @@
+"""The Strategy contract: device placement and collectives, the only things loops ask about."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+
+@dataclass
+class RankContext:
+    """Who this process is in the run; a rank other than 0 writes nothing."""
+
+    global_rank: int = 0
+    local_rank: int = 0
+    node_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+
+    @property
+    def is_global_zero(self) -> bool:
+        return self.global_rank == 0
+
+
+REDUCE_OPS = ("mean", "sum", "max", "min")
+
+
+class Strategy:
+    """Base strategy: one process, one device. Subclasses override the collectives."""
+
+    def __init__(self, device: torch.device | str = "cpu", ctx: RankContext | None = None) -> None:
+        self.root_device = torch.device(device)
+        self.ctx = ctx or RankContext()
+        self.model: nn.Module | None = None  # what training calls: the module, or its DDP wrapper
+
+    # -- identity -----------------------------------------------------------------------------
+    @property
+    def world_size(self) -> int:
+        return self.ctx.world_size
+
+    @property
+    def global_rank(self) -> int:
+        return self.ctx.global_rank
+
+    @property
+    def is_global_zero(self) -> bool:
+        return self.ctx.global_rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.ctx.world_size > 1
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def setup_environment(self) -> None:
+        """Prepare the device (and, for distributed strategies, the process group)."""
+
+    def setup_module(self, module: nn.Module) -> nn.Module:
+        """Move the module to the device and wrap it if the strategy needs to; returns what to call."""
+        module.to(self.root_device)
+        self.model = module
+        return module
+
+    def teardown(self) -> None:
+        """Release what setup_environment took."""
+
+    # -- data ---------------------------------------------------------------------------------
+    def batch_to_device(self, batch: Any) -> Any:
+        return move_to_device(batch, self.root_device)
+
+    # -- collectives (identity on one process) -------------------------------------------------
+    def reduce(self, tensor: torch.Tensor, op: str = "mean") -> torch.Tensor:
+        return tensor
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        return obj
+
+    def barrier(self, name: str = "") -> None:
+        """Wait for every rank."""
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        return [obj]
+
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+        """Agree across ranks: all=True needs every rank to say yes, all=False any rank."""
+        return decision
+
+    @contextlib.contextmanager
+    def no_backward_sync(self, enabled: bool) -> Iterator[None]:
+        """Skip the gradient all-reduce for accumulation steps (DDP's no_sync)."""
+        yield
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, closure: Callable[[], Any] | None) -> Any:
+        return optimizer.step(closure) if closure is not None else optimizer.step()
+
+
+def move_to_device(batch: Any, device: torch.device) -> Any:
+    """Recursively move tensors in lists, tuples, dicts and dataclass-free containers to device."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=device.type == "cuda")
+    if isinstance(batch, (list, tuple)):
+        moved = [move_to_device(b, device) for b in batch]
+        if hasattr(batch, "_fields"):  # namedtuple
+            return type(batch)(*moved)
+        return type(batch)(moved) if isinstance(batch, tuple) else moved
+    if isinstance(batch, dict):
+        return type(batch)((k, move_to_device(v, device)) for k, v in batch.items())
+    return batch

@@ -1,0 +1,1 @@
+"""Trainer, plan and loops."""

@@ -1,0 +1,295 @@
+"""Resolve Lightning 1.x and 2.x Trainer arguments into one inspectable Plan.
+
+Everything here is pure: it looks at the arguments and at an ``Env`` description of the machine,
+never at the hardware itself, so every combination can be unit-tested on a laptop. The hardware
+check is a separate step (``Plan.check_hardware``) that the Trainer runs before any work starts.
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+PRECISIONS = {
+    "32": "32-true", "32-true": "32-true", "32-TRUE": "32-true",
+    "16": "16-mixed", "16-mixed": "16-mixed",
+    "bf16": "bf16-mixed", "bf16-mixed": "bf16-mixed",
+}
+STRATEGIES = {"auto", "single_device", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true",
+              "ray", "ray_ddp", "xla"}
+ACCELERATORS = {"auto": "auto", "cpu": "cpu", "gpu": "cuda", "cuda": "cuda", "tpu": "tpu"}
+
+
+@dataclass(frozen=True)
+class Env:
+    """What the machine offers; ``Env.detect()`` reads it, tests build it by hand."""
+
+    cuda_device_count: int = 0
+    xla_installed: bool = False
+
+    @staticmethod
+    def detect() -> "Env":
+        import torch
+
+        cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return Env(cuda_device_count=cuda,
+                   xla_installed=importlib.util.find_spec("torch_xla") is not None)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where and how a run executes: the single answer every later part reads.
+
+    ``ranks_per_node`` ranks run on each of ``num_nodes`` nodes. An elastic run has
+    ``min_ranks < max_ranks``; ``nodes_elastic`` says whether the range counts whole nodes.
+    """
+
+    accelerator: str = "cpu"                 # cpu | cuda | tpu
+    device_ids: tuple[int, ...] | None = None  # per node; None for cpu, () for "all visible"
+    ranks_per_node: int = 1
+    num_nodes: int = 1
+    min_ranks: int = 1
+    max_ranks: int = 1
+    nodes_elastic: bool = False
+    precision: str = "32-true"
+    strategy: str = "auto"
+    launcher: str = "in_process"             # in_process | xla | ray
+    requested: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def world_size(self) -> int:
+        """Ranks at the start of the run (the maximum the plan asks for)."""
+        return self.max_ranks
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_ranks != self.max_ranks
+
+    def describe(self) -> str:
+        ids = "" if self.device_ids is None else f" ids={list(self.device_ids)}"
+        rng = f" (elastic {self.min_ranks}:{self.max_ranks})" if self.elastic else ""
+        return (f"{self.world_size} rank(s){rng} = {self.num_nodes} node(s) x {self.ranks_per_node}"
+                f" on {self.accelerator}{ids}, precision={self.precision}, launcher={self.launcher}")
+
+    def check_hardware(self, env: Env) -> None:
+        """Raise before any work when this machine cannot run the plan, saying what to change."""
+        asked = ", ".join(f"{k}={v!r}" for k, v in self.requested.items()) or "the defaults"
+        if self.accelerator == "cuda":
+            if env.cuda_device_count == 0:
+                raise RuntimeError(
+                    f"{asked} asks for CUDA but torch.cuda.is_available() is False: this torch build or"
+                    " machine has no GPU. Install a CUDA build of torch on a GPU machine, or drop the GPU"
+                    " arguments to train on CPU.")
+            if self.launcher != "ray" or self.num_nodes == 1:
+                ids = self.device_ids or tuple(range(self.ranks_per_node))
+                missing = [i for i in ids if i >= env.cuda_device_count]
+                if missing:
+                    raise RuntimeError(
+                        f"{asked} asks for CUDA device(s) {missing} but only {env.cuda_device_count} "
+                        f"GPU(s) are visible (ids 0..{env.cuda_device_count - 1}). Ask for fewer GPUs.")
+        if self.accelerator == "tpu" and not env.xla_installed:
+            raise RuntimeError(
+                f"{asked} asks for TPU cores but torch_xla is not installed. Install it with "
+                "`pip install \"raytrainer[tpu]\"` (torch_xla must match your torch version).")
+        if self.precision == "16-mixed" and self.accelerator == "cpu":
+            raise ValueError(
+                "precision='16-mixed' (precision=16) needs a CUDA GPU: float16 autocast with a "
+                "GradScaler is a GPU feature. On CPU use precision='bf16-mixed' or '32-true'.")
+
+    @staticmethod
+    def from_args(
+        *,
+        accelerator: str | None = "auto",
+        devices: Any = "auto",
+        strategy: str | None = "auto",
+        num_nodes: Any = 1,
+        precision: Any = "32-true",
+        num_processes: Any = None,
+        gpus: Any = None,
+        tpu_cores: Any = None,
+        env: Env | None = None,
+    ) -> "Plan":
+        """Turn Trainer arguments of either Lightning generation into a Plan, or raise ValueError."""
+        env = env if env is not None else Env()
+        requested = {k: v for k, v in dict(
+            accelerator=accelerator, devices=devices, strategy=strategy, num_nodes=num_nodes,
+            precision=precision, num_processes=num_processes, gpus=gpus, tpu_cores=tpu_cores,
+        ).items() if v not in (None, "auto", 1, "32-true") or (k == "num_nodes" and v != 1)}
+        strategy = "auto" if strategy is None else str(strategy)
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy={strategy!r} is not known. Use one of {sorted(STRATEGIES)}.")
+        acc_in = "auto" if accelerator is None else str(accelerator).lower()
+        if acc_in not in ACCELERATORS:
+            raise ValueError(f"accelerator={accelerator!r} is not known. Use one of {sorted(ACCELERATORS)}.")
+        acc = ACCELERATORS[acc_in]
+
+        legacy = {k: v for k, v in (("gpus", gpus), ("tpu_cores", tpu_cores),
+                                    ("num_processes", num_processes)) if _given(v)}
+        if len(legacy) > 1:
+            raise ValueError(f"{' and '.join(f'{k}={v!r}' for k, v in legacy.items())} conflict: each picks "
+                             "a different device type. Pass only one of gpus, tpu_cores, num_processes.")
+        if legacy and devices not in ("auto", None):
+            (k, v), = legacy.items()
+            raise ValueError(f"{k}={v!r} and devices={devices!r} both set the device count. Use "
+                             f"accelerator=... with devices=... (Lightning 2.x) or {k} alone (1.x).")
+        prec = _resolve_precision(precision)
+
+        count: Any
+        ids: tuple[int, ...] | None = None
+        if "gpus" in legacy:
+            _require(acc in ("auto", "cuda"), f"gpus={gpus!r} conflicts with accelerator={accelerator!r}.")
+            acc = "cuda"
+            count, ids = _parse_gpus(gpus, env, "gpus")
+        elif "tpu_cores" in legacy:
+            _require(acc in ("auto", "tpu"), f"tpu_cores={tpu_cores!r} conflicts with accelerator={accelerator!r}.")
+            acc = "tpu"
+            count, ids = _parse_tpu(tpu_cores)
+        elif "num_processes" in legacy:
+            _require(acc in ("auto", "cpu"),
+                     f"num_processes={num_processes!r} means CPU processes but accelerator={accelerator!r}; "
+                     "use devices=... with that accelerator instead.")
+            acc = "cpu"
+            count = _parse_count(num_processes, "num_processes")
+        else:
+            if acc == "auto":
+                acc = "cuda" if env.cuda_device_count else "cpu"
+            if acc == "cuda":
+                count, ids = _parse_gpus(1 if devices in ("auto", None) else devices, env, "devices")
+            elif acc == "tpu":
+                count, ids = _parse_tpu(1 if devices in ("auto", None) else devices)
+            else:
+                count = 1 if devices in ("auto", None) else _parse_count(devices, "devices")
+
+        nodes = _parse_count(num_nodes, "num_nodes")
+        if isinstance(nodes, tuple) and isinstance(count, tuple):
+            raise ValueError(f"num_nodes={num_nodes!r} and a per-node range {count} are both elastic; "
+                             "give the range on one of them only.")
+        nodes_elastic = isinstance(nodes, tuple)
+        if isinstance(count, tuple):
+            min_r, max_r = count
+            per_node = max_r
+            n_nodes = 1
+            _require(nodes == 1, "an elastic rank range (MIN:MAX ranks) cannot be combined with "
+                     f"num_nodes={num_nodes!r}; use num_nodes='MIN:MAX' for whole-node elasticity.")
+        elif nodes_elastic:
+            per_node = count
+            min_r, max_r = nodes[0] * count, nodes[1] * count
+            n_nodes = nodes[1]
+        else:
+            per_node = count
+            n_nodes = nodes
+            min_r = max_r = nodes * count
+
+        if acc == "tpu" and (n_nodes > 1 or nodes_elastic or min_r != max_r):
+            raise ValueError("TPU runs use torch_xla's own launcher on one host: num_nodes and elastic "
+                             "ranges are not supported with tpu_cores/accelerator='tpu'.")
+        if acc == "tpu":
+            launcher = "xla"
+        elif max_r > 1 or n_nodes > 1 or strategy in ("ray", "ray_ddp") or min_r != max_r:
+            launcher = "ray"
+        else:
+            launcher = "in_process"
+        if strategy == "xla" and acc != "tpu":
+            raise ValueError("strategy='xla' needs accelerator='tpu' (or tpu_cores=N).")
+        return Plan(accelerator=acc, device_ids=ids, ranks_per_node=per_node, num_nodes=n_nodes,
+                    min_ranks=min_r, max_ranks=max_r, nodes_elastic=nodes_elastic, precision=prec,
+                    strategy=strategy, launcher=launcher, requested=requested)
+
+
+def _given(v: Any) -> bool:
+    return v is not None and v != 0 and v != "0" and v != [] and v != ""
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+def _resolve_precision(precision: Any) -> str:
+    key = str(precision).strip()
+    if key.endswith(".0"):
+        key = key[:-2]
+    if key not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not supported. Use one of 32 / '32-true', "
+                         "16 / '16-mixed' (CUDA), 'bf16' / 'bf16-mixed'.")
+    return PRECISIONS[key]
+
+
+def parse_range(value: Any, name: str) -> tuple[int, int] | None:
+    """Parse ``"MIN:MAX"`` or ``(min, max)`` into a tuple; return None for a plain count."""
+    if isinstance(value, str) and ":" in value:
+        lo, _, hi = value.partition(":")
+        try:
+            pair = (int(lo), int(hi))
+        except ValueError:
+            raise ValueError(f"{name}={value!r}: a range must look like 'MIN:MAX' with integers, e.g. '1:4'.")
+    elif isinstance(value, tuple) and len(value) == 2:
+        pair = (int(value[0]), int(value[1]))
+    else:
+        return None
+    if not 1 <= pair[0] <= pair[1]:
+        raise ValueError(f"{name}={value!r}: need 1 <= MIN <= MAX.")
+    return pair if pair[0] != pair[1] else None or pair
+
+
+def _parse_count(value: Any, name: str) -> int | tuple[int, int]:
+    rng = parse_range(value, name)
+    if rng is not None:
+        return rng if rng[0] != rng[1] else rng[0]
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={value!r} must be a positive integer or a 'MIN:MAX' range.")
+    if n < 1:
+        raise ValueError(f"{name}={value!r} must be at least 1.")
+    return n
+
+
+def _parse_gpus(value: Any, env: Env, name: str) -> tuple[int | tuple[int, int], tuple[int, ...] | None]:
+    """gpus/devices for CUDA: int, -1 (all), list of ids, '1,3' strings, or a 'MIN:MAX' range."""
+    if isinstance(value, str):
+        s = value.strip()
+        if ":" in s:
+            return _parse_count(s, name), None
+        if "," in s:
+            value = [int(x) for x in s.split(",") if x.strip()]
+        else:
+            try:
+                value = int(s)
+            except ValueError:
+                raise ValueError(f"{name}={value!r}: expected an int, -1, a list of ids or '1,3'.")
+    if isinstance(value, tuple) and len(value) == 2 and name == "devices":
+        return _parse_count(value, name), None
+    if isinstance(value, (list, tuple)):
+        ids = tuple(int(i) for i in value)
+        if not ids or len(set(ids)) != len(ids) or min(ids) < 0:
+            raise ValueError(f"{name}={value!r}: device ids must be distinct non-negative integers.")
+        return len(ids), ids
+    n = int(value)
+    if n == -1:
+        if env.cuda_device_count == 0:
+            raise ValueError(f"{name}=-1 asks for every GPU but none is visible "
+                             "(torch.cuda.is_available() is False).")
+        n = env.cuda_device_count
+    if n < 1:
+        raise ValueError(f"{name}={value!r} must be at least 1 (or -1 for all GPUs).")
+    return n, tuple(range(n))
+
+
+def _parse_tpu(value: Any) -> tuple[int, tuple[int, ...] | None]:
+    if isinstance(value, (list, tuple)):
+        ids = tuple(int(i) for i in value)
+        if len(ids) != 1:
+            raise ValueError(f"tpu_cores={value!r}: a list selects one core, e.g. [5]; use an int for many.")
+        return 1, ids
+    n = int(value)
+    if n < 1:
+        raise ValueError(f"tpu_cores={value!r} must be at least 1.")
+    return n, None
+
+
+def as_sequence(value: Any) -> Sequence[Any]:
+    """Wrap a single item in a list; leave lists and tuples alone."""
+    if value is None:
+        return []
+    return value if isinstance(value, (list, tuple)) else [value]

@@ -1,0 +1,173 @@
+"""Bookkeeping behind ``self.log``: step values, epoch reductions, sync_dist, prog_bar.
+
+The hot path (``log`` during ``training_step``) only stores a reference to the value: no
+``.item()``, no host sync, no allocation beyond a dict assignment. Values become floats only when
+a logger, the progress bar or a callback reads them.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Any, Callable
+
+import torch
+
+# Hooks whose self.log calls default to on_step=True, on_epoch=False (Lightning's defaults).
+STEP_LEVEL_FX = frozenset({
+    "training_step", "on_train_batch_start", "on_train_batch_end", "on_before_backward",
+    "on_after_backward", "on_before_optimizer_step", "on_before_zero_grad", "optimizer_step",
+    "configure_gradient_clipping", "clip_gradients",
+})
+NO_LOG_FX = frozenset({"predict_step", "on_predict_batch_start", "on_predict_batch_end",
+                       "on_predict_epoch_start", "on_predict_epoch_end", "on_predict_start",
+                       "on_predict_end", "configure_optimizers", "setup", "teardown", "prepare_data"})
+REDUCE_FX = {"mean": "mean", "avg": "mean", "sum": "sum", "max": "max", "min": "min"}
+
+
+class _Meta:
+    """How one logged name is treated; decided on the first call and reused afterwards."""
+
+    __slots__ = ("name", "on_step", "on_epoch", "prog_bar", "logger", "reduce", "sync_dist")
+
+    def __init__(self, name: str, on_step: bool, on_epoch: bool, prog_bar: bool, logger: bool,
+                 reduce: str, sync_dist: bool) -> None:
+        self.name, self.on_step, self.on_epoch = name, on_step, on_epoch
+        self.prog_bar, self.logger, self.reduce, self.sync_dist = prog_bar, logger, reduce, sync_dist
+
+    def key(self, suffix: str) -> str:
+        return f"{self.name}_{suffix}" if self.on_step and self.on_epoch else self.name
+
+
+class _Accum:
+    """Running epoch reduction for one name (weighted mean by batch size, or sum/max/min)."""
+
+    __slots__ = ("total", "weight")
+
+    def __init__(self) -> None:
+        self.total: Any = None
+        self.weight: float = 0.0
+
+    def add(self, value: Any, weight: float, reduce: str) -> None:
+        if isinstance(value, torch.Tensor):
+            value = value.detach()
+        if self.total is None:
+            self.total = value * weight if reduce == "mean" else value
+        elif reduce == "mean":
+            self.total = self.total + value * weight
+        elif reduce == "sum":
+            self.total = self.total + value
+        elif reduce == "max":
+            self.total = torch.maximum(torch.as_tensor(self.total), torch.as_tensor(value))
+        else:
+            self.total = torch.minimum(torch.as_tensor(self.total), torch.as_tensor(value))
+        self.weight += weight
+
+    def value(self, reduce: str) -> torch.Tensor:
+        v = torch.as_tensor(self.total, dtype=torch.float32) if not isinstance(self.total, torch.Tensor) \
+            else self.total.float()
+        return v / self.weight if reduce == "mean" else v
+
+
+def to_float(v: Any) -> float:
+    return float(v.item()) if isinstance(v, torch.Tensor) else float(v)
+
+
+class Results:
+    """One stage's logged values (train, validate, test): what is current and what has accumulated."""
+
+    def __init__(self, stage: str) -> None:
+        self.stage = stage
+        self.meta: dict[str, _Meta] = {}
+        self.step_values: dict[str, Any] = {}      # name -> latest raw value (on_step names)
+        self.accum: dict[str, _Accum] = {}          # name -> epoch accumulator (on_epoch names)
+        self.dataloader_suffix = ""
+
+    def reset_epoch(self) -> None:
+        self.accum.clear()
+        self.step_values.clear()
+
+    def log(self, fx: str, name: str, value: Any, prog_bar: bool, logger: bool, on_step: bool | None,
+            on_epoch: bool | None, reduce_fx: Any, sync_dist: bool, batch_size: int | None,
+            batch: Any) -> None:
+        full = name + self.dataloader_suffix
+        meta = self.meta.get(full)
+        if meta is None:
+            meta = self._new_meta(fx, full, value, prog_bar, logger, on_step, on_epoch, reduce_fx, sync_dist)
+        if meta.on_step:
+            self.step_values[full] = value
+        if meta.on_epoch:
+            acc = self.accum.get(full)
+            if acc is None:
+                acc = self.accum[full] = _Accum()
+            weight = 1.0
+            if meta.reduce == "mean":
+                weight = float(batch_size) if batch_size is not None else float(infer_batch_size(batch))
+            acc.add(value, weight, meta.reduce)
+
+    def _new_meta(self, fx: str, name: str, value: Any, prog_bar: bool, logger: bool,
+                  on_step: bool | None, on_epoch: bool | None, reduce_fx: Any, sync_dist: bool) -> _Meta:
+        if fx in NO_LOG_FX:
+            raise RuntimeError(f"self.log({name!r}) was called in `{fx}`, where logging is not supported. "
+                               "Log from training/validation/test steps or their batch/epoch hooks.")
+        if isinstance(value, torch.Tensor) and value.numel() != 1:
+            raise ValueError(f"self.log({name!r}, value) needs a scalar (one-element tensor or number), "
+                             f"got a tensor of shape {tuple(value.shape)}. Reduce it first, e.g. value.mean().")
+        if not isinstance(value, (torch.Tensor, numbers.Number)):
+            raise TypeError(f"self.log({name!r}, value): value must be a number or a scalar tensor, "
+                            f"got {type(value).__name__}. For several values use self.log_dict.")
+        step_default = fx in STEP_LEVEL_FX and self.stage == "train"
+        on_step = step_default if on_step is None else bool(on_step)
+        on_epoch = (not step_default) if on_epoch is None else bool(on_epoch)
+        if self.stage != "train" and on_step and fx not in STEP_LEVEL_FX and not fx.endswith("_step") \
+                and not fx.endswith("batch_end") and not fx.endswith("batch_start"):
+            on_step = False
+        if callable(reduce_fx) and not isinstance(reduce_fx, str):
+            reduce_fx = {torch.mean: "mean", torch.sum: "sum", torch.max: "max", torch.min: "min"}.get(
+                reduce_fx, reduce_fx)
+        if reduce_fx not in REDUCE_FX:
+            raise ValueError(f"self.log({name!r}, reduce_fx={reduce_fx!r}): use 'mean', 'sum', 'max' or "
+                             "'min' (or torch.mean/sum/max/min).")
+        meta = _Meta(name, on_step, on_epoch, prog_bar, logger, REDUCE_FX[reduce_fx], sync_dist)
+        self.meta[name] = meta
+        return meta
+
+    def step_metrics(self, reduce: Callable[[torch.Tensor, str], torch.Tensor] | None = None
+                     ) -> dict[str, tuple[_Meta, Any]]:
+        """Latest step values keyed by their published name (``name`` or ``name_step``)."""
+        out = {}
+        for name, value in self.step_values.items():
+            meta = self.meta[name]
+            if isinstance(value, torch.Tensor):
+                value = value.detach()
+                if meta.sync_dist and reduce is not None:
+                    value = reduce(value.float(), meta.reduce)
+            out[meta.key("step")] = (meta, value)
+        return out
+
+    def epoch_metrics(self, reduce: Callable[[torch.Tensor, str], torch.Tensor] | None,
+                      sync_all: bool) -> dict[str, tuple[_Meta, torch.Tensor]]:
+        """Reduce every on_epoch value over the epoch, and across ranks when asked or when sync_all."""
+        out = {}
+        for name in sorted(self.accum):  # same order on every rank, so collectives line up
+            meta = self.meta[name]
+            value = self.accum[name].value(meta.reduce)
+            if reduce is not None and (meta.sync_dist or sync_all):
+                value = reduce(value, meta.reduce)
+            out[meta.key("epoch")] = (meta, value)
+        return out
+
+
+def infer_batch_size(batch: Any) -> int:
+    """Size of dim 0 of the first tensor found in the batch; 1 when there is none."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.ndim else 1
+    if isinstance(batch, (list, tuple)):
+        for b in batch:
+            n = infer_batch_size(b)
+            if n:
+                return n
+    if isinstance(batch, dict):
+        for b in batch.values():
+            n = infer_batch_size(b)
+            if n:
+                return n
+    return 1

@@ -1,0 +1,118 @@
+"""Small helpers shared across the package: seeding, hparams containers, logging."""
+from __future__ import annotations
+
+import logging
+import os
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger("raytrainer")
+if not log.handlers:
+    _h = logging.StreamHandler()
+    _h.setFormatter(logging.Formatter("[raytrainer] %(message)s"))
+    log.addHandler(_h)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+class AttributeDict(dict):
+    """A dict whose keys are also attributes (``self.hparams.lr``)."""
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(f"hparams has no '{key}'; it holds {sorted(self)}") from None
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        self[key] = value
+
+
+PLAIN_TYPES = (bool, int, float, str, type(None))
+
+
+def check_plain_hparams(values: dict[str, Any], owner: str) -> None:
+    """Refuse hyper-parameters that a weights_only torch.load could not read back."""
+    def ok(v: Any) -> bool:
+        if isinstance(v, PLAIN_TYPES):
+            return True
+        if isinstance(v, (list, tuple)):
+            return all(ok(x) for x in v)
+        if isinstance(v, dict):
+            return all(isinstance(k, (str, int)) and ok(x) for k, x in v.items())
+        return False
+
+    for k, v in values.items():
+        if not ok(v):
+            raise TypeError(
+                f"{owner}.save_hyperparameters: argument {k!r} is a {type(v).__name__}, but checkpoints keep "
+                "only plain types (bool, int, float, str, None and lists/tuples/dicts of them) so that "
+                f"torch.load(weights_only=True) can read them. Pass ignore=[{k!r}] and rebuild it from "
+                "plain arguments, or convert it (e.g. a config object to a dict).")
+
+
+def seed_everything(seed: int | None = None, workers: bool = False) -> int:
+    """Seed python, numpy and torch (all devices); with workers=True, DataLoader workers too."""
+    if seed is None:
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+    seed = int(seed)
+    if not (np.iinfo(np.uint32).min <= seed <= np.iinfo(np.uint32).max):
+        raise ValueError(f"seed_everything({seed}): the seed must fit in 32 bits (0 .. 4294967295).")
+    os.environ["PL_GLOBAL_SEED"] = str(seed)
+    os.environ["PL_SEED_WORKERS"] = str(int(workers))
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return seed
+
+
+def worker_init_fn(worker_id: int) -> None:
+    """Seed numpy and python in a DataLoader worker from torch's per-worker seed."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def rng_states() -> dict[str, Any]:
+    """Capture python, numpy, torch (and CUDA) RNG states as plain types and tensors."""
+    np_state = np.random.get_state()
+    states: dict[str, Any] = {
+        "python": _plain(random.getstate()),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), int(np_state[2]), int(np_state[3]),
+                  float(np_state[4])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Restore what rng_states captured."""
+    if "python" in states:
+        v, internal, gauss = states["python"]
+        random.setstate((v, tuple(internal), gauss))
+    if "numpy" in states:
+        name, keys, pos, has_gauss, cached = states["numpy"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    if "torch" in states:
+        torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, tuple):
+        return [_plain(x) for x in obj]
+    return obj
+
+
+def closest(name: str, options: list[str]) -> str | None:
+    """The most similar valid name, for 'did you mean' messages."""
+    import difflib
+
+    match = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+    return match[0] if match else None

@@ -14,8 +14,10 @@ instance (getattr over dir()) while they inspect it:
 * every property that TorchScript must not compile is listed in the class attribute
   `__jit_unused_properties__` (or its getter is decorated with `@torch.jit.unused`);
 * a property that raises when the module is detached (`trainer`, for instance) checks
-  `self._jit_is_scripting` first (class attribute, default False). `to_torchscript` and `to_onnx`
-  set that flag on every submodule that declares it while they run, and restore it afterwards.
+  `self._jit_is_scripting` first: a class attribute `_jit_is_scripting = False`, written without a
+  type annotation (under `from __future__ import annotations` TorchScript fails to resolve the
+  string "bool"). `to_torchscript` and `to_onnx` set that flag on every submodule that declares it
+  while they run, and restore it afterwards.
 """
 
 from __future__ import annotations
@@ -24,10 +26,10 @@ import contextlib
 import inspect
 import linecache
 import os
+import posixpath
 import shutil
 import tempfile
 import types
-import urllib.parse
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -70,6 +72,18 @@ def _call(module: Callable[..., Any], sample: Any) -> Any:
     """Run `module` on `sample` with Lightning's calling convention."""
     args, kwargs = _split_sample(sample)
     return module(*args, **kwargs)
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    """Where the module's weights live (CPU for a module without any)."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _to_device(sample: Any, device: torch.device) -> Any:
+    """The sample with every tensor moved to `device` (example_input_array is usually made on CPU)."""
+    return pytree.tree_map(lambda v: v.to(device) if isinstance(v, torch.Tensor) else v, sample)
 
 
 def _tensor_leaves(tree: Any) -> list[torch.Tensor]:
@@ -118,70 +132,64 @@ def _scripting_flag(module: nn.Module) -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------- file locations
-
-
-def _is_remote(path: str | os.PathLike[str]) -> bool:
-    """True for a URI with a scheme other than file:// (s3://, gs://, hdfs://, ...)."""
-    scheme = urllib.parse.urlparse(os.fspath(path)).scheme
-    return len(scheme) > 1 and scheme != "file"  # one letter is a Windows drive, not a scheme
-
-
-def _local_path(path: str | os.PathLike[str]) -> str:
-    """A local filesystem path for a plain path or a file:// URI."""
-    text = os.fspath(path)
-    parsed = urllib.parse.urlparse(text)
-    if parsed.scheme == "file":
-        return urllib.parse.unquote(parsed.path)
-    return text
+# Paths and URIs resolve through raytrainer.checkpoint.storage, so exports honour the same S3
+# endpoint variables and registered filesystems as checkpoints, and land atomically.
 
 
 @contextlib.contextmanager
 def _writable(path: str | os.PathLike[str]) -> Iterator[str]:
-    """Yield a local path to write; for a remote URI upload what was written there (and siblings) after."""
-    if not _is_remote(path):
-        local = _local_path(path)
-        parent = os.path.dirname(os.path.abspath(local))
-        os.makedirs(parent, exist_ok=True)
-        yield local
-        return
+    """Yield a local scratch path to write; afterwards publish it (and siblings) atomically at `path`.
+
+    Siblings matter for ONNX with external_data=True, which writes the weights to `<name>.data`.
+    """
     import pyarrow.fs as pafs
 
+    from raytrainer.checkpoint import storage
+
     uri = os.fspath(path)
-    fs, remote = pafs.FileSystem.from_uri(uri)
-    remote_dir = remote.rsplit("/", 1)[0] if "/" in remote else ""
-    name = remote.rsplit("/", 1)[-1]
+    fs, target = storage.resolve(uri)
+    local_fs = isinstance(fs, pafs.LocalFileSystem)
+    directory, name = os.path.split(target) if local_fs else posixpath.split(target)
+    if not name:
+        raise ValueError(f"export path {uri!r} names a directory; give a file name such as 'model.onnx'")
     with tempfile.TemporaryDirectory(prefix="raytrainer-export-") as tmp:
-        local = os.path.join(tmp, name)
-        yield local
-        if not os.path.exists(local):
-            raise ExportError(f"nothing was written for {uri!r}")
-        if remote_dir:
-            fs.create_dir(remote_dir, recursive=True)
-        # Upload the file and anything written next to it (ONNX external weights: <name>.data).
-        for produced in sorted(os.listdir(tmp)):
-            target = f"{remote_dir}/{produced}" if remote_dir else produced
-            with open(os.path.join(tmp, produced), "rb") as src, fs.open_output_stream(target) as dst:
-                shutil.copyfileobj(src, dst, length=1 << 20)
+        yield os.path.join(tmp, name)
+        produced = sorted(os.listdir(tmp))
+        if name not in produced:
+            raise ExportError(f"the exporter wrote nothing for {uri!r}")
+        if local_fs:
+            os.makedirs(directory or ".", exist_ok=True)
+        elif fs.type_name not in ("s3", "gcs"):  # object stores have no directories to create
+            fs.create_dir(directory, recursive=True)
+        join = os.path.join if local_fs else posixpath.join
+        for produced_name in produced:
+            with open(os.path.join(tmp, produced_name), "rb") as f:
+                data = f.read()
+            storage.write_bytes_atomic(join(directory, produced_name), data, manifest=False, filesystem=fs)
 
 
 @contextlib.contextmanager
 def _readable(path: str | os.PathLike[str]) -> Iterator[str]:
-    """Yield a local path to read; a remote URI is downloaded (with an ONNX .data sidecar) first."""
-    if not _is_remote(path):
-        yield _local_path(path)
-        return
+    """Yield a local path to read; a remote file (with an ONNX .data sidecar) is downloaded first."""
     import pyarrow.fs as pafs
 
+    from raytrainer.checkpoint import storage
+
     uri = os.fspath(path)
-    fs, remote = pafs.FileSystem.from_uri(uri)
-    name = remote.rsplit("/", 1)[-1]
+    fs, source = storage.resolve(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        if not os.path.isfile(source):
+            raise FileNotFoundError(f"no exported file at {uri!r}")
+        yield source
+        return
+    name = posixpath.basename(source)
     with tempfile.TemporaryDirectory(prefix="raytrainer-export-") as tmp:
-        for src_path, dst_name in ((remote, name), (remote + ".data", name + ".data")):
-            if fs.get_file_info(src_path).type != pafs.FileType.File:
-                if src_path == remote:
+        for remote, local_name in ((source, name), (source + ".data", name + ".data")):
+            if fs.get_file_info(remote).type != pafs.FileType.File:
+                if remote == source:
                     raise FileNotFoundError(f"no exported file at {uri!r}")
                 continue
-            with fs.open_input_stream(src_path) as src, open(os.path.join(tmp, dst_name), "wb") as dst:
+            with fs.open_input_file(remote) as src, open(os.path.join(tmp, local_name), "wb") as dst:
                 shutil.copyfileobj(src, dst, length=1 << 20)
         yield os.path.join(tmp, name)
 
@@ -403,6 +411,8 @@ def to_torchscript(
             "to_torchscript(method='trace') needs an input to trace with: pass example_inputs=... "
             "or set self.example_input_array on the module."
         )
+    if method == "trace":
+        sample = _to_device(sample, _module_device(module))
 
     with _eval_mode(module), _scripting_flag(module):
         if method == "script":
@@ -486,7 +496,7 @@ def to_onnx(
             "to_onnx needs an input sample to export with: pass input_sample=... "
             "or set self.example_input_array on the module."
         )
-    args, sample_kwargs = _split_sample(sample)
+    args, sample_kwargs = _split_sample(_to_device(sample, _module_device(module)))
     kw = dict(kwargs)
     # Exporter choice: torch 2.13's torch.onnx.export defaults to dynamo=True (the torch.export-based
     # exporter, built on onnxscript); the TorchScript-based one (dynamo=False) is deprecated and
@@ -570,7 +580,9 @@ def verify_export(
             "verify_export needs an input to compare on: pass sample=... or set self.example_input_array."
         )
     with _eval_mode(module), torch.no_grad():
-        expected = [t.detach().cpu() for t in _tensor_leaves(_call(module, sample))]
+        eager_out = _call(module, _to_device(sample, _module_device(module)))
+        expected = [t.detach().cpu() for t in _tensor_leaves(eager_out)]
+        sample = _to_device(sample, torch.device("cpu"))  # the exported file runs on CPU here
         with _readable(path) as local:
             if local.lower().endswith(".onnx"):
                 got = _run_onnx(local, sample)
@@ -588,7 +600,9 @@ def verify_export(
                 f"output {i} of {os.fspath(path)} has shape {tuple(a.shape)}, the module gives {tuple(b.shape)}"
             )
         if a.numel():
-            diff = max(diff, (a.to(torch.float64) - b.to(torch.float64)).abs().max().item())
+            d = (a.to(torch.float64) - b.to(torch.float64)).abs().max().item()
+            if d != d or d > diff:  # a NaN sticks: max() would drop it
+                diff = d
     if not diff <= atol:  # also catches NaN
         raise ExportError(
             f"{os.fspath(path)} differs from the module: max abs diff {diff:.3g} > atol {atol:.3g}"

@@ -23,6 +23,7 @@ pytestmark = pytest.mark.filterwarnings(
     "ignore::torch.jit.TracerWarning",
     "ignore:.*LeafSpec.*:FutureWarning",  # torch 2.13 internals, not ours
     "ignore:`torch.jit.*` is deprecated:DeprecationWarning",  # 2.13 deprecates TorchScript itself
+    "ignore:The feature will be removed:DeprecationWarning",  # the legacy ONNX exporter, asked for once
 )
 
 
@@ -374,6 +375,20 @@ def test_onnx_legacy_exporter_also_gets_dynamic_batch(tmp_path: Path) -> None:
     x = torch.randn(256, 64)
     (got,) = session.run(None, {"input": x.numpy()})
     np.testing.assert_allclose(got, _eager(model, x).numpy(), rtol=0, atol=1e-5)
+
+
+def test_onnx_external_data_travels_with_the_model(tmp_path: Path) -> None:
+    model = AutoEncoder()
+    to_onnx(model, tmp_path / "out" / "big.onnx", external_data=True)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["big.onnx", "big.onnx.data"]
+    assert verify_export(tmp_path / "out" / "big.onnx", model) <= 1e-5
+
+
+def test_export_paths_must_name_a_file(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="names a directory"):
+        to_onnx(AutoEncoder(), f"{tmp_path}/")
+    with pytest.raises(FileNotFoundError, match="no exported file"):
+        verify_export(tmp_path / "missing.pt", AutoEncoder())
 
 
 def test_onnx_without_input_says_how_to_give_one(tmp_path: Path) -> None:

@@ -171,8 +171,8 @@ class ModelCheckpoint(Callback):
     def _save_none_monitor(self, trainer: Any, metrics: dict[str, Any]) -> None:
         path = self.format_checkpoint_name(metrics)
         previous = self.best_model_path
+        self.best_model_path = path  # the state written into the checkpoint already names it
         self._write(trainer, path)
-        self.best_model_path = path
         if self.save_top_k == 1 and previous and previous != path:
             self._remove_after_write(trainer, previous)
 
@@ -191,19 +191,20 @@ class ModelCheckpoint(Callback):
         if self.save_top_k != -1 and len(self.best_k_models) >= k and not better(current, self.kth_value):
             return
         path = self.format_checkpoint_name(metrics)
-        self._write(trainer, path)
         self.best_k_models[path] = current
+        worst = None
         if self.save_top_k != -1 and len(self.best_k_models) > k:
             worst = self.kth_best_model_path
             del self.best_k_models[worst]
-            if worst != path:
-                self._remove_after_write(trainer, worst)
         pick = max if self.mode == "min" else min
         self.kth_best_model_path = pick(self.best_k_models, key=lambda p: float(self.best_k_models[p]))
         self.kth_value = self.best_k_models[self.kth_best_model_path]
         best = min if self.mode == "min" else max
         self.best_model_path = best(self.best_k_models, key=lambda p: float(self.best_k_models[p]))
         self.best_model_score = self.best_k_models[self.best_model_path]
+        self._write(trainer, path)
+        if worst is not None and worst != path:
+            self._remove_after_write(trainer, worst)
         if self.verbose and trainer.is_global_zero:
             log.info("epoch %d, step %d: %s=%.5g, saved %s", trainer.current_epoch, trainer.global_step,
                      self.monitor, float(current), path)
@@ -240,9 +241,11 @@ class ModelCheckpoint(Callback):
 
         if not trainer.is_global_zero or path in (self.last_model_path, self.best_model_path):
             return
+        if not path.startswith(str(self.dirpath)):
+            return  # a previous run's file: never ours to delete
         if self._writer is not None:
             self._writer.wait()
-        storage.remove(path)
+        storage.remove(path, missing_ok=True)
 
     def wait_for_writes(self) -> None:
         """Block until every background write has finished (re-raises a failed write)."""

@@ -160,8 +160,8 @@ def _s3_endpoint_from_env() -> str | None:
     return None
 
 
-def _s3_from_env(endpoint: str) -> tuple[tuple, pafs.FileSystem | None]:
-    """Cache key and (on a cache miss) an S3FileSystem for the endpoint and credentials in the environment."""
+def _s3_from_env(endpoint: str) -> tuple[tuple, pafs.FileSystem]:
+    """Cache key and S3FileSystem (cached or new) for the endpoint and credentials in the environment."""
     if "://" in endpoint:
         scheme, _, host = endpoint.partition("://")
     else:
@@ -330,7 +330,7 @@ def _read_all(fs: pafs.FileSystem, path: str) -> bytes:
 
 def _stage(fs: pafs.FileSystem, path: str, data: Any) -> str | None:
     """Write ``data`` to a hidden sibling of ``path`` and return its name (None for object stores)."""
-    if _is_object_store(fs) or _is_local(fs):
+    if _is_object_store(fs):
         return None
     directory, name = _split(path, fs)
     tmp = (os.path.join if _is_local(fs) else posixpath.join)(directory, _tmp_name(name))
@@ -351,10 +351,6 @@ def _stage(fs: pafs.FileSystem, path: str, data: Any) -> str | None:
 
 def _publish(fs: pafs.FileSystem, path: str, data: Any, tmp: str | None) -> None:
     """Make the staged ``tmp`` (or, for object stores, a fresh upload of ``data``) visible at ``path``."""
-    if tmp is None and _is_local(fs):
-        with open(path, "wb") as f:
-            f.write(data)
-        return
     if tmp is None:
         with fs.open_output_stream(path) as out:
             out.write(data)
@@ -505,10 +501,13 @@ def _check_target(path: str, uri: str, fs: pafs.FileSystem) -> None:
 # Public byte-level API
 # --------------------------------------------------------------------------------------------
 
-def write_bytes_atomic(uri: str, data: bytes, *, filesystem: pafs.FileSystem | None = None) -> None:
+def write_bytes_atomic(uri: str, data: bytes, *, manifest: bool = True,
+                       filesystem: pafs.FileSystem | None = None) -> None:
     """Write ``data`` to ``uri`` so readers see the old or the new complete file, with a manifest to verify it.
 
     The parent directory must exist (``makedirs``); object stores have no directories to create.
+    ``manifest=False`` keeps the all-or-nothing replacement but writes no manifest (and removes a
+    stale one), for files other tools read, such as a logger's ``metrics.csv``.
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"write_bytes_atomic needs bytes, got {type(data).__name__}")
@@ -524,8 +523,20 @@ def write_bytes_atomic(uri: str, data: bytes, *, filesystem: pafs.FileSystem | N
         raise error(f"cannot write checkpoint {uri}: its parent {directory} {kind_of_parent}; "
                     "create it first (raytrainer.checkpoint.storage.makedirs)")
 
-    digest = _digest(data)
     manifest_path = path + MANIFEST_SUFFIX
+    if not manifest:
+        tmp = _stage(fs, path, data)
+        try:
+            _delete_quietly(fs, manifest_path)  # it would describe the old content
+        except BaseException:
+            if tmp is not None:
+                _delete_quietly(fs, tmp)
+            raise
+        _publish(fs, path, data, tmp)
+        _remove_stale_tmp(fs, path)
+        return
+
+    digest = _digest(data)
     previous: list[dict[str, Any]] = []
     if kind == pafs.FileType.File:
         try:

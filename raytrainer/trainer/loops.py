@@ -84,15 +84,22 @@ def train_epoch(trainer: "Trainer", module: Any, deadline: float | None) -> bool
     trainer._epoch_done = False
     start = trainer._resume_position(epoch)
     first = start.batch_idx if start else 0
+    if start and start.results:
+        from raytrainer.checkpoint.format import load_results_state
+
+        load_results_state(results, start.results)  # epoch means continue over the batches already trained
     if start and not first:
         trainer._restore_rng(start)          # resuming at an epoch boundary: RNG as it was then
-    elif start:
+    elif start and start.epoch_rng is not None:
         torch.set_rng_state(start.epoch_rng)  # rebuild this epoch's data order ...
     trainer._epoch_start_rng = torch.get_rng_state()
     limit = trainer.num_training_batches
     batches: Iterable[Any] = iter(loader)
     if first:
-        batches = itertools.islice(batches, first, None)  # ... skip what was trained ...
+        # ... skip what was trained now (the sampler draws its order on the first batch, so this must happen
+        # before the RNG moves on) ...
+        for _ in itertools.islice(batches, first):
+            pass
         trainer._restore_rng(start)                         # ... and continue with the RNG of that moment
     if limit is not None and not math.isinf(limit):
         batches = itertools.islice(batches, max(int(limit) - first, 0))
@@ -161,12 +168,15 @@ def train_epoch(trainer: "Trainer", module: Any, deadline: float | None) -> bool
         trainer._finish_train_epoch_logging(call_hooks=False)
         return False
     trainer._epoch_done = True
+    # As in Lightning: epoch schedulers step before validation and the epoch-end hooks (so an epoch-end
+    # checkpoint holds the stepped scheduler); ReduceLROnPlateau waits for this epoch's metrics.
+    trainer._step_schedulers("epoch", plateau=False)
     if check_val:
         run_validation_in_fit(trainer)
     results.fx = "on_train_epoch_end"
     trainer._call_hook("on_train_epoch_end", monitoring_last=True)
     trainer._finish_train_epoch_logging(call_hooks=True)
-    trainer._step_schedulers("epoch")
+    trainer._step_schedulers("epoch", plateau=True)
     trainer._batches_done_in_epoch = 0
     trainer._epoch_done = False
     trainer.training = False

@@ -159,6 +159,20 @@ class LightningOptimizer:
         return f"LightningOptimizer({self._optimizer!r})"
 
 
+class AutomaticStepOptimizer(LightningOptimizer):
+    """What an overridden ``LightningModule.optimizer_step`` receives under automatic optimization.
+
+    ``step(closure=optimizer_closure)`` runs training_step, backward and the pre-step hooks inside the
+    closure (the Trainer built it), then the precision-aware step; each step counts one global step.
+    """
+
+    def step(self, closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
+        t = self._trainer
+        out = t._optimizer_step(self._optimizer, closure)
+        t.global_step += 1
+        return out
+
+
 def clip_gradients(optimizer: Any, clip_val: float | None, algorithm: str | None, precision: Any) -> None:
     """Clip one optimizer's gradients in place (unscaling first under 16-mixed)."""
     if clip_val is None or clip_val == 0:

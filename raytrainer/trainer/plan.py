@@ -114,7 +114,8 @@ class Plan:
         requested = {k: v for k, v in dict(
             accelerator=accelerator, devices=devices, strategy=strategy, num_nodes=num_nodes,
             precision=precision, num_processes=num_processes, gpus=gpus, tpu_cores=tpu_cores,
-        ).items() if v not in (None, "auto", 1, "32-true") or (k == "num_nodes" and v != 1)}
+        ).items() if v is not None and not (v == "auto" or (k == "num_nodes" and v == 1)
+                                            or (k == "precision" and v == "32-true"))}
         strategy = "auto" if strategy is None else str(strategy)
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy={strategy!r} is not known. Use one of {sorted(STRATEGIES)}.")
@@ -152,7 +153,8 @@ class Plan:
             count = _parse_count(num_processes, "num_processes")
         else:
             if acc == "auto":
-                acc = "cuda" if env.cuda_device_count else "cpu"
+                # gpus=0 / "0" / [] is Lightning 1.x for "no GPU": train on CPU even where CUDA is present
+                acc = "cuda" if env.cuda_device_count and gpus is None else "cpu"
             if acc == "cuda":
                 count, ids = _parse_gpus(1 if devices in ("auto", None) else devices, env, "devices")
             elif acc == "tpu":

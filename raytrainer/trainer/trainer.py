@@ -18,7 +18,8 @@ from raytrainer.datamodule import LightningDataModule
 from raytrainer.loggers.base import Logger
 from raytrainer.module import LightningModule
 from raytrainer.trainer import loops
-from raytrainer.trainer.optimization import LightningOptimizer, LRSchedulerConfig, parse_optimizers
+from raytrainer.trainer.optimization import (AutomaticStepOptimizer, LightningOptimizer, LRSchedulerConfig,
+                                             parse_optimizers)
 from raytrainer.trainer.plan import Env, Plan, as_sequence
 from raytrainer.trainer.precision import Precision, make_precision
 from raytrainer.trainer.results import Results, to_float
@@ -35,8 +36,9 @@ class ResumePosition:
 
     epoch: int
     batch_idx: int
-    epoch_rng: torch.Tensor
-    rng: dict[str, Any]
+    epoch_rng: torch.Tensor | None  # None for a Lightning checkpoint: the epoch gets a fresh order
+    rng: dict[str, Any] | None
+    results: dict[str, Any] | None = None  # epoch accumulators of self.log(on_epoch=True) values so far
 
 
 class Trainer:
@@ -681,21 +683,39 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
 
     def _hooked_optimizer_step(self, optimizer: torch.optim.Optimizer, closure: Callable[[], Any] | None) -> None:
-        """Automatic optimization: unscale, on_before_optimizer_step, clipping, step, counters, schedulers."""
+        """Automatic optimization: unscale, on_before_optimizer_step, clipping, step, counters, schedulers.
+
+        With a closure (LBFGS, or a module that overrides ``optimizer_step``) the hooks and clipping run
+        after each closure evaluation, as Lightning's precision plugin does.
+        """
         if closure is None:
-            self._precision.unscale_gradients(optimizer)
-            for fn in self._hot_hooks["on_before_optimizer_step"]:
-                fn(optimizer)
-            if self._module_clip is not None:
-                self._module_clip(optimizer, self.gradient_clip_val, self.gradient_clip_algorithm)
-            elif self.gradient_clip_val:
-                loops.clip_for_trainer(self, optimizer)
-        self._optimizer_step(optimizer, closure)
-        self.global_step += 1
+            self._after_closure(optimizer)
+            step_closure = None
+        else:
+            def step_closure() -> Any:
+                loss = closure()
+                self._after_closure(optimizer)
+                return loss
+        if self._module_optimizer_step is not None:
+            self._module_optimizer_step(self.current_epoch, self._batch_idx, AutomaticStepOptimizer(optimizer, self),
+                                        step_closure)
+        else:
+            self._optimizer_step(optimizer, step_closure)
+            self.global_step += 1
         self._batches_that_stepped += 1
         self._stepped_since_log = True
         if self.lr_scheduler_configs:
-            self._step_schedulers("step")
+            self._step_schedulers("step", plateau=False)
+
+    def _after_closure(self, optimizer: torch.optim.Optimizer) -> None:
+        """Between backward and the optimizer step: unscale, on_before_optimizer_step, gradient clipping."""
+        self._precision.unscale_gradients(optimizer)
+        for fn in self._hot_hooks["on_before_optimizer_step"]:
+            fn(optimizer)
+        if self._module_clip is not None:
+            self._module_clip(optimizer, self.gradient_clip_val, self.gradient_clip_algorithm)
+        elif self.gradient_clip_val:
+            loops.clip_for_trainer(self, optimizer)
 
     def _optimizer_step(self, optimizer: torch.optim.Optimizer, closure: Callable[[], Any] | None) -> Any:
         return self._precision.optimizer_step(optimizer, closure)
@@ -703,12 +723,13 @@ class Trainer:
     def _on_manual_optimizer_step(self) -> None:
         self.global_step += 1
 
-    def _step_schedulers(self, interval: str) -> None:
+    def _step_schedulers(self, interval: str, plateau: bool | None = None) -> None:
+        """Step the schedulers of ``interval``; plateau=True/False picks only (non-)ReduceLROnPlateau ones."""
         model = self.lightning_module
         if not self.lr_scheduler_configs or not model.automatic_optimization:
             return
         for cfg in self.lr_scheduler_configs:
-            if cfg.interval != interval:
+            if cfg.interval != interval or (plateau is not None and bool(cfg.reduce_on_plateau) != plateau):
                 continue
             idx = self.global_step if interval == "step" else self.current_epoch + 1
             if idx % cfg.frequency != 0:
@@ -830,7 +851,8 @@ class Trainer:
         return pos
 
     def _restore_rng(self, pos: ResumePosition) -> None:
-        set_rng_states(pos.rng)
+        if pos.rng is not None:
+            set_rng_states(pos.rng)
 
     def _on_checkpoint_saved(self, path: str) -> None:
         """Record a checkpoint write (the Ray driver turns these into events)."""
@@ -843,7 +865,8 @@ class Trainer:
         state = self.__dict__.copy()
         for k in ("lightning_module", "datamodule", "strategy", "optimizers", "_lightning_optimizers",
                   "lr_scheduler_configs", "_hot_hooks", "_train_dataloader", "_val_dataloaders", "_step_model",
-                  "_to_device", "_module_backward", "_module_zero_grad", "_module_clip", "_results"):
+                  "_to_device", "_module_backward", "_module_zero_grad", "_module_clip", "_results",
+                  "_worker_group"):
             state.pop(k, None)
         return state
 

@@ -102,6 +102,15 @@ def test_local_round_trip_writes_manifest_and_lists_only_checkpoints(tmp_path):
     assert storage.listdir(str(tmp_path / "nope"), missing_ok=True) == []
 
 
+def test_write_without_manifest_for_log_files(tmp_path):
+    path = str(tmp_path / "metrics.csv")
+    storage.write_bytes_atomic(path, b"step,loss\n0,1.0\n")
+    assert os.path.exists(path + storage.MANIFEST_SUFFIX)
+    storage.write_bytes_atomic(path, b"step,loss\n0,1.0\n1,0.5\n", manifest=False)
+    assert sorted(os.listdir(tmp_path)) == ["metrics.csv"]  # the stale manifest went too
+    assert storage.read_verified(path) == b"step,loss\n0,1.0\n1,0.5\n"
+
+
 def test_truncated_file_is_reported_with_size(tmp_path):
     path = str(tmp_path / "last.ckpt")
     storage.save(_ckpt(1), path)
@@ -252,41 +261,51 @@ _BIG_SAVER = r"""
 import sys, time, torch
 from raytrainer.checkpoint import storage
 path = sys.argv[1]
+write = storage.write_bytes_atomic
+
+def traced_write(uri, data, **kwargs):  # report when the byte-writing phase starts and how long it took
+    print(f"writing {version}", flush=True)
+    start = time.monotonic()
+    write(uri, data, **kwargs)
+    print(f"saved {version} {time.monotonic() - start:.3f}", flush=True)
+
+storage.write_bytes_atomic = traced_write
 weights = torch.empty(50_000_000)  # 200 MB of float32
 version = 0
 while True:
     weights.fill_(float(version))
-    start = time.monotonic()
     storage.save({"version": version, "weights": weights}, path)
-    print(f"saved {version} {time.monotonic() - start:.3f}", flush=True)
     version += 1
 """
 
 
-def _read_line(proc: subprocess.Popen, timeout: float) -> str:
-    """One stdout line of ``proc``, failing the test after ``timeout`` seconds."""
+def _read_line(proc: subprocess.Popen, timeout: float) -> list[str]:
+    """One stdout line of ``proc`` split into words, failing the test after ``timeout`` seconds."""
     ready, _, _ = select.select([proc.stdout], [], [], timeout)
     assert ready, f"no output from the saving process within {timeout}s"
-    return proc.stdout.readline().decode()
+    return proc.stdout.readline().decode().split()
 
 
 @pytest.mark.slow
 def test_sigkill_during_large_save_keeps_previous_checkpoint(tmp_path):
     path = str(tmp_path / "big.ckpt")
-    proc = subprocess.Popen([sys.executable, "-c", _BIG_SAVER, path], stdout=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-c", _BIG_SAVER, path], stdout=subprocess.PIPE, bufsize=0)
     try:
-        first = _read_line(proc, 60).split()
-        assert first[:2] == ["saved", "0"], first
-        kill_after = random.uniform(0.02, float(first[2]))  # somewhere inside the second save
+        assert _read_line(proc, 120) == ["writing", "0"]
+        saved = _read_line(proc, 60)
+        assert saved[:2] == ["saved", "0"], saved
+        assert _read_line(proc, 60) == ["writing", "1"]
+        kill_after = random.uniform(0.0, float(saved[2]))  # inside the second write's byte-writing phase
         time.sleep(kill_after)
     finally:
         proc.send_signal(signal.SIGKILL)
-        rest = proc.communicate(timeout=30)[0].decode().split("\n")
+        rest = proc.communicate(timeout=30)[0].decode()
     assert proc.returncode == -signal.SIGKILL
-    done = max([0] + [int(line.split()[1]) for line in rest if line.startswith("saved")])
+    completed = "saved 1" in rest
 
     ckpt = storage.load(path)
-    assert ckpt["version"] in (done, done + 1), f"killed {kill_after:.3f}s into save {done + 1}"
+    assert ckpt["version"] in ((1,) if completed else (0, 1)), \
+        f"killed {kill_after:.3f}s into a {saved[2]}s write; loaded version {ckpt['version']}"
     assert bool((ckpt["weights"] == float(ckpt["version"])).all()), "checkpoint content is a mix of two saves"
     del ckpt
 
@@ -440,6 +459,26 @@ def test_s3_explicit_filesystem(s3_server):
     assert storage.listdir(f"s3://{s3_server['bucket']}/explicit", filesystem=fs) == [uri]
 
 
+def test_s3_endpoint_from_standard_aws_variable(s3_server, monkeypatch):
+    monkeypatch.delenv("RAYTRAINER_S3_ENDPOINT")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server["endpoint"])
+    uri = f"s3://{s3_server['bucket']}/aws-env/last.ckpt"
+    storage.save(_ckpt(6), uri)
+    _assert_same(storage.load(uri), _ckpt(6))
+    monkeypatch.setenv("RAYTRAINER_S3_ENDPOINT", "ftp://nowhere")
+    with pytest.raises(ValueError, match="must look like 'http://host:port'"):
+        storage.resolve(uri)
+
+
+def test_register_filesystem_rejects_bad_input():
+    with pytest.raises(ValueError, match="URI prefix"):
+        storage.register_filesystem("/local/path", pafs.LocalFileSystem())
+    with pytest.raises(TypeError, match="pyarrow.fs.FileSystem"):
+        storage.register_filesystem("s3://", object())
+    with pytest.raises(ValueError, match="cannot map abfs://"):
+        storage.register_filesystem("abfs://container/", pafs.LocalFileSystem())
+
+
 # ------------------------------------------------------------------------------------------
 # Staging copies and the async writer
 # ------------------------------------------------------------------------------------------
@@ -528,3 +567,17 @@ def test_async_writer_finishes_queued_write_at_interpreter_exit(tmp_path):
     assert done.returncode == 0, done.stderr.decode()
     ckpt = storage.load(path)
     assert ckpt["version"] == 7 and torch.equal(ckpt["weights"], torch.arange(2_000_000))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_to_cpu_and_async_writer_with_cuda_tensors(tmp_path):
+    weight = torch.arange(1000, dtype=torch.float32, device="cuda")
+    state = {"w": weight, "tied": weight, "step": torch.tensor(3, device="cuda")}
+    staged = storage.to_cpu(state)
+    assert staged["w"].device.type == "cpu" and staged["w"] is staged["tied"]
+    with AsyncCheckpointWriter() as writer:
+        writer.submit(state, str(tmp_path / "cuda.ckpt"))
+        weight.mul_(-1)  # training changes the GPU tensor right after submit
+    loaded = storage.load(str(tmp_path / "cuda.ckpt"), map_location="cpu")
+    assert torch.equal(loaded["w"], torch.arange(1000, dtype=torch.float32))
+    assert torch.equal(staged["w"], torch.arange(1000, dtype=torch.float32))

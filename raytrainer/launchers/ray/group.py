@@ -49,13 +49,14 @@ class RankError(RuntimeError):
     """A rank raised or died; carries the rank, its node and the rank's own traceback."""
 
     def __init__(self, message: str, rank: int, node_ip: str, node_id: str, traceback: str,
-                 died: bool) -> None:
+                 died: bool, exception: BaseException | None = None) -> None:
         super().__init__(message)
         self.rank = rank
         self.node_ip = node_ip
         self.node_id = node_id
         self.traceback = traceback
-        self.died = died
+        self.died = died              # the process died (killed, OOM, node lost) vs. raised
+        self.exception = exception    # the rank's exception object, when it could be sent back
 
 
 class GroupTimeoutError(TimeoutError):
@@ -319,6 +320,7 @@ class WorkerGroup:
                                       math.ceil(self.world_size * self.gpus_per_rank),
                                       self.ray_address)
         t_ray = time.perf_counter()
+        self._check_name_free()
         try:
             plan = self._reserve()
             t_pg = time.perf_counter()
@@ -336,6 +338,19 @@ class WorkerGroup:
                  t_end - t0)
         return self.ranks
 
+    def _check_name_free(self) -> None:
+        name = self.actor_name(0)
+        try:
+            ray.get_actor(name)
+        except ValueError:
+            return  # no live actor by that name
+        raise RuntimeError(self._clash_message(name))
+
+    def _clash_message(self, name: str) -> str:
+        return (f"a Ray actor or placement group named {name!r} already exists: another worker "
+                f"group with run name {self.run_name!r} is still alive in this Ray namespace; "
+                "shut it down or use a different run name")
+
     def _reserve(self) -> list[tuple[int, str | None]]:
         """Create the placement group; returns (bundle index, node id) for each rank in order."""
         per_rank = self._rank_resources()
@@ -346,7 +361,13 @@ class WorkerGroup:
             bundles = [{k: v * self.ranks_per_node for k, v in per_rank.items()}
                        for _ in range(self.num_nodes)]
             strategy = "STRICT_SPREAD"
-        pg = placement_group(bundles, strategy=strategy, name=self.actor_name(0) + "-pg")
+        name = self.actor_name(0) + "-pg"
+        try:
+            pg = placement_group(bundles, strategy=strategy, name=name)
+        except RayError as err:
+            if "already exists" in str(err):
+                raise RuntimeError(self._clash_message(name)) from err
+            raise
         self._pg = pg
         if not pg.wait(self.placement_timeout_s):
             self._pg = None
@@ -414,10 +435,7 @@ class WorkerGroup:
                 actor = _RemoteRankWorker.options(name=name, scheduling_strategy=strategy,
                                                   **options).remote(self.run_name, driver_path)
             except ValueError as err:
-                raise RuntimeError(
-                    f"cannot create Ray actor {name!r}: {err}. Another worker group with run "
-                    f"name {self.run_name!r} is still alive in this Ray namespace; shut it down "
-                    "or use a different run name.") from err
+                raise RuntimeError(self._clash_message(name) + f" ({err})") from err
             self._actors.append(actor)
         infos = self._gather([a.node_info.remote() for a in self._actors], self.start_timeout_s,
                              "starting the rank actors")
@@ -558,7 +576,7 @@ class WorkerGroup:
                 more, _ = ray.wait(list(pending), num_returns=len(pending), timeout=FAILURE_GRACE_S)
                 for ref in more:
                     self._collect(ref, pending.pop(ref), results, failures)
-            raise self._rank_error(failures, what)
+            raise self._rank_error(failures, results, what)
         return [results[r] for r in range(len(refs))]
 
     def _collect(self, ref: Any, rank: int, results: dict[int, Any],
@@ -586,7 +604,8 @@ class WorkerGroup:
             for msg in messages:
                 on_message(0, msg)
 
-    def _rank_error(self, failures: dict[int, tuple[str, bool]], what: str) -> RankError:
+    def _rank_error(self, failures: dict[int, tuple[str, bool]], results: dict[int, Any],
+                    what: str) -> RankError:
         # A rank that died is the likeliest root cause; otherwise the lowest failing rank.
         rank = min(failures, key=lambda r: (not failures[r][1], r))
         text, died = failures[rank]
@@ -600,8 +619,16 @@ class WorkerGroup:
                   if r != rank]
         tail = f"\n(also: {', '.join(others)})" if others else ""
         body = f"\n--- rank {rank} traceback ---\n{text.rstrip()}\n--- end rank {rank} ---"
+        original = None
+        outcome = results.get(rank)
+        if isinstance(outcome, RankOutcome) and outcome.exception is not None:
+            try:
+                original = cloudpickle.loads(outcome.exception)
+            except Exception:  # noqa: BLE001 - e.g. the exception class only exists on the rank
+                original = None
         return RankError(head + ":" + body + tail + "\nAll ranks were stopped.", rank=rank,
-                         node_ip=info.node_ip, node_id=info.node_id, traceback=text, died=died)
+                         node_ip=info.node_ip, node_id=info.node_id, traceback=text, died=died,
+                         exception=original)
 
     # -- shutdown ------------------------------------------------------------------------------
     def shutdown(self, graceful: bool = True, timeout_s: float = 10) -> None:

@@ -1,0 +1,64 @@
+"""Ray sessions for the launcher tests: one local instance per module, or a multi-node cluster.
+
+A process can hold one Ray session at a time, so each fixture shuts down whatever session was
+left before it starts its own, and the multi-node cluster tests live in their own module.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import pytest
+import ray
+
+from raytrainer.launchers.ray.group import ACTOR_NAME_PREFIX, ensure_ray
+
+LOCAL_CPUS = 8  # logical CPUs: enough for the 8-rank test, even on a 2-core machine
+
+
+def alive_rank_actors(prefix: str = ACTOR_NAME_PREFIX) -> list[str]:
+    """Names of live actors whose name starts with ``prefix``, read from the GCS.
+
+    ``ray.util.state.list_actors`` needs the dashboard, which local test instances skip.
+    """
+    actors = ray._private.state.actors()
+    return sorted(a["Name"] for a in actors.values()
+                  if a.get("State") == "ALIVE" and str(a.get("Name", "")).startswith(prefix))
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    """A local Ray instance started by ensure_ray, shut down after the module."""
+    if ray.is_initialized():
+        ray.shutdown()
+    started = ensure_ray(LOCAL_CPUS)
+    assert ray.cluster_resources().get("CPU", 0) >= LOCAL_CPUS, \
+        "connected to a Ray cluster with too few CPUs for these tests"
+    yield
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator["ray.cluster_utils.Cluster"]:
+    """Three Ray nodes in this machine: a head with no CPUs and two 2-CPU workers."""
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    for _ in range(2):
+        cluster.add_node(num_cpus=2)
+    try:
+        ray.init(address=cluster.address, log_to_driver=True,
+                 logging_level="warning")
+        cluster.wait_for_nodes(timeout=60)
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.fixture
+def alive_actors() -> Callable[[str], list[str]]:
+    """``alive_actors(prefix)`` -> names of live raytrainer rank actors."""
+    return alive_rank_actors

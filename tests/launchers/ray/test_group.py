@@ -1,0 +1,265 @@
+"""WorkerGroup on a real local Ray instance with real gloo process groups."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from raytrainer.launchers.ray.group import (GroupTimeoutError, PlacementError, RankError,
+                                            WorkerGroup, check_picklable, ensure_ray)
+from raytrainer.launchers.ray.worker import RankInfo, in_rank_worker, send_to_driver
+
+pytestmark = pytest.mark.timeout(90)
+
+
+# -- functions the ranks run (module level, so the workers import them by name) --------------------
+def all_reduce_rank(ctx: RankInfo, scale: float) -> dict:
+    t = torch.tensor([float(ctx.global_rank + 1)])
+    dist.all_reduce(t)
+    return {
+        "ctx": (ctx.global_rank, ctx.local_rank, ctx.node_rank, ctx.world_size,
+                ctx.local_world_size),
+        "env": {k: os.environ[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
+                                           "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")},
+        "dist": (dist.get_rank(), dist.get_world_size(), dist.get_backend()),
+        "sum": t.item() * scale,
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "pid": os.getpid(),
+        "in_worker": in_rank_worker(),
+    }
+
+
+def raise_on_rank_one(ctx: RankInfo) -> None:
+    if ctx.global_rank == 1:
+        raise ValueError("boom from rank 1")
+    dist.barrier()  # rank 0 waits in a collective that will never complete
+
+
+def kill_rank_one(ctx: RankInfo, stamp: str) -> None:
+    if ctx.global_rank == 1:
+        time.sleep(0.5)
+        Path(stamp).write_text(repr(time.time()))
+        os.kill(os.getpid(), signal.SIGKILL)
+    dist.barrier()
+
+
+def chatty(ctx: RankInfo) -> int:
+    send_to_driver(("hello", ctx.global_rank))
+    if ctx.global_rank == 0:
+        time.sleep(1.5)  # the driver must see "hello" from rank 0 before this call returns
+    send_to_driver(("bye", ctx.global_rank))
+    return ctx.global_rank
+
+
+def sleep_long(ctx: RankInfo) -> None:
+    time.sleep(60)
+
+
+def sum_ranks(ctx: RankInfo) -> tuple[int, int, int]:
+    t = torch.tensor([ctx.global_rank])
+    dist.all_reduce(t)
+    return int(t.item()), ctx.local_rank, ctx.local_world_size
+
+
+# -- unpicklable things --------------------------------------------------------------------------
+class WithFile(nn.Module):
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.layer = nn.Linear(2, 2)
+        self.log_file = open(path, "w")  # noqa: SIM115 - the point of the test
+
+
+class WithLockedLambda(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        lock = threading.Lock()
+        self.encoder = nn.Sequential(nn.Linear(2, 2))
+        self.encoder.fn = lambda x: (lock, x)
+
+
+# -- tests ---------------------------------------------------------------------------------------
+def test_two_ranks_all_reduce_and_torchrun_env(local_ray, alive_actors):
+    group = WorkerGroup("allreduce", ranks_per_node=2)
+    try:
+        results = group.run(all_reduce_rank, 2.0)
+        assert [r["sum"] for r in results] == [6.0, 6.0]  # (1 + 2) * 2 on both ranks
+        assert [r["ctx"] for r in results] == [(0, 0, 0, 2, 2), (1, 1, 0, 2, 2)]
+        assert [r["dist"] for r in results] == [(0, 2, "gloo"), (1, 2, "gloo")]
+        env0, env1 = results[0]["env"], results[1]["env"]
+        assert (env0["RANK"], env0["LOCAL_RANK"], env1["RANK"], env1["LOCAL_RANK"]) == \
+            ("0", "0", "1", "1")
+        assert env0["WORLD_SIZE"] == env1["WORLD_SIZE"] == "2"
+        assert env0["NODE_RANK"] == "0" and env0["LOCAL_WORLD_SIZE"] == "2"
+        assert env0["MASTER_ADDR"] == env1["MASTER_ADDR"] == group.ranks[0].node_ip
+        assert env0["MASTER_PORT"] == env1["MASTER_PORT"] == str(group.ranks[0].master_port)
+        assert all(r["in_worker"] for r in results)
+        # The driver's view of the ranks matches where they really run.
+        assert [r["pid"] for r in results] == [info.pid for info in group.ranks] == group.ping()
+        assert [r["node_id"] for r in results] == [info.node_id for info in group.ranks]
+        assert alive_actors("raytrainer-allreduce-") == ["raytrainer-allreduce-rank-0",
+                                                         "raytrainer-allreduce-rank-1"]
+        # The group is reusable: a second call runs on the same actors and process group.
+        assert [r["pid"] for r in group.run(all_reduce_rank, 1.0)] == [i.pid for i in group.ranks]
+
+        # A second group under the same run name is refused with a clear message.
+        clash = WorkerGroup("allreduce", ranks_per_node=1)
+        with pytest.raises(RuntimeError, match="still alive"):
+            clash.start()
+        assert not clash.started
+    finally:
+        group.shutdown()
+    group.shutdown()  # idempotent
+    assert alive_actors("raytrainer-allreduce-") == []
+
+
+def test_exception_in_rank_stops_all_and_names_rank(local_ray, alive_actors):
+    group = WorkerGroup("raises", ranks_per_node=2)
+    group.start()
+    start = time.monotonic()
+    with pytest.raises(RankError) as info:
+        group.run(raise_on_rank_one)
+    elapsed = time.monotonic() - start
+    err = info.value
+    assert err.rank == 1 and not err.died
+    assert err.node_ip == group.ranks[1].node_ip and err.node_ip in str(err)
+    assert "rank 1" in str(err)
+    assert "ValueError: boom from rank 1" in str(err)
+    assert "raise_on_rank_one" in err.traceback and "Traceback" in err.traceback
+    assert isinstance(err.exception, ValueError)
+    # Rank 0 was stuck in a barrier; it was killed, not waited for (gloo would wait 300 s).
+    assert elapsed < 5, elapsed
+    assert not group.started
+    assert alive_actors("raytrainer-raises-") == []
+
+
+def test_killed_rank_is_detected_quickly(local_ray, alive_actors, tmp_path):
+    group = WorkerGroup("killed", ranks_per_node=2)
+    group.start()
+    stamp = tmp_path / "killed_at"
+    with pytest.raises(RankError) as info:
+        group.run(kill_rank_one, str(stamp))
+    detected = time.time()
+    killed_at = float(stamp.read_text())
+    assert detected - killed_at < 2.0, f"took {detected - killed_at:.2f}s to notice"
+    # The dead rank is blamed, not rank 0 whose barrier broke because of it.
+    assert info.value.rank == 1 and info.value.died
+    assert "died" in str(info.value)
+    assert alive_actors("raytrainer-killed-") == []
+
+
+def test_messages_reach_driver_while_running(local_ray):
+    group = WorkerGroup("chatty", ranks_per_node=2, poll_interval_s=0.1)
+    received: list[tuple[float, int, object]] = []
+    try:
+        start = time.monotonic()
+        results = group.run(chatty, on_message=lambda r, m: received.append((time.monotonic(), r, m)))
+        end = time.monotonic()
+    finally:
+        group.shutdown()
+    assert results == [0, 1]
+    from_rank0 = [m for _, r, m in received if r == 0]
+    assert from_rank0 == [("hello", 0), ("bye", 0)]
+    assert sorted(m for _, r, m in received if r == 1) == [("bye", 1), ("hello", 1)]
+    hello_at = next(t for t, r, m in received if m == ("hello", 0))
+    assert hello_at - start < end - start - 1.0, "rank 0's message only arrived at the end"
+
+
+def test_send_to_driver_outside_a_rank_fails_clearly():
+    assert not in_rank_worker()
+    with pytest.raises(RuntimeError, match="only works inside"):
+        send_to_driver("x")
+
+
+def test_run_timeout_shuts_down(local_ray, alive_actors):
+    group = WorkerGroup("slow", ranks_per_node=2)
+    group.start()
+    start = time.monotonic()
+    with pytest.raises(GroupTimeoutError, match=r"rank\(s\) \[0, 1\] still busy"):
+        group.run(sleep_long, timeout_s=1)
+    assert time.monotonic() - start < 5
+    assert alive_actors("raytrainer-slow-") == []
+
+
+def test_placement_error_names_what_is_missing(local_ray):
+    group = WorkerGroup("toobig", ranks_per_node=2, cpus_per_rank=64, placement_timeout_s=1)
+    start = time.monotonic()
+    with pytest.raises(PlacementError) as info:
+        group.start()
+    assert time.monotonic() - start < 10
+    text = str(info.value)
+    assert "2 rank(s) with {CPU: 64} each" in text and "total {CPU: 128}" in text
+    assert "1 alive node(s), 0 of which can hold {CPU: 64}" in text
+    assert "cluster total {CPU: 8}" in text
+    tables = ray.util.placement_group_table().values()
+    assert all(t["state"] == "REMOVED" for t in tables if t["name"].startswith("raytrainer-toobig"))
+
+
+@pytest.mark.slow
+def test_eight_ranks_on_a_small_machine(local_ray):
+    group = WorkerGroup("eight", ranks_per_node=8)
+    try:
+        results = group.run(sum_ranks)
+    finally:
+        group.shutdown()
+    assert [r[0] for r in results] == [28] * 8
+    assert [r[1] for r in results] == list(range(8))
+    assert {r[2] for r in results} == {8}
+
+
+def test_unpicklable_argument_named_before_any_actor_starts(tmp_path, alive_actors):
+    model = WithFile(tmp_path / "log.txt")
+    group = WorkerGroup("pickle", ranks_per_node=2)
+    try:
+        with pytest.raises(TypeError, match=r"model\.log_file cannot be pickled.*an open file"):
+            group.run(all_reduce_rank, model, arg_names=["model"])
+        with pytest.raises(TypeError, match=r"args\[0\]\.log_file"):
+            group.run(all_reduce_rank, model)
+    finally:
+        model.log_file.close()
+    assert not group.started
+    if ray.is_initialized():
+        assert alive_actors("raytrainer-pickle-") == []
+
+
+def test_unpicklable_lambda_inside_submodule_is_named():
+    with pytest.raises(TypeError) as info:
+        check_picklable(WithLockedLambda(), "model")
+    text = str(info.value)
+    assert "model.encoder.fn -> closure variable 'lock' cannot be pickled" in text
+    assert "a thread lock" in text
+    assert "model.encoder.fn is a lambda defined at" in text and "test_group.py" in text
+
+
+def test_unpicklable_function_is_named():
+    lock = threading.Lock()
+
+    def step(ctx):
+        return lock
+
+    with pytest.raises(TypeError, match=r"step -> closure variable 'lock'"):
+        WorkerGroup("fn", ranks_per_node=1).run(step)
+    check_picklable(lambda ctx: ctx, "fn")  # cloudpickle ships plain lambdas by value
+
+
+def test_bad_arguments_are_rejected():
+    with pytest.raises(ValueError, match="run_name"):
+        WorkerGroup("")
+    with pytest.raises(ValueError, match="num_nodes"):
+        WorkerGroup("x", num_nodes=0)
+    with pytest.raises(ValueError, match="reserve something"):
+        WorkerGroup("x", cpus_per_rank=0)
+    with pytest.raises(ValueError, match="placement_timeout_s"):
+        WorkerGroup("x", placement_timeout_s=0)
+
+
+def test_ensure_ray_reuses_the_running_session(local_ray):
+    assert ensure_ray(1) is False
+    assert ray.is_initialized()

@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python examples/autoencoder.py --max_epochs 5
+	$(BIN)/python examples/autoencoder.py --num_processes 2 --max_epochs 5 --ckpt_path none
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -40,6 +40,7 @@ class LightningModule(nn.Module):
         d["_hparams"] = AttributeDict()
         d["_hparams_initial"] = AttributeDict()
         d["_hparams_name"] = None
+        d["_hparams_type"] = None
         d["_param_requires_grad_state"] = {}
         d["_warned_no_trainer"] = False
 
@@ -117,6 +118,17 @@ class LightningModule(nn.Module):
     def on_before_zero_grad(self, optimizer: torch.optim.Optimizer) -> None: ...
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None: ...
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None: ...
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        """Automatic optimization's step; override (e.g. for warm-up) and call optimizer.step(closure=...)."""
+        optimizer.step(closure=optimizer_closure)
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        """Step one scheduler (metric is the monitored value for ReduceLROnPlateau, else None)."""
+        if metric is None:
+            scheduler.step()
+        else:
+            scheduler.step(metric)
 
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
         """Clear gradients before the backward of a new accumulation window."""
@@ -310,9 +322,14 @@ class LightningModule(nn.Module):
                              frame: Any = None, logger: bool = True) -> None:
         """Record __init__ arguments (or a dict / Namespace / named args) into ``self.hparams``."""
         ignore = [ignore] if isinstance(ignore, str) else list(ignore or [])
-        if len(args) == 1 and isinstance(args[0], (dict, argparse.Namespace)) :
+        hparams_type = None
+        if len(args) == 1 and isinstance(args[0], (dict, argparse.Namespace)):
             values = dict(vars(args[0]) if isinstance(args[0], argparse.Namespace) else args[0])
-            name = None
+            # the __init__ argument holding this object, so load_from_checkpoint can pass it back whole
+            init_args = _collect_init_args(frame or inspect.currentframe().f_back, type(self))
+            name = next((k for k, v in init_args.items() if v is args[0]), None)
+            if isinstance(args[0], argparse.Namespace):
+                hparams_type = "Namespace"
         else:
             init_args = _collect_init_args(frame or inspect.currentframe().f_back, type(self))
             if args:
@@ -329,6 +346,7 @@ class LightningModule(nn.Module):
         self.__dict__["_hparams"].update(values)
         self.__dict__["_hparams_initial"] = AttributeDict(copy.deepcopy(dict(self.__dict__["_hparams"])))
         self.__dict__["_hparams_name"] = name
+        self.__dict__["_hparams_type"] = hparams_type
 
     @property
     def hparams(self) -> AttributeDict:

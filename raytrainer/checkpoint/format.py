@@ -33,7 +33,7 @@ FORMAT_VERSION = 1
 FORMAT_KEYS = ("epoch", "global_step", "pytorch-lightning_version", "state_dict", "loops", "callbacks",
                "optimizer_states", "lr_schedulers", "hparams_name", "hyper_parameters")
 # Leaves torch.load(weights_only=True) accepts besides tensors and containers.
-_PLAIN_LEAVES = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device, torch.Size, slice)
+_PLAIN_LEAVES = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
 
 
 # ---------------------------------------------------------------------------------------------- saving
@@ -168,14 +168,14 @@ def check_loadable(obj: Any, where: str = "checkpoint") -> None:
     """Raise TypeError naming the key of the first value ``torch.load(weights_only=True)`` would refuse."""
     if isinstance(obj, torch.Tensor) or isinstance(obj, _PLAIN_LEAVES):
         return
-    if isinstance(obj, dict):
+    if type(obj) in (dict, collections.OrderedDict):
         for k, v in obj.items():
             if not isinstance(k, _PLAIN_LEAVES):
                 raise TypeError(f"{where} has a key of type {type(k).__name__} ({k!r}); checkpoint keys must be "
                                 "plain types so that torch.load(weights_only=True) can read them.")
             check_loadable(v, f"{where}[{k!r}]")
         return
-    if isinstance(obj, (list, tuple, set, frozenset)) and type(obj) in (list, tuple, set, frozenset):
+    if type(obj) in (list, tuple, set):
         for i, v in enumerate(obj):
             check_loadable(v, f"{where}[{i}]")
         return
@@ -444,12 +444,3 @@ def load_module(cls: type["LightningModule"], path: str, map_location: Any = Non
     if isinstance(map_location, (str, torch.device)):
         model.to(map_location)
     return model
-
-
-def is_local(path: str) -> bool:
-    """True for plain paths and file:// URIs."""
-    return "://" not in path or path.startswith("file://")
-
-
-def _ordered(d: dict) -> collections.OrderedDict:
-    return collections.OrderedDict(d)

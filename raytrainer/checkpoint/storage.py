@@ -515,12 +515,12 @@ def write_bytes_atomic(uri: str, data: bytes, *, manifest: bool = True,
     _check_target(path, uri, fs)
     kind = _file_type(fs, path)
     if kind == pafs.FileType.Directory:
-        raise IsADirectoryError(f"cannot write checkpoint {uri}: it is an existing directory")
+        raise IsADirectoryError(f"cannot write {uri}: it is an existing directory")
     directory = _split(path, fs)[0]
     if _is_local(fs) and not os.path.isdir(directory):
         kind_of_parent = "is not a directory" if os.path.exists(directory) else "does not exist"
         error = NotADirectoryError if os.path.exists(directory) else FileNotFoundError
-        raise error(f"cannot write checkpoint {uri}: its parent {directory} {kind_of_parent}; "
+        raise error(f"cannot write {uri}: its parent {directory} {kind_of_parent}; "
                     "create it first (raytrainer.checkpoint.storage.makedirs)")
 
     manifest_path = path + MANIFEST_SUFFIX

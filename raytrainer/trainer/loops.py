@@ -195,33 +195,39 @@ def _automatic_step(trainer: "Trainer", module: Any, step_fn: Any, batch: Any, b
             with trainer._precision.forward_context():
                 out = step_fn(batch, batch_idx)
             loss = _training_loss(out, epoch, batch_idx, detect)
-            if loss is None:
-                return out, None
+            # As in Lightning: gradients are cleared at a window's first batch even when the step returned
+            # None, so the optimizer step that still follows at the window's end never reuses stale gradients.
             if first_in_window and not closure_used:
                 trainer._zero_grad(optimizer, epoch, batch_idx)
-            trainer._run_backward(loss / accumulate if accumulate > 1 else loss, optimizer)
+            if loss is not None:
+                trainer._run_backward(loss / accumulate if accumulate > 1 else loss, optimizer)
         return out, loss
 
-    if closure_used and window_end:
-        # Optimizers like LBFGS re-evaluate the loss: hand them a closure that runs the whole step.
+    if window_end and (closure_used or trainer._module_optimizer_step is not None):
+        # Optimizers like LBFGS re-evaluate the loss, and an overridden optimizer_step decides when the step
+        # runs: hand them a closure that runs the whole step.
         box: list[Any] = []
 
         def closure() -> Any:
-            trainer._zero_grad(optimizer, epoch, batch_idx)
+            if closure_used:
+                trainer._zero_grad(optimizer, epoch, batch_idx)
             out, loss = run_step()
             box.append(out)
             return loss
 
         trainer._hooked_optimizer_step(optimizer, closure)
-        return _step_output(box[0] if box else None)
+        return _step_output(box[-1] if box else None)
 
     out, loss = run_step()
-    if loss is not None and window_end:
+    if window_end:
+        # Lightning steps (and counts the step) at every window end, also when training_step returned None.
         trainer._hooked_optimizer_step(optimizer, None)
     return _step_output(out)
 
 
 def _step_output(out: Any) -> Any:
+    if out is None:
+        return {}
     if isinstance(out, torch.Tensor):
         return {"loss": out.detach()}
     if isinstance(out, dict) and isinstance(out.get("loss"), torch.Tensor):

@@ -61,7 +61,7 @@ class MixedPrecision(Precision):
     def unscale_gradients(self, optimizer: torch.optim.Optimizer) -> None:
         if self.scaler is not None and self.scaler.is_enabled():
             state = self.scaler._per_optimizer_states[id(optimizer)]
-            if state["stage"].name == "READY":
+            if state["stage"].name == "READY" and _has_grads(optimizer):
                 self.scaler.unscale_(optimizer)
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer,
@@ -75,6 +75,9 @@ class MixedPrecision(Precision):
                                 "precision='16-mixed'; use 32-true or bf16-mixed.")
         else:
             closure_result = None
+        if self.scaler.is_enabled() and not _has_grads(optimizer):
+            # training_step returned None for the whole window: nothing to unscale or step (as in Lightning)
+            return closure_result
         out = self.scaler.step(optimizer)
         self.scaler.update()
         return out if out is not None else closure_result
@@ -85,6 +88,10 @@ class MixedPrecision(Precision):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.scaler is not None and state:
             self.scaler.load_state_dict(state)
+
+
+def _has_grads(optimizer: torch.optim.Optimizer) -> bool:
+    return any(p.grad is not None for g in optimizer.param_groups for p in g["params"])
 
 
 def _is_lbfgs(optimizer: torch.optim.Optimizer) -> bool:

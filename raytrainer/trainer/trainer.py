@@ -206,6 +206,8 @@ class Trainer:
         self._closure_optimizer = False
         self._val_needs_grad = False
         self._step_model: nn.Module | None = None
+        self._module_optimizer_step: Callable[..., Any] | None = None
+        self._module_lr_scheduler_step: Callable[..., Any] | None = None
         self.saved_checkpoints: list[tuple[int, str]] = []
         self.last_run: Any = None   # RunResult / events of the last Ray run
 
@@ -626,6 +628,10 @@ class Trainer:
             if overrides(model, LightningModule, "optimizer_zero_grad") else None
         self._module_clip = model.configure_gradient_clipping \
             if overrides(model, LightningModule, "configure_gradient_clipping") else None
+        self._module_optimizer_step = model.optimizer_step \
+            if overrides(model, LightningModule, "optimizer_step") else None
+        self._module_lr_scheduler_step = model.lr_scheduler_step \
+            if overrides(model, LightningModule, "lr_scheduler_step") else None
         return hooks
 
     def _step_callable(self, name: str) -> Callable[..., Any]:
@@ -731,7 +737,8 @@ class Trainer:
         for cfg in self.lr_scheduler_configs:
             if cfg.interval != interval or (plateau is not None and bool(cfg.reduce_on_plateau) != plateau):
                 continue
-            idx = self.global_step if interval == "step" else self.current_epoch + 1
+            # as Lightning: step intervals count this epoch's batches (batch_idx + 1), not global_step
+            idx = self._batch_idx + 1 if interval == "step" else self.current_epoch + 1
             if idx % cfg.frequency != 0:
                 continue
             if cfg.reduce_on_plateau:
@@ -744,7 +751,12 @@ class Trainer:
                             "'strict': False in the lr_scheduler dict.")
                     log.warning("ReduceLROnPlateau: %r not found; scheduler not stepped (strict=False).", cfg.monitor)
                     continue
-                cfg.scheduler.step(float(metrics[cfg.monitor]))
+                if self._module_lr_scheduler_step is not None:
+                    self._module_lr_scheduler_step(cfg.scheduler, metrics[cfg.monitor])
+                else:
+                    cfg.scheduler.step(float(metrics[cfg.monitor]))
+            elif self._module_lr_scheduler_step is not None:
+                self._module_lr_scheduler_step(cfg.scheduler, None)
             else:
                 cfg.scheduler.step()
 
@@ -866,6 +878,7 @@ class Trainer:
         for k in ("lightning_module", "datamodule", "strategy", "optimizers", "_lightning_optimizers",
                   "lr_scheduler_configs", "_hot_hooks", "_train_dataloader", "_val_dataloaders", "_step_model",
                   "_to_device", "_module_backward", "_module_zero_grad", "_module_clip", "_results",
+                  "_module_optimizer_step", "_module_lr_scheduler_step",
                   "_worker_group"):
             state.pop(k, None)
         return state

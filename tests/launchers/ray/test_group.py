@@ -6,6 +6,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import ray
@@ -86,38 +87,54 @@ class WithLockedLambda(nn.Module):
 
 
 # -- tests ---------------------------------------------------------------------------------------
-def test_two_ranks_all_reduce_and_torchrun_env(local_ray, alive_actors):
-    group = WorkerGroup("allreduce", ranks_per_node=2)
-    try:
-        results = group.run(all_reduce_rank, 2.0)
-        assert [r["sum"] for r in results] == [6.0, 6.0]  # (1 + 2) * 2 on both ranks
-        assert [r["ctx"] for r in results] == [(0, 0, 0, 2, 2), (1, 1, 0, 2, 2)]
-        assert [r["dist"] for r in results] == [(0, 2, "gloo"), (1, 2, "gloo")]
-        env0, env1 = results[0]["env"], results[1]["env"]
-        assert (env0["RANK"], env0["LOCAL_RANK"], env1["RANK"], env1["LOCAL_RANK"]) == \
-            ("0", "0", "1", "1")
-        assert env0["WORLD_SIZE"] == env1["WORLD_SIZE"] == "2"
-        assert env0["NODE_RANK"] == "0" and env0["LOCAL_WORLD_SIZE"] == "2"
-        assert env0["MASTER_ADDR"] == env1["MASTER_ADDR"] == group.ranks[0].node_ip
-        assert env0["MASTER_PORT"] == env1["MASTER_PORT"] == str(group.ranks[0].master_port)
-        assert all(r["in_worker"] for r in results)
-        # The driver's view of the ranks matches where they really run.
-        assert [r["pid"] for r in results] == [info.pid for info in group.ranks] == group.ping()
-        assert [r["node_id"] for r in results] == [info.node_id for info in group.ranks]
-        assert alive_actors("raytrainer-allreduce-") == ["raytrainer-allreduce-rank-0",
-                                                         "raytrainer-allreduce-rank-1"]
-        # The group is reusable: a second call runs on the same actors and process group.
-        assert [r["pid"] for r in group.run(all_reduce_rank, 1.0)] == [i.pid for i in group.ranks]
+@pytest.fixture(scope="module")
+def pair(local_ray) -> Iterator[WorkerGroup]:
+    """A started two-rank group shared by the tests that leave it healthy."""
+    group = WorkerGroup("pair", ranks_per_node=2, poll_interval_s=0.1)
+    group.start()
+    yield group
+    group.shutdown()
 
-        # A second group under the same run name is refused with a clear message.
-        clash = WorkerGroup("allreduce", ranks_per_node=1)
-        with pytest.raises(RuntimeError, match="still alive"):
-            clash.start()
-        assert not clash.started
-    finally:
-        group.shutdown()
-    group.shutdown()  # idempotent
-    assert alive_actors("raytrainer-allreduce-") == []
+
+def test_two_ranks_all_reduce_and_torchrun_env(pair):
+    group = pair
+    results = group.run(all_reduce_rank, 2.0)
+    assert [r["sum"] for r in results] == [6.0, 6.0]  # (1 + 2) * 2 on both ranks
+    assert [r["ctx"] for r in results] == [(0, 0, 0, 2, 2), (1, 1, 0, 2, 2)]
+    assert [r["dist"] for r in results] == [(0, 2, "gloo"), (1, 2, "gloo")]
+    env0, env1 = results[0]["env"], results[1]["env"]
+    assert (env0["RANK"], env0["LOCAL_RANK"], env1["RANK"], env1["LOCAL_RANK"]) == \
+        ("0", "0", "1", "1")
+    assert env0["WORLD_SIZE"] == env1["WORLD_SIZE"] == "2"
+    assert env0["NODE_RANK"] == "0" and env0["LOCAL_WORLD_SIZE"] == "2"
+    assert env0["MASTER_ADDR"] == env1["MASTER_ADDR"] == group.ranks[0].node_ip
+    assert env0["MASTER_PORT"] == env1["MASTER_PORT"] == str(group.ranks[0].master_port)
+    assert all(r["in_worker"] for r in results)
+    # The driver's view of the ranks matches where they really run.
+    assert [r["pid"] for r in results] == [info.pid for info in group.ranks] == group.ping()
+    assert [r["node_id"] for r in results] == [info.node_id for info in group.ranks]
+    # The group is reusable: a second call runs on the same actors and process group.
+    assert [r["pid"] for r in group.run(all_reduce_rank, 1.0)] == [i.pid for i in group.ranks]
+
+
+def test_actor_names_and_name_clash(pair, alive_actors):
+    assert alive_actors("raytrainer-pair-") == ["raytrainer-pair-rank-0", "raytrainer-pair-rank-1"]
+    clash = WorkerGroup("pair", ranks_per_node=1)
+    with pytest.raises(RuntimeError, match="still alive"):
+        clash.start()
+    assert not clash.started
+    clash.shutdown()  # harmless on a group that never started
+    assert alive_actors("raytrainer-pair-") == ["raytrainer-pair-rank-0", "raytrainer-pair-rank-1"]
+
+
+def test_shutdown_is_idempotent_and_leaves_nothing(local_ray, alive_actors):
+    group = WorkerGroup("short lived/run", ranks_per_node=1)
+    assert group.actor_name(0) == "raytrainer-short-lived-run-rank-0"
+    assert group.run(sum_ranks) == [(0, 0, 1)]
+    assert alive_actors("raytrainer-short-lived-run-") == ["raytrainer-short-lived-run-rank-0"]
+    group.shutdown()
+    group.shutdown()
+    assert alive_actors("raytrainer-short-lived-run-") == []
 
 
 def test_exception_in_rank_stops_all_and_names_rank(local_ray, alive_actors):
@@ -155,21 +172,29 @@ def test_killed_rank_is_detected_quickly(local_ray, alive_actors, tmp_path):
     assert alive_actors("raytrainer-killed-") == []
 
 
-def test_messages_reach_driver_while_running(local_ray):
-    group = WorkerGroup("chatty", ranks_per_node=2, poll_interval_s=0.1)
+def test_messages_reach_driver_while_running(pair):
     received: list[tuple[float, int, object]] = []
-    try:
-        start = time.monotonic()
-        results = group.run(chatty, on_message=lambda r, m: received.append((time.monotonic(), r, m)))
-        end = time.monotonic()
-    finally:
-        group.shutdown()
+    start = time.monotonic()
+    results = pair.run(chatty, on_message=lambda r, m: received.append((time.monotonic(), r, m)))
+    end = time.monotonic()
     assert results == [0, 1]
     from_rank0 = [m for _, r, m in received if r == 0]
     assert from_rank0 == [("hello", 0), ("bye", 0)]
     assert sorted(m for _, r, m in received if r == 1) == [("bye", 1), ("hello", 1)]
     hello_at = next(t for t, r, m in received if m == ("hello", 0))
     assert hello_at - start < end - start - 1.0, "rank 0's message only arrived at the end"
+
+
+def test_ctrl_c_on_the_driver_stops_the_ranks(local_ray, alive_actors):
+    group = WorkerGroup("interrupted", ranks_per_node=2, poll_interval_s=0.1)
+
+    def interrupt(rank, msg):  # what Ctrl-C during a progress-bar update looks like
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        group.run(chatty, on_message=interrupt)
+    assert not group.started
+    assert alive_actors("raytrainer-interrupted-") == []
 
 
 def test_send_to_driver_outside_a_rank_fails_clearly():

@@ -60,9 +60,18 @@ def test_packed_ranks_overflowing_a_node_get_real_node_ranks(ray_cluster):
     finally:
         group.shutdown()
     assert [r["sum"] for r in results] == [3] * 3
-    assert [r["layout"] for r in results] == [(0, 0, 0, 2), (1, 0, 1, 2), (2, 1, 0, 1)]
     nodes = [r["node_id"] for r in results]
-    assert nodes[0] == nodes[1] != nodes[2]
+    layout = [r["layout"] for r in results]
+    assert len(set(nodes)) == 2 and nodes == [info.node_id for info in group.ranks]
+    # Node-major: each node's ranks are one block, numbered from 0 within the node.
+    blocks = [nodes[:1 + (nodes[1] == nodes[0])], nodes[1 + (nodes[1] == nodes[0]):]]
+    assert sorted(len(b) for b in blocks) == [1, 2] and all(len(set(b)) == 1 for b in blocks)
+    expected, rank = [], 0
+    for node_rank, block in enumerate(blocks):
+        for local in range(len(block)):
+            expected.append((rank, node_rank, local, len(block)))
+            rank += 1
+    assert layout == expected
 
 
 def test_more_nodes_than_the_cluster_has_fails_within_the_timeout(ray_cluster):

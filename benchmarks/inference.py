@@ -10,13 +10,14 @@ loss. Its `forward` returns only the 3-d embedding, so the timed graph is the fu
 is absent a local module with the same layers stands in (the output says which ran).
 
 Method: the graph is exported with raytrainer.export (TorchScript by scripting, ONNX with a dynamic
-batch axis), checked with verify_export, then each (mode, batch) is warmed up and timed `--repeats`
-times over `--iters` calls (a tenth of that at batch 256); the table shows the median per-call
-latency. Every engine is pinned to one thread (torch.set_num_threads(1) and
-set_num_interop_threads(1); onnxruntime intra_op_num_threads=1, inter_op_num_threads=1, sequential
-execution) so the numbers compare engines, not how many cores each grabs. Inputs are prepared
-before timing (torch tensors for eager/TorchScript, numpy arrays for onnxruntime), so the timings
-cover the forward call only; eager and TorchScript run under torch.inference_mode.
+batch axis) and checked with verify_export. Then, per batch size, the three modes are warmed up and
+timed `--repeats` times over `--iters` calls each (a tenth of that at batch 256), taking turns
+within every repeat; the table shows the median per-call latency and the spread over repeats.
+Every engine is pinned to one thread (torch.set_num_threads(1) and set_num_interop_threads(1);
+onnxruntime intra_op_num_threads=1, inter_op_num_threads=1, sequential execution) so the numbers
+compare engines, not how many cores each grabs. Inputs are prepared before timing (torch tensors
+for eager/TorchScript, numpy arrays for onnxruntime), so the timings cover the forward call only;
+eager and TorchScript run under torch.inference_mode.
 
 Run: python benchmarks/inference.py [--repeats 7] [--iters 2000] [--threads 1] [--hidden 128]
 """
@@ -35,7 +36,6 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -73,7 +73,8 @@ def load_autoencoder(hidden: int) -> tuple[nn.Module, str]:
     assert spec is not None and spec.loader is not None
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    return example.LitAutoEncoder(hidden=hidden, latent=3), f"LitAutoEncoder(hidden={hidden}, latent=3) from examples/autoencoder.py"
+    model = example.LitAutoEncoder(hidden=hidden, latent=3)
+    return model, f"LitAutoEncoder(hidden={hidden}, latent=3) from examples/autoencoder.py"
 
 
 def train_briefly(model: nn.Module, steps: int) -> float:
@@ -96,16 +97,24 @@ def train_briefly(model: nn.Module, steps: int) -> float:
     return loss
 
 
-def time_calls(fn: Callable[[], object], iters: int, repeats: int, warmup: int) -> list[float]:
-    """Mean seconds per call of `fn` over `iters` calls, once per repeat, after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    per_call = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(iters):
+def time_interleaved(
+    fns: dict[str, Callable[[], object]], iters: int, repeats: int, warmup: int
+) -> dict[str, list[float]]:
+    """Mean seconds per call of each fn over `iters` calls, once per repeat, modes taking turns.
+
+    Taking turns inside each repeat (rather than timing one mode after the other) spreads any
+    background load over all modes alike, so their ratio stays meaningful on a shared machine.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
             fn()
-        per_call.append((time.perf_counter() - start) / iters)
+    per_call: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            per_call[name].append((time.perf_counter() - start) / iters)
     return per_call
 
 
@@ -129,6 +138,7 @@ def main() -> None:
     from raytrainer.export import to_onnx, to_torchscript, verify_export
 
     torch.manual_seed(0)  # same initial weights, data order and inputs on every run
+    load_before = os.getloadavg()[0]
     autoencoder, source = load_autoencoder(args.hidden)
     final_loss = train_briefly(autoencoder, args.train_steps)
     model = Reconstruction(autoencoder).eval()
@@ -167,10 +177,8 @@ def main() -> None:
             def onnxruntime() -> object:
                 return session.run(None, {input_name: x_np})
 
-            timings = {
-                mode: time_calls(fn, iters, args.repeats, warmup)
-                for mode, fn in (("eager", eager), ("torchscript", torchscript), ("onnxruntime", onnxruntime))
-            }
+            fns = {"eager": eager, "torchscript": torchscript, "onnxruntime": onnxruntime}
+            timings = time_interleaved(fns, iters, args.repeats, warmup)
             eager_median = statistics.median(timings["eager"])
             for mode, runs in timings.items():
                 rows.append((mode, batch, statistics.median(runs), min(runs), max(runs)))
@@ -182,15 +190,26 @@ def main() -> None:
             cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
     except OSError:
         pass
-    print(f"model: {source}, timed as decoder(encoder(x)); trained {args.train_steps} steps on sklearn digits, final MSE {final_loss:.4f}")
+    print(
+        f"model: {source}, timed as decoder(encoder(x)); "
+        f"trained {args.train_steps} steps on sklearn digits, final MSE {final_loss:.4f}"
+    )
     print(f"verify_export max abs diff at batch 256: torchscript {diffs[ts_path]:.2e}, onnx {diffs[onnx_path]:.2e}")
     print(
         f"torch {torch.__version__}, onnxruntime {ort.__version__}, Python {platform.python_version()}, "
         f"CPU: {cpu} ({os.cpu_count()} logical cores); threads per engine: {args.threads}; "
-        f"median of {args.repeats} repeats x {args.iters} calls (batch 1) / {max(1, args.iters // 10)} calls (batch 256)"
+        f"median of {args.repeats} repeats x {args.iters} calls (batch 1) / "
+        f"{max(1, args.iters // 10)} calls (batch 256)"
+    )
+    print(
+        f"1-min load average: {load_before:.1f} before, {os.getloadavg()[0]:.1f} after "
+        f"(well above 0 means other processes shared the cores and the timings are noisy)"
     )
     print()
-    print("| mode | batch | median latency (ms) | min-max over repeats (ms) | throughput (samples/s) | speedup vs eager |")
+    print(
+        "| mode | batch | median latency (ms) | min-max over repeats (ms) "
+        "| throughput (samples/s) | speedup vs eager |"
+    )
     print("|---|---:|---:|---:|---:|---:|")
     for mode, batch, latency, fastest, slowest, speedup in rows:
         print(

@@ -171,12 +171,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_failures", type=int, default=0)
     p.add_argument("--deterministic", action="store_true")
     p.add_argument("--no_progress_bar", action="store_true")
+    p.add_argument("--num_threads", type=int, default=1,
+                   help="torch CPU threads; these layers are too small to gain from more than one")
     p.add_argument("--out", default=None, help="PNG path (default: <default_root_dir>/gan_samples.png)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> pl.Trainer:
     args = parse_args(argv)
+    torch.set_num_threads(args.num_threads)
     pl.seed_everything(args.seed, workers=True)
     model = DigitsGAN(latent_dim=args.latent_dim, hidden=args.hidden, lr=args.lr)
     data = digits_tensor()

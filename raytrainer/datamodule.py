@@ -22,8 +22,8 @@ class LightningDataModule:
     def teardown(self, stage: str) -> None:
         """Release what setup built."""
 
-    def save_hyperparameters(self, *args: Any, ignore: Any = None) -> None:
-        """Record __init__ arguments into ``self.hparams`` (logged with the module's)."""
+    def save_hyperparameters(self, *args: Any, ignore: Any = None, logger: bool = True) -> None:
+        """Record __init__ arguments into ``self.hparams`` (logged with the module's unless logger=False)."""
         import inspect
 
         from raytrainer.module import _collect_init_args
@@ -36,6 +36,7 @@ class LightningDataModule:
         values = {k: v for k, v in values.items() if k not in ignore}
         check_plain_hparams(values, type(self).__name__)
         self.hparams.update(values)
+        self.__dict__["_log_hyperparams"] = bool(logger)
 
     @property
     def hparams(self) -> AttributeDict:

@@ -150,7 +150,8 @@ def _writable(path: str | os.PathLike[str]) -> Iterator[str]:
     fs, target = storage.resolve(uri)
     local_fs = isinstance(fs, pafs.LocalFileSystem)
     directory, name = os.path.split(target) if local_fs else posixpath.split(target)
-    if not name:
+    names_dir = uri.split("?", 1)[0].endswith(("/", os.sep))
+    if not name or names_dir or fs.get_file_info(target).type == pafs.FileType.Directory:
         raise ValueError(f"export path {uri!r} names a directory; give a file name such as 'model.onnx'")
     with tempfile.TemporaryDirectory(prefix="raytrainer-export-") as tmp:
         yield os.path.join(tmp, name)

@@ -230,7 +230,7 @@ class LightningModule(nn.Module):
                               "the value is dropped.", stacklevel=2)
             return
         results.log(results.fx, name, value, prog_bar, logger, on_step, on_epoch, reduce_fx, sync_dist,
-                    batch_size, results.batch)
+                    batch_size, results.batch, add_dataloader_idx)
 
     def log_dict(self, dictionary: Mapping[str, Any], prog_bar: bool = False, logger: bool = True,
                  on_step: bool | None = None, on_epoch: bool | None = None, reduce_fx: Any = "mean",
@@ -240,7 +240,8 @@ class LightningModule(nn.Module):
         """``self.log`` for every item of a mapping."""
         for k, v in dictionary.items():
             self.log(k, v, prog_bar=prog_bar, logger=logger, on_step=on_step, on_epoch=on_epoch,
-                     reduce_fx=reduce_fx, sync_dist=sync_dist, batch_size=batch_size)
+                     reduce_fx=reduce_fx, sync_dist=sync_dist, add_dataloader_idx=add_dataloader_idx,
+                     batch_size=batch_size)
 
     def print(self, *args: Any, **kwargs: Any) -> None:
         """Print from global rank 0 only."""
@@ -346,6 +347,7 @@ class LightningModule(nn.Module):
         self.__dict__["_hparams"].update(values)
         self.__dict__["_hparams_initial"] = AttributeDict(copy.deepcopy(dict(self.__dict__["_hparams"])))
         self.__dict__["_hparams_name"] = name
+        self.__dict__["_log_hyperparams"] = bool(logger)
         self.__dict__["_hparams_type"] = hparams_type
 
     @property

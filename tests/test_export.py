@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -513,6 +512,12 @@ def test_export_to_s3_uri_and_verify_from_it(tmp_path: Path, monkeypatch: pytest
         assert verify_export(f"s3://export-bucket/run/ae.onnx?{query}", model) <= 1e-5
         with pytest.raises(FileNotFoundError, match="no exported file"):
             verify_export(f"s3://export-bucket/run/missing.pt?{query}", model)
+
+        # the endpoint can also come from the environment, as for checkpoints
+        monkeypatch.setenv("RAYTRAINER_S3_ENDPOINT", f"http://{host}:{port}")
+        to_onnx(model, "s3://export-bucket/env/ae.onnx")
+        assert fs.get_file_info("export-bucket/env/ae.onnx").type == pafs.FileType.File
+        assert verify_export("s3://export-bucket/env/ae.onnx", model) <= 1e-5
     finally:
         server.stop()
 

@@ -52,12 +52,16 @@ class EarlyStopping(Callback):
         self.patience = int(state_dict.get("patience", self.patience))
 
     def _on_epoch_end_hook(self, trainer: Any) -> bool:
+        """Check in on_train_epoch_end (after that epoch's validation) unless validation runs mid-epoch or
+        not every epoch; then check after each validation. Lightning's default."""
         if self.check_on_train_epoch_end is not None:
             return self.check_on_train_epoch_end
-        return not trainer._val_dataloaders
+        if not trainer._val_dataloaders:
+            return True
+        return trainer.val_check_interval in (None, 1.0) and trainer.check_val_every_n_epoch == 1
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        if self._on_epoch_end_hook(trainer):
+        if trainer.state_fn == "fit" and self._on_epoch_end_hook(trainer):
             self._check(trainer)
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:

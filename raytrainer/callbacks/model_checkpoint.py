@@ -1,4 +1,10 @@
-"""ModelCheckpoint: save automatically (top-k by a metric, last, every N steps/epochs/seconds)."""
+"""ModelCheckpoint: save automatically (top-k by a metric, last, every N steps/epochs/seconds).
+
+Writes are crash-safe (``checkpoint.storage``: temporary name + atomic rename, or upload + manifest)
+and, by default, asynchronous: the training thread only copies the state to host memory, a
+background thread serialises and writes it. A checkpoint rotated out by ``save_top_k`` is deleted
+only once its replacement is completely on storage, so rotation never removes the only valid one.
+"""
 from __future__ import annotations
 
 import math
@@ -19,30 +25,38 @@ class ModelCheckpoint(Callback):
     """Lightning's ModelCheckpoint; writes are crash-safe and, by default, off the training thread."""
 
     CHECKPOINT_NAME_LAST = "last"
+    CHECKPOINT_JOIN_CHAR = "-"
+    CHECKPOINT_EQUALS_CHAR = "="
     FILE_EXTENSION = ".ckpt"
+    STARTING_VERSION = 1
 
     def __init__(self, dirpath: str | None = None, filename: str | None = None, monitor: str | None = None,
                  verbose: bool = False, save_last: bool | None = None, save_top_k: int = 1,
                  save_weights_only: bool = False, mode: str = "min", auto_insert_metric_name: bool = True,
                  every_n_train_steps: int | None = None, train_time_interval: timedelta | None = None,
                  every_n_epochs: int | None = None, save_on_train_epoch_end: bool | None = None,
-                 async_save: bool = True) -> None:
+                 enable_version_counter: bool = True, async_save: bool = True) -> None:
+        """Arguments as in Lightning; ``async_save=False`` writes on the training thread instead."""
         if mode not in _MODES:
             raise ValueError(f"ModelCheckpoint(mode={mode!r}): use 'min' or 'max'.")
-        if save_top_k < -1:
-            raise ValueError(f"ModelCheckpoint(save_top_k={save_top_k}): use -1 (all), 0 (none) or k >= 1.")
+        if not isinstance(save_top_k, int) or save_top_k < -1:
+            raise ValueError(f"ModelCheckpoint(save_top_k={save_top_k!r}): use -1 (all), 0 (none) or k >= 1.")
         if monitor is None and save_top_k not in (-1, 0, 1):
             raise ValueError(f"ModelCheckpoint(save_top_k={save_top_k}) ranks checkpoints by a metric: "
                              "pass monitor='val_loss' (or another logged name).")
+        if train_time_interval is not None and not isinstance(train_time_interval, timedelta):
+            raise TypeError(f"ModelCheckpoint(train_time_interval={train_time_interval!r}) must be a "
+                            "datetime.timedelta, e.g. timedelta(minutes=30).")
         given = [n for n, v in (("every_n_train_steps", every_n_train_steps),
                                 ("train_time_interval", train_time_interval),
                                 ("every_n_epochs", every_n_epochs)) if v]
         if len(given) > 1:
             raise ValueError(f"ModelCheckpoint: {given} are mutually exclusive; pick one trigger.")
         for n, v in (("every_n_train_steps", every_n_train_steps), ("every_n_epochs", every_n_epochs)):
-            if v is not None and v < 0:
-                raise ValueError(f"ModelCheckpoint({n}={v}) must be >= 0.")
-        self.dirpath = dirpath
+            if v is not None and (not isinstance(v, int) or v < 0):
+                raise ValueError(f"ModelCheckpoint({n}={v!r}) must be an int >= 0.")
+        self._dirpath_given = dirpath is not None
+        self.dirpath = str(dirpath) if dirpath is not None else None
         self.filename = filename
         self.monitor = monitor
         self.verbose = verbose
@@ -55,6 +69,7 @@ class ModelCheckpoint(Callback):
         self.train_time_interval = train_time_interval
         self.every_n_epochs = every_n_epochs if every_n_epochs is not None else (0 if given else 1)
         self.save_on_train_epoch_end = save_on_train_epoch_end
+        self.enable_version_counter = enable_version_counter
         self.async_save = async_save
         self.best_k_models: dict[str, torch.Tensor] = {}
         self.kth_best_model_path = ""
@@ -63,18 +78,24 @@ class ModelCheckpoint(Callback):
         self.best_model_score: torch.Tensor | None = None
         self.current_score: torch.Tensor | None = None
         self.last_model_path = ""
-        self._last_global_step_saved = -1
+        self._last_global_step_saved = 0  # no checkpoint before the first optimizer step
         self._last_time = time.monotonic()
+        self._val_ran = False
+        self._warned_missing: set[str] = set()
+        self._written: set[str] = set()  # paths this run wrote or queued (so version counters see queued files)
+        self._to_remove: list[tuple[str, str]] = []  # (rotated-out path, the newer path it waits for)
         self._writer: Any = None
 
     @property
     def state_key(self) -> str:
+        """Lightning's key for this callback's state: the settings that tell two instances apart."""
         return (f"ModelCheckpoint{{'monitor': {self.monitor!r}, 'mode': {self.mode!r}, 'every_n_train_steps': "
                 f"{self.every_n_train_steps}, 'every_n_epochs': {self.every_n_epochs}, 'train_time_interval': "
                 f"{self.train_time_interval!r}}}")
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
+        """Best scores and paths, as Lightning stores them."""
         return {"monitor": self.monitor, "best_model_score": self.best_model_score,
                 "best_model_path": self.best_model_path, "current_score": self.current_score,
                 "dirpath": self.dirpath, "best_k_models": dict(self.best_k_models),
@@ -82,77 +103,109 @@ class ModelCheckpoint(Callback):
                 "last_model_path": self.last_model_path}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        same_dir = state_dict.get("dirpath") == self.dirpath
+        """Restore best scores; the top-k bookkeeping only when the checkpoints live in this dirpath."""
         self.best_model_score = state_dict.get("best_model_score")
         self.best_model_path = state_dict.get("best_model_path", "")
-        if same_dir:
+        self.current_score = state_dict.get("current_score")
+        if state_dict.get("dirpath") == self.dirpath:
             self.best_k_models = dict(state_dict.get("best_k_models", {}))
             self.kth_best_model_path = state_dict.get("kth_best_model_path", "")
             kth = state_dict.get("kth_value")
             if kth is not None:
-                self.kth_value = kth
+                self.kth_value = torch.as_tensor(kth)
             self.last_model_path = state_dict.get("last_model_path", "")
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """Pick the directory (``<log_dir>/checkpoints`` unless dirpath was given) and create it."""
+        from raytrainer.checkpoint import storage
+
         if self.dirpath is None:
-            from raytrainer.loggers.csv import _join
-
             base = trainer.log_dir if trainer.loggers else trainer.default_root_dir
-            self.dirpath = _join(base, "checkpoints")
+            self.dirpath = storage.join(base, "checkpoints")
         if stage == "fit" and trainer.is_global_zero:
-            from raytrainer.checkpoint import storage
-
             storage.makedirs(self.dirpath)
+        self._val_ran = False
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        """Start the train_time_interval clock when training starts."""
         self._last_time = time.monotonic()
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Save every ``every_n_train_steps`` optimizer steps or every ``train_time_interval``."""
         step = trainer.global_step
         if step == self._last_global_step_saved:
             return
         due = False
-        if self.every_n_train_steps and step % self.every_n_train_steps == 0:
-            due = True
+        if self.every_n_train_steps:
+            due = step % self.every_n_train_steps == 0
         elif self.train_time_interval is not None:
             elapsed = time.monotonic() - self._last_time
             if trainer.strategy is not None and trainer.strategy.distributed:
-                elapsed = float(trainer.strategy.broadcast(elapsed))
+                elapsed = float(trainer.strategy.broadcast(elapsed))  # every rank decides alike
             due = elapsed >= self.train_time_interval.total_seconds()
         if due:
             self._save_all(trainer)
             self._last_time = time.monotonic()
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        if self.every_n_train_steps or self.train_time_interval is not None:
-            if self.save_last:
-                self._save_last(trainer, self._metrics(trainer))
+        """Epoch-end saves (when validation does not decide them, see ``on_validation_end``)."""
+        if self._save_on_epoch_end(trainer):
+            self._save_epoch(trainer)
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        """Save after each validation when it runs mid-epoch or not every epoch, as Lightning does."""
+        if trainer.state_fn != "fit" or trainer.sanity_checking:
             return
-        if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
-            self._save_all(trainer)
-        elif self.save_last:
-            self._save_last(trainer, self._metrics(trainer))
+        self._val_ran = True
+        if not self._save_on_epoch_end(trainer):
+            self._save_epoch(trainer)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        # A run stopped mid-epoch (max_steps, max_time, preemption) still leaves a resumable last.ckpt.
-        if self.save_last is not False and trainer.global_step != self._last_global_step_saved \
-                and trainer._batches_done_in_epoch:
-            self._save_last(trainer, self._metrics(trainer), force=True)
+        """Make a run stopped mid-epoch (max_steps, max_time, preemption) resumable, then wait for writes."""
+        if self.save_last is not False and trainer._batches_done_in_epoch \
+                and trainer.global_step != self._last_global_step_saved:
+            self._save_last(trainer)
         self.wait_for_writes()
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        """Let queued writes finish; a write failure is logged so the original exception stays visible."""
         if self._writer is not None:
             try:
                 self._writer.wait()
-            except Exception as exc:  # keep the original exception; report the write failure
+            except Exception as exc:
                 log.warning("a background checkpoint write also failed: %s", exc)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """Finish writes and deferred deletions, and stop the writer thread."""
         if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+            try:
+                self._flush_removals(block=True)
+            finally:
+                self._writer.close()
+                self._writer = None
 
-    # ------------------------------------------------------------------ saving
+    # ------------------------------------------------------------------ deciding
+    def _save_on_epoch_end(self, trainer: Any) -> bool:
+        """True when epoch-end saving happens in on_train_epoch_end rather than after each validation."""
+        if self.save_on_train_epoch_end is not None:
+            return self.save_on_train_epoch_end
+        if not trainer._val_dataloaders:
+            return True
+        if trainer.check_val_every_n_epoch != 1:
+            return False
+        return trainer.val_check_interval in (None, 1.0)
+
+    def _save_epoch(self, trainer: Any) -> None:
+        if trainer.global_step == self._last_global_step_saved:
+            return  # already saved at this step (or no step was taken yet)
+        if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self._save_all(trainer)
+        elif self.save_last:
+            self._save_last(trainer)
+
     def _metrics(self, trainer: Any) -> dict[str, Any]:
+        """What filename templates and monitor can use: every logged value plus epoch and step."""
         metrics = dict(trainer.callback_metrics)
         metrics["epoch"] = torch.tensor(trainer.current_epoch)
         metrics["step"] = torch.tensor(trainer.global_step)
@@ -166,35 +219,43 @@ class ModelCheckpoint(Callback):
             else:
                 self._save_monitored(trainer, metrics)
         if self.save_last:
-            self._save_last(trainer, metrics)
+            self._save_last(trainer)
 
     def _save_none_monitor(self, trainer: Any, metrics: dict[str, Any]) -> None:
-        path = self.format_checkpoint_name(metrics)
         previous = self.best_model_path
+        path = self._free_name(trainer, metrics, replacing=previous if self.save_top_k == 1 else None)
         self.best_model_path = path  # the state written into the checkpoint already names it
         self._write(trainer, path)
         if self.save_top_k == 1 and previous and previous != path:
-            self._remove_after_write(trainer, previous)
+            self._remove_after_write(trainer, previous, path)
 
     def _save_monitored(self, trainer: Any, metrics: dict[str, Any]) -> None:
         if self.monitor not in metrics:
-            raise RuntimeError(f"ModelCheckpoint(monitor={self.monitor!r}) found no such metric at epoch "
-                               f"{trainer.current_epoch}, step {trainer.global_step}. Logged: "
-                               f"{sorted(k for k in metrics if k not in ('epoch', 'step'))}. Log it with "
-                               "self.log, or change monitor.")
-        current = torch.as_tensor(metrics[self.monitor]).detach().float().cpu()
-        if torch.isnan(current):
+            message = (f"ModelCheckpoint(monitor={self.monitor!r}) found no such metric at epoch "
+                       f"{trainer.current_epoch}, step {trainer.global_step}. Logged: "
+                       f"{sorted(k for k in metrics if k not in ('epoch', 'step'))}. Log it with self.log, "
+                       "or change monitor.")
+            if self._val_ran or not trainer._val_dataloaders:
+                raise RuntimeError(message)
+            if self.monitor not in self._warned_missing:  # e.g. a val metric before the first validation
+                self._warned_missing.add(self.monitor)
+                log.warning("%s Skipping this save.", message)
+            return
+        current = torch.as_tensor(metrics[self.monitor]).detach().float().cpu().squeeze()
+        if not torch.isfinite(current):
             current = torch.tensor(math.inf if self.mode == "min" else -math.inf)
         self.current_score = current
-        k = len(self.best_k_models) if self.save_top_k == -1 else self.save_top_k
+        k = self.save_top_k
         better = _MODES[self.mode][1]
-        if self.save_top_k != -1 and len(self.best_k_models) >= k and not better(current, self.kth_value):
+        if k != -1 and len(self.best_k_models) >= k and not better(current, self.kth_value):
+            if self.verbose and trainer.is_global_zero:
+                log.info("epoch %d, step %d: %s was not in top %d", trainer.current_epoch, trainer.global_step,
+                         self.monitor, k)
             return
-        path = self.format_checkpoint_name(metrics)
+        worst = self.kth_best_model_path if k != -1 and len(self.best_k_models) >= k else None
+        path = self._free_name(trainer, metrics, replacing=worst)
         self.best_k_models[path] = current
-        worst = None
-        if self.save_top_k != -1 and len(self.best_k_models) > k:
-            worst = self.kth_best_model_path
+        if worst is not None and worst != path:
             del self.best_k_models[worst]
         pick = max if self.mode == "min" else min
         self.kth_best_model_path = pick(self.best_k_models, key=lambda p: float(self.best_k_models[p]))
@@ -204,20 +265,33 @@ class ModelCheckpoint(Callback):
         self.best_model_score = self.best_k_models[self.best_model_path]
         self._write(trainer, path)
         if worst is not None and worst != path:
-            self._remove_after_write(trainer, worst)
+            self._remove_after_write(trainer, worst, path)
         if self.verbose and trainer.is_global_zero:
             log.info("epoch %d, step %d: %s=%.5g, saved %s", trainer.current_epoch, trainer.global_step,
                      self.monitor, float(current), path)
 
-    def _save_last(self, trainer: Any, metrics: dict[str, Any], force: bool = False) -> None:
-        from raytrainer.loggers.csv import _join
+    def _save_last(self, trainer: Any) -> None:
+        """(Over)write ``last.ckpt``; the previous content stays valid until the new one is complete."""
+        from raytrainer.checkpoint import storage
 
-        path = _join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
-        if not force and trainer.global_step == self._last_global_step_saved and self.last_model_path == path:
-            return
-        self._write(trainer, path)
+        path = storage.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
         self.last_model_path = path
+        self._write(trainer, path)
 
+    def _free_name(self, trainer: Any, metrics: dict[str, Any], replacing: str | None) -> str:
+        """The formatted name, with -v1, -v2, ... when another file of that name exists (Lightning's counter)."""
+        from raytrainer.checkpoint import storage
+
+        path = self.format_checkpoint_name(metrics)
+        if not self.enable_version_counter:
+            return path
+        version = self.STARTING_VERSION
+        while path != replacing and (path in self._written or (trainer.is_global_zero and storage.exists(path))):
+            path = self.format_checkpoint_name(metrics, ver=version)
+            version += 1
+        return path
+
+    # ------------------------------------------------------------------ writing
     def _write(self, trainer: Any, path: str) -> None:
         """Stage the state on the host now; serialise and write it in the background (rank 0 only)."""
         from raytrainer.checkpoint import storage
@@ -227,77 +301,126 @@ class ModelCheckpoint(Callback):
         self._last_global_step_saved = trainer.global_step
         if not trainer.is_global_zero:
             return
+        self._written.add(path)
         if self.async_save:
             if self._writer is None:
                 self._writer = storage.AsyncCheckpointWriter()
-            self._writer.submit(ckpt, path)
+            self._flush_removals(block=False)  # deletions whose replacement has landed meanwhile
+            self._writer.submit(ckpt, path)   # copies tensors to host memory here; the rest runs in background
         else:
             storage.save(ckpt, path)
         trainer._on_checkpoint_saved(path)
 
-    def _remove_after_write(self, trainer: Any, path: str) -> None:
-        """Delete a rotated-out checkpoint only once the newer one is safely on storage."""
-        from raytrainer.checkpoint import storage
-
-        if not trainer.is_global_zero or path in (self.last_model_path, self.best_model_path):
+    def _remove_after_write(self, trainer: Any, path: str, newer: str) -> None:
+        """Delete a rotated-out checkpoint, but only once ``newer`` is completely on storage."""
+        if not trainer.is_global_zero:
             return
         if not path.startswith(str(self.dirpath)):
-            return  # a previous run's file: never ours to delete
+            return  # a previous run's file (resumed with another dirpath): never ours to delete
+        self._to_remove.append((path, newer))
+        if self._writer is None:
+            self._flush_removals(block=False)
+
+    def _flush_removals(self, block: bool) -> None:
+        """Carry out deferred deletions once no write is in flight (``block`` waits for that)."""
+        from raytrainer.checkpoint import storage
+
+        if not self._to_remove:
+            return
         if self._writer is not None:
-            self._writer.wait()
-        storage.remove(path, missing_ok=True)
+            if not block and self._writer.pending:
+                return
+            self._writer.wait()  # returns at once when idle; raises a failed write before anything is deleted
+        todo, self._to_remove = self._to_remove, []
+        for old, newer in todo:
+            if old in (self.best_model_path, self.last_model_path) or old in self.best_k_models:
+                continue  # in use again (e.g. the same name was written anew)
+            if not _is_file(newer):
+                log.warning("keeping checkpoint %s: its replacement %s was not written", old, newer)
+                continue
+            storage.remove(old, missing_ok=True)
+            self._written.discard(old)
 
     def wait_for_writes(self) -> None:
-        """Block until every background write has finished (re-raises a failed write)."""
+        """Block until every background write (and the deletions waiting for it) has finished."""
         if self._writer is not None:
             self._writer.wait()
+        self._flush_removals(block=True)
 
-    def format_checkpoint_name(self, metrics: dict[str, Any], filename: str | None = None) -> str:
-        """Fill the filename template ({epoch}, {step}, metric names) and join it to dirpath."""
-        from raytrainer.loggers.csv import _join
+    # ------------------------------------------------------------------ names
+    def format_checkpoint_name(self, metrics: dict[str, Any], filename: str | None = None,
+                               ver: int | None = None) -> str:
+        """Fill the filename template ({epoch}, {step}, metric names, format specs) and join it to dirpath.
 
-        template = filename or self.filename or "{epoch}-{step}"
-        name = template
-        for key in re.findall(r"\{([^{}:]+)(?::[^{}]*)?\}", template):
-            if self.auto_insert_metric_name:
-                name = re.sub(r"\{(" + re.escape(key) + r")(:[^{}]*)?\}", key.replace("/", "_") + r"={\1\2}",
-                              name, count=1)
-        values = {k.replace("/", "_"): _num(v) for k, v in metrics.items()}
-        fmt_name = re.sub(r"\{([^{}:]+)", lambda m: "{" + m.group(1).replace("/", "_"), name)
-        try:
-            text = fmt_name.format(**values)
-        except KeyError as exc:
-            raise RuntimeError(f"ModelCheckpoint(filename={template!r}) uses {exc}, which was not logged. "
-                               f"Logged: {sorted(values)}.") from None
-        return _join(self.dirpath, text + self.FILE_EXTENSION)
+        As in Lightning, ``{val_loss:.2f}`` becomes ``val_loss=0.12`` (just ``0.12`` with
+        ``auto_insert_metric_name=False``), and a name that was not logged yet is filled with 0.
+        """
+        from raytrainer.checkpoint import storage
+
+        template = filename or self.filename or "{epoch}" + self.CHECKPOINT_JOIN_CHAR + "{step}"
+        names = re.findall(r"\{([^{}:]+)(?::[^{}]*)?\}", template)
+        values = {}
+        for i, name in enumerate(names):
+            if name not in metrics and name not in self._warned_missing:
+                self._warned_missing.add(name)
+                log.warning("ModelCheckpoint(filename=%r): %r was not logged (yet); it is written as 0. Logged: %s",
+                            template, name, sorted(metrics))
+            values[f"m{i}"] = _num(metrics.get(name, 0))
+        counter = iter(range(len(names)))
+
+        def field(match: re.Match) -> str:
+            name, spec = match.group(1), match.group(2) or ""
+            slot = "{m%d%s}" % (next(counter), spec)
+            # a metric name like "val/loss" must not create folders
+            label = name.replace("/", "_")
+            return f"{label}{self.CHECKPOINT_EQUALS_CHAR}{slot}" if self.auto_insert_metric_name else slot
+
+        text = re.sub(r"\{([^{}:]+)(:[^{}]*)?\}", field, template).format(**values)
+        if ver is not None:
+            text += f"{self.CHECKPOINT_JOIN_CHAR}v{ver}"
+        return storage.join(self.dirpath, text + self.FILE_EXTENSION)
 
     def find_last_candidates(self, trainer: Any) -> list[str]:
-        """Checkpoints a rerun may resume from: this dirpath, or every version's checkpoints folder."""
+        """Checkpoints a rerun may resume from: the given dirpath, else every logger version's checkpoints."""
+        from pyarrow import fs as pafs
+
         from raytrainer.checkpoint import storage
-        from raytrainer.loggers.csv import _join
 
         dirs = []
-        if self.dirpath is not None:
+        if self._dirpath_given and self.dirpath is not None:
             dirs.append(self.dirpath)
-        lg = trainer.logger
-        if lg is not None and getattr(lg, "root_dir", None):
-            from pyarrow import fs as pafs
-
-            fs, root = storage.resolve(lg.root_dir)
-            for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
-                if info.type == pafs.FileType.Directory:
-                    dirs.append(_join(_join(lg.root_dir, info.base_name), "checkpoints"))
         else:
-            dirs.append(_join(trainer.default_root_dir, "checkpoints"))
+            lg = trainer.logger
+            root = getattr(lg, "root_dir", None) if lg is not None else None
+            if root:
+                fs, path = storage.resolve(root)
+                for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
+                    if info.type == pafs.FileType.Directory:
+                        dirs.append(storage.join(root, info.base_name, "checkpoints"))
+            else:
+                dirs.append(storage.join(trainer.default_root_dir, "checkpoints"))
+            if self.dirpath is not None:
+                dirs.append(self.dirpath)
         files: list[str] = []
         for d in dict.fromkeys(dirs):
             files += [f for f in storage.listdir(d, missing_ok=True) if f.endswith(self.FILE_EXTENSION)]
         return files
 
     def __getstate__(self) -> dict[str, Any]:
+        """Pickle without the writer thread (the callback travels to Ray workers)."""
         state = self.__dict__.copy()
         state["_writer"] = None
         return state
+
+
+def _is_file(uri: str) -> bool:
+    """True when a complete file is at ``uri`` (writes become visible only when complete)."""
+    from pyarrow import fs as pafs
+
+    from raytrainer.checkpoint import storage
+
+    fs, path = storage.resolve(uri)
+    return fs.get_file_info(path).type == pafs.FileType.File
 
 
 def _num(v: Any) -> Any:

@@ -311,16 +311,25 @@ def _lightning_position(ckpt: dict[str, Any]) -> tuple[int, int, int | None]:
     return processed, batch_idx, stepped
 
 
-def restore_training_state(trainer: "Trainer", path: str, full: bool) -> None:
-    """Load weights (and with full=True: optimizers, schedulers, counters, callbacks, RNG, data position)."""
+def restore_training_state(trainer: "Trainer", path: "str | dict[str, Any]", full: bool) -> None:
+    """Load weights (and with full=True: optimizers, schedulers, counters, callbacks, RNG, data position).
+
+    ``path`` is a checkpoint file, or an already loaded checkpoint dict (an in-memory snapshot)."""
     from raytrainer.trainer.trainer import ResumePosition
 
     module = trainer.lightning_module
-    ckpt = read_checkpoint(path, map_location=module.device)
+    if isinstance(path, dict):
+        ckpt, path = path, "<in-memory snapshot>"
+    else:
+        ckpt = read_checkpoint(path, map_location=module.device)
     module.on_load_checkpoint(ckpt)
     _load_state_dict(module, ckpt["state_dict"], path, strict=True)
     if not full:
         return
+    if trainer.optimizers and "optimizer_states" not in ckpt:
+        raise ValueError(f"{path} holds only model weights (saved with save_weights_only=True), so fit cannot resume "
+                         "from it. Load the weights with Model.load_from_checkpoint(path) and call fit without "
+                         "ckpt_path, or resume from a full checkpoint.")
     dm = trainer.datamodule
     if dm is not None and type(dm).__qualname__ in ckpt:
         dm.load_state_dict(ckpt[type(dm).__qualname__])

@@ -83,7 +83,7 @@ class CSVLogger(Logger):
 
         text = yaml.safe_dump(_yaml_safe(dict(params)), sort_keys=False) if params else "{}\n"
         storage.makedirs(self.log_dir)
-        storage.write_bytes_atomic(_join(self.log_dir, "hparams.yaml"), text.encode())
+        storage.write_bytes_atomic(_join(self.log_dir, "hparams.yaml"), text.encode(), manifest=False)
 
     def save(self) -> None:
         """Rewrite metrics.csv with every row so far (columns may have grown)."""
@@ -92,14 +92,26 @@ class CSVLogger(Logger):
         if not self._rows:
             return
         buf = io.StringIO()
-        keys = ["epoch", "step"] if "epoch" in self._keys else ["step"]
-        keys += sorted(k for k in self._keys if k not in keys)
+        keys = sorted(self._keys)  # Lightning's CSVLogger sorts every column name, "epoch" and "step" included
         writer = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
         writer.writeheader()
         writer.writerows(self._rows)
         storage.makedirs(self.log_dir)
-        storage.write_bytes_atomic(_join(self.log_dir, "metrics.csv"), buf.getvalue().encode())
+        storage.write_bytes_atomic(_join(self.log_dir, "metrics.csv"), buf.getvalue().encode(), manifest=False)
         self._unflushed = 0
+
+    def resume_from_step(self, step: int) -> None:
+        """Continue this run's metrics.csv after a restart: keep rows up to ``step``, drop the lost ones."""
+        from raytrainer.checkpoint import storage
+
+        path = _join(self.log_dir, "metrics.csv")
+        if not storage.exists(path):
+            return
+        rows = list(csv.DictReader(io.StringIO(storage.read_verified(path).decode())))
+        kept = [{k: _number(v) for k, v in r.items() if v not in ("", None)} for r in rows
+                if int(float(r.get("step") or 0)) <= step]
+        self._rows = kept + [r for r in self._rows if r.get("step", 0) > step]
+        self._keys = list(dict.fromkeys(k for r in self._rows for k in r))
 
     def finalize(self, status: str) -> None:
         self.save()
@@ -112,6 +124,14 @@ class CSVLogger(Logger):
 
 def _join(base: str, part: str) -> str:
     return base.rstrip("/") + "/" + part if _is_uri(base) else os.path.join(base, part)
+
+
+def _number(v: str) -> Any:
+    try:
+        f = float(v)
+    except ValueError:
+        return v
+    return int(f) if f.is_integer() and "." not in v and "e" not in v.lower() else f
 
 
 def _yaml_safe(v: Any) -> Any:

@@ -91,6 +91,15 @@ class Strategy:
         """Skip the gradient all-reduce for accumulation steps (DDP's no_sync)."""
         yield
 
+    def stop_agreement(self) -> Callable[[bool], bool] | None:
+        """A function that agrees on a stop flag across ranks (None when there is one rank)."""
+        if not self.distributed:
+            return None
+        agreement = self.__dict__.get("_agreement")
+        if agreement is None:
+            agreement = self.__dict__["_agreement"] = LaggedAgreement()
+        return agreement
+
     def optimizer_step(self, optimizer: torch.optim.Optimizer, closure: Callable[[], Any] | None) -> Any:
         return optimizer.step(closure) if closure is not None else optimizer.step()
 
@@ -107,3 +116,34 @@ def move_to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, dict):
         return type(batch)((k, move_to_device(v, device)) for k, v in batch.items())
     return batch
+
+
+class LaggedAgreement:
+    """Agree on a flag across ranks one call late: each call starts an async MAX all-reduce of the
+    local flag (on its own gloo group) and returns the result of the previous call's. Every rank
+    therefore sees the same answer at the same step, and the collective overlaps a training step."""
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self._dist = dist
+        self._group = dist.new_group(backend="gloo")
+        self._buf = torch.zeros(1)
+        self._work: Any = None
+
+    def __call__(self, flag: bool) -> bool:
+        agreed = False
+        if self._work is not None:
+            self._work.wait()
+            agreed = bool(self._buf[0] > 0)
+        self._buf = torch.ones(1) if flag else torch.zeros(1)
+        self._work = self._dist.all_reduce(self._buf, op=self._dist.ReduceOp.MAX, group=self._group, async_op=True)
+        return agreed
+
+    def drain(self) -> bool:
+        """Finish the outstanding all-reduce (call on every rank at the same point); returns its answer."""
+        if self._work is None:
+            return False
+        self._work.wait()
+        self._work = None
+        return bool(self._buf[0] > 0)

@@ -29,10 +29,12 @@ def fit_loop(trainer: "Trainer") -> None:
     """Train epochs until a stop condition, validating as configured."""
     module = trainer.lightning_module
     trainer._call_hook("on_fit_start")
-    if trainer._val_dataloaders and trainer._sanity_steps > 0 and not trainer._resuming:
+    if trainer._val_dataloaders and trainer._sanity_steps != 0 and not trainer._resuming:
         trainer.sanity_checking = True
         trainer._call_callbacks("on_sanity_check_start")
-        evaluation_loop(trainer, "validate", trainer._val_dataloaders, limit=trainer._sanity_steps)
+        # num_sanity_val_steps=-1 checks every validation batch (up to limit_val_batches), as in Lightning
+        evaluation_loop(trainer, "validate", trainer._val_dataloaders,
+                        limit=None if trainer._sanity_steps < 0 else trainer._sanity_steps)
         trainer._call_callbacks("on_sanity_check_end")
         trainer.sanity_checking = False
         trainer._results["validate"].reset_epoch()
@@ -55,10 +57,15 @@ def _fit_done(trainer: "Trainer") -> bool:
     if trainer.max_epochs is not None and trainer.max_epochs != -1 and trainer.current_epoch >= trainer.max_epochs:
         return True
     if trainer.should_stop:
-        if trainer.current_epoch >= (trainer.min_epochs or 0):
+        if _can_stop_early(trainer):
             return True
-        trainer.should_stop = False  # min_epochs not reached yet: keep going, as Lightning does
+        trainer.should_stop = False  # min_epochs/min_steps not reached yet: keep going, as Lightning does
     return trainer.num_training_batches == 0
+
+
+def _can_stop_early(trainer: "Trainer") -> bool:
+    """Whether a should_stop request may end training now: min_epochs and min_steps are met."""
+    return trainer.current_epoch >= (trainer.min_epochs or 0) and trainer.global_step >= (trainer.min_steps or 0)
 
 
 def train_epoch(trainer: "Trainer", module: Any, deadline: float | None) -> bool:
@@ -76,7 +83,8 @@ def train_epoch(trainer: "Trainer", module: Any, deadline: float | None) -> bool
     if hasattr(batch_sampler, "set_epoch"):
         batch_sampler.set_epoch(epoch)
 
-    module.train()
+    # No module.train() here: as in Lightning 2.x the module keeps the modes the user gave its submodules
+    # (a frozen backbone stays in eval); evaluation restores them when it ends.
     trainer.training = True
     trainer._call_hook("on_train_epoch_start")
 
@@ -118,6 +126,8 @@ def train_epoch(trainer: "Trainer", module: Any, deadline: float | None) -> bool
     n_batches = trainer.num_training_batches
     batch_idx = first - 1
     stopped_mid_epoch = False
+    snapshotter = trainer._snapshotter
+    agree = strategy.stop_agreement() if strategy.distributed else None
     for batch_idx, batch in enumerate(batches, start=first):
         trainer._batch_idx = batch_idx
         if to_device is not None:
@@ -151,13 +161,21 @@ def train_epoch(trainer: "Trainer", module: Any, deadline: float | None) -> bool
             trainer._stepped_since_log = False
             if trainer._batches_that_stepped % log_every == 0:
                 trainer._log_step_metrics()
-        if check_val and val_every and (batch_idx + 1) % val_every == 0 \
-                and (n_batches is None or batch_idx + 1 < n_batches):
-            run_validation_in_fit(trainer)
-        stop = (max_steps != -1 and trainer.global_step >= max_steps) or trainer.should_stop \
-            or (deadline is not None and time.monotonic() >= deadline) or trainer._preempt_requested()
-        if trainer.strategy.distributed:
-            stop = strategy.reduce_boolean_decision(stop, all=False)
+        not_last = n_batches is None or batch_idx + 1 < n_batches
+        if check_val and not_last and ((val_every and _val_count(trainer, batch_idx) % val_every == 0)
+                                       or (trainer.should_stop and _can_stop_early(trainer))):
+            run_validation_in_fit(trainer)  # as Lightning, a stop request mid-epoch validates before stopping
+        if automatic and window_end and trainer.lr_scheduler_configs:
+            trainer._step_schedulers("step", plateau=True)  # step-interval ReduceLROnPlateau, after validation
+        if snapshotter is not None:
+            snapshotter.maybe_take(trainer)
+        # Deadlines and preemption can differ between ranks: they are agreed one step later, overlapping the
+        # all-reduce with the next step. max_steps and should_stop are the same on every rank already.
+        late = (deadline is not None and time.monotonic() >= deadline) or trainer._preempt_requested()
+        if agree is not None:
+            late = agree(late)
+        stop = (max_steps != -1 and trainer.global_step >= max_steps) \
+            or (trainer.should_stop and _can_stop_early(trainer)) or late
         if stop and not (n_batches is not None and batch_idx + 1 >= n_batches):
             stopped_mid_epoch = True
             break
@@ -171,9 +189,11 @@ def train_epoch(trainer: "Trainer", module: Any, deadline: float | None) -> bool
     # As in Lightning: epoch schedulers step before validation and the epoch-end hooks (so an epoch-end
     # checkpoint holds the stepped scheduler); ReduceLROnPlateau waits for this epoch's metrics.
     trainer._step_schedulers("epoch", plateau=False)
-    if check_val:
+    # As in Lightning: with val_check_interval the epoch's last batch validates only when it is a check batch.
+    if check_val and (not val_every or _val_count(trainer, batch_idx) % val_every == 0):
         run_validation_in_fit(trainer)
     results.fx = "on_train_epoch_end"
+    trainer._publish_train_epoch_metrics()  # on_train_epoch_end hooks read this epoch's reductions
     trainer._call_hook("on_train_epoch_end", monitoring_last=True)
     trainer._finish_train_epoch_logging(call_hooks=True)
     trainer._step_schedulers("epoch", plateau=True)
@@ -181,6 +201,11 @@ def train_epoch(trainer: "Trainer", module: Any, deadline: float | None) -> bool
     trainer._epoch_done = False
     trainer.training = False
     return True
+
+
+def _val_count(trainer: "Trainer", batch_idx: int) -> int:
+    """Batches counted by val_check_interval: this epoch's, or all so far when check_val_every_n_epoch=None."""
+    return batch_idx + 1 if trainer.check_val_every_n_epoch is not None else trainer._total_batches_seen
 
 
 def _automatic_step(trainer: "Trainer", module: Any, step_fn: Any, batch: Any, batch_idx: int, epoch: int,
@@ -282,7 +307,6 @@ def run_validation_in_fit(trainer: "Trainer") -> None:
     trainer.training = False
     evaluation_loop(trainer, "validate", trainer._val_dataloaders, limit=None)
     trainer.training = was_training
-    module.train()
     trainer._bind_results(trainer._results["train"])
 
 
@@ -299,6 +323,7 @@ def evaluation_loop(trainer: "Trainer", stage: str, dataloaders: list[Any], limi
     if limit is not None:
         counts = [min(c, limit) if c is not None else limit for c in counts]
     trainer._eval_batch_counts = [c or 0 for c in counts]
+    modes = _capture_modes(module)
     getattr(module, f"on_{prefix}_model_eval")()
     trainer._call_hook(f"on_{prefix}_start")
     per_loader: list[dict] = []
@@ -324,14 +349,33 @@ def evaluation_loop(trainer: "Trainer", stage: str, dataloaders: list[Any], limi
                         out = step_fn(batch, batch_idx)
                 results.fx = f"on_{prefix}_batch_end"
                 trainer._call_hook(f"on_{prefix}_batch_end", out, batch, batch_idx, *extra)
+                if not trainer.sanity_checking:
+                    trainer._log_eval_step_metrics(stage, dl_idx)
         results.dataloader_suffix = ""
         results.fx = f"on_{prefix}_epoch_end"
+        trainer._publish_eval_epoch_metrics(stage)
         trainer._call_hook(f"on_{prefix}_epoch_end")
     per_loader = trainer._finish_eval_logging(stage, len(dataloaders))
     trainer._call_hook(f"on_{prefix}_end", monitoring_last=stage == "validate")
-    if stage == "validate" and trainer.state_fn == "fit":
-        getattr(module, "on_validation_model_train")()
+    _restore_modes(module, modes, f"on_{prefix}_model_train")
     return per_loader
+
+
+def _capture_modes(module: torch.nn.Module) -> list[tuple[torch.nn.Module, bool]]:
+    """Every submodule's training flag, to put back after evaluation (Lightning's _ModuleMode)."""
+    return [(m, m.training) for m in module.modules()]
+
+
+def _restore_modes(module: Any, modes: list[tuple[torch.nn.Module, bool]], hook: str | None) -> None:
+    """Call the user's on_*_model_train when overridden; otherwise restore the captured flags."""
+    from raytrainer.callbacks.callback import overrides
+    from raytrainer.module import LightningModule
+
+    if hook is not None and overrides(module, LightningModule, hook):
+        getattr(module, hook)()
+        return
+    for m, training in modes:
+        m.training = training
 
 
 def _accepts_dataloader_idx(fn: Any) -> bool:
@@ -350,6 +394,7 @@ def predict_loop(trainer: "Trainer", dataloaders: list[Any], return_predictions:
     trainer._bind_results(None)
     counts = [trainer._limit(dl, "predict") for dl in dataloaders]
     trainer._eval_batch_counts = [c or 0 for c in counts]
+    modes = _capture_modes(module)
     module.on_predict_model_eval()
     all_preds: list[list[Any]] = []
     with torch.inference_mode():
@@ -372,6 +417,7 @@ def predict_loop(trainer: "Trainer", dataloaders: list[Any], return_predictions:
             all_preds.append(preds)
         trainer._call_hook("on_predict_epoch_end")
         trainer._call_hook("on_predict_end")
+    _restore_modes(module, modes, None)
     if not return_predictions:
         return None
     return all_preds[0] if len(all_preds) == 1 else all_preds

@@ -148,12 +148,37 @@ class LightningOptimizer:
         self._optimizer.zero_grad(set_to_none=set_to_none)
 
     def step(self, closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
-        """Run ``on_before_optimizer_step``, then the precision/strategy-aware step; counts global_step."""
+        """Precision/strategy-aware step; counts one global_step, as Lightning does.
+
+        The closure (usually forward + ``manual_backward``) runs first, then gradients are unscaled
+        (16-mixed) and ``on_before_optimizer_step`` runs, so the hook sees real-sized gradients.
+        """
+        if closure is not None and not callable(closure):
+            raise TypeError(f"optimizer.step(closure=...) needs a callable closure, got {type(closure).__name__}.")
+        if kwargs:
+            raise TypeError(f"optimizer.step() got extra arguments {sorted(kwargs)}; raytrainer passes only "
+                            "`closure` to the optimizer. Set such options on the optimizer's param_groups instead.")
         t = self._trainer
-        t._call_hook("on_before_optimizer_step", self._optimizer)
-        out = t._optimizer_step(self._optimizer, closure)
+        optimizer = self._optimizer
+
+        def closure_then_hook() -> Any:
+            out = closure() if closure is not None else None
+            t._precision.unscale_gradients(optimizer)
+            for fn in t._hot_hooks.get("on_before_optimizer_step", ()):
+                fn(optimizer)
+            return out
+
+        self._on_before_step()
+        out = t._optimizer_step(optimizer, closure_then_hook)
+        self._on_after_step()
         t._on_manual_optimizer_step()
         return out
+
+    def __getattr__(self, name: str) -> Any:
+        # Everything else (defaults, add_param_group, ...) is the wrapped optimizer's, as in Lightning.
+        if name == "_optimizer":
+            raise AttributeError(name)
+        return getattr(self._optimizer, name)
 
     def __repr__(self) -> str:
         return f"LightningOptimizer({self._optimizer!r})"
@@ -163,14 +188,11 @@ class AutomaticStepOptimizer(LightningOptimizer):
     """What an overridden ``LightningModule.optimizer_step`` receives under automatic optimization.
 
     ``step(closure=optimizer_closure)`` runs training_step, backward and the pre-step hooks inside the
-    closure (the Trainer built it), then the precision-aware step; each step counts one global step.
+    closure (the Trainer built it), then the precision-aware step. The Trainer counts the global step.
     """
 
     def step(self, closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
-        t = self._trainer
-        out = t._optimizer_step(self._optimizer, closure)
-        t.global_step += 1
-        return out
+        return self._trainer._optimizer_step(self._optimizer, closure)
 
 
 def clip_gradients(optimizer: Any, clip_val: float | None, algorithm: str | None, precision: Any) -> None:

@@ -284,7 +284,12 @@ def _parse_tpu(value: Any) -> tuple[int, tuple[int, ...] | None]:
         if len(ids) != 1:
             raise ValueError(f"tpu_cores={value!r}: a list selects one core, e.g. [5]; use an int for many.")
         return 1, ids
-    n = int(value)
+    if parse_range(value, "tpu_cores") is not None:
+        return _parse_count(value, "tpu_cores"), None  # rejected below with the TPU launcher's reason
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"tpu_cores={value!r} must be a positive integer (or a list with one core id).") from None
     if n < 1:
         raise ValueError(f"tpu_cores={value!r} must be at least 1.")
     return n, None

@@ -26,15 +26,20 @@ REDUCE_FX = {"mean": "mean", "avg": "mean", "sum": "sum", "max": "max", "min": "
 class _Meta:
     """How one logged name is treated; decided on the first call and reused afterwards."""
 
-    __slots__ = ("name", "on_step", "on_epoch", "prog_bar", "logger", "reduce", "sync_dist")
+    __slots__ = ("name", "on_step", "on_epoch", "prog_bar", "logger", "reduce", "sync_dist", "dl_suffix")
 
     def __init__(self, name: str, on_step: bool, on_epoch: bool, prog_bar: bool, logger: bool,
-                 reduce: str, sync_dist: bool) -> None:
+                 reduce: str, sync_dist: bool, dl_suffix: str = "") -> None:
         self.name, self.on_step, self.on_epoch = name, on_step, on_epoch
         self.prog_bar, self.logger, self.reduce, self.sync_dist = prog_bar, logger, reduce, sync_dist
+        self.dl_suffix = dl_suffix  # "/dataloader_idx_N", already part of name
 
     def key(self, suffix: str) -> str:
-        return f"{self.name}_{suffix}" if self.on_step and self.on_epoch else self.name
+        """Published name: ``loss_step`` / ``loss_epoch`` when both are logged (``loss_epoch/dataloader_idx_1``)."""
+        if not (self.on_step and self.on_epoch):
+            return self.name
+        base = self.name[:len(self.name) - len(self.dl_suffix)] if self.dl_suffix else self.name
+        return f"{base}_{suffix}{self.dl_suffix}"
 
 
 class _Accum:
@@ -87,11 +92,13 @@ class Results:
 
     def log(self, fx: str, name: str, value: Any, prog_bar: bool, logger: bool, on_step: bool | None,
             on_epoch: bool | None, reduce_fx: Any, sync_dist: bool, batch_size: int | None,
-            batch: Any) -> None:
-        full = name + self.dataloader_suffix
+            batch: Any, add_dataloader_idx: bool = True) -> None:
+        suffix = self.dataloader_suffix if add_dataloader_idx else ""
+        full = name + suffix
         meta = self.meta.get(full)
         if meta is None:
             meta = self._new_meta(fx, full, value, prog_bar, logger, on_step, on_epoch, reduce_fx, sync_dist)
+            meta.dl_suffix = suffix
         if meta.on_step:
             self.step_values[full] = value
         if meta.on_epoch:

@@ -23,11 +23,20 @@ from raytrainer.trainer.optimization import (AutomaticStepOptimizer, LightningOp
 from raytrainer.trainer.plan import Env, Plan, as_sequence
 from raytrainer.trainer.precision import Precision, make_precision
 from raytrainer.trainer.results import Results, to_float
+from raytrainer.launchers.ray import control
+from raytrainer.launchers.ray.control import Preempted
 from raytrainer.utilities import closest, log, set_rng_states
 
 HOT_HOOKS = ("on_train_batch_start", "on_train_batch_end", "on_before_backward", "on_after_backward",
              "on_before_optimizer_step", "on_before_zero_grad")
 MONITORING = ("ModelCheckpoint", "EarlyStopping")
+
+
+def _callback_order(cb: Any) -> tuple[bool, bool]:
+    """Sort key: monitoring callbacks after the others, and ModelCheckpoint last of all (as in Lightning), so a
+    checkpoint holds the state other callbacks reached in the same hook (e.g. EarlyStopping's wait count)."""
+    names = {k.__name__ for k in type(cb).__mro__}
+    return bool(names & set(MONITORING)), "ModelCheckpoint" in names
 
 
 @dataclass
@@ -140,6 +149,14 @@ class Trainer:
                                                (isinstance(val_check_interval, float) and val_check_interval > 1)):
             raise ValueError(f"val_check_interval={val_check_interval!r}: use a float in (0, 1] (fraction of an "
                              "epoch) or an int >= 1 (number of training batches).")
+        if check_val_every_n_epoch is None and isinstance(val_check_interval, float):
+            raise ValueError(f"val_check_interval={val_check_interval!r} is a fraction of an epoch, but "
+                             "check_val_every_n_epoch=None counts batches across epochs: give an int number of "
+                             "training batches, or set check_val_every_n_epoch.")
+        if check_val_every_n_epoch is not None and (not isinstance(check_val_every_n_epoch, int)
+                                                     or check_val_every_n_epoch < 1):
+            raise ValueError(f"check_val_every_n_epoch={check_val_every_n_epoch!r} must be an int >= 1, or None "
+                             "(validate every val_check_interval batches, across epochs).")
         self.val_check_interval = val_check_interval
         self.check_val_every_n_epoch = check_val_every_n_epoch
         self._sanity_steps = 2 if num_sanity_val_steps is None else int(num_sanity_val_steps)
@@ -197,6 +214,7 @@ class Trainer:
         self._logged_metrics: dict[str, Any] = {}
         self._progress_bar_metrics: dict[str, float] = {}
         self._eval_batch_counts: list[int] = []
+        self._eval_steps_seen: dict[tuple[str, int], int] = {}
         self._hot_hooks: dict[str, list[Callable[..., Any]]] = {}
         self._train_dataloader: Any = None
         self._val_dataloaders: list[Any] = []
@@ -208,6 +226,9 @@ class Trainer:
         self._step_model: nn.Module | None = None
         self._module_optimizer_step: Callable[..., Any] | None = None
         self._module_lr_scheduler_step: Callable[..., Any] | None = None
+        self._snapshotter: Any = None  # set on Ray ranks: takes in-memory snapshots at step boundaries
+        self._events: Any = None       # EventLog (rank 0 of an in-process run) or a forwarder to the Ray driver
+        self._events_forwarded = False  # True on Ray ranks: the driver writes start/finish itself
         self.saved_checkpoints: list[tuple[int, str]] = []
         self.last_run: Any = None   # RunResult / events of the last Ray run
 
@@ -234,7 +255,7 @@ class Trainer:
         if self.enable_checkpointing and not has_ckpt:
             cbs.append(ModelCheckpoint())
         # monitoring callbacks run after the others, as in Lightning
-        return sorted(cbs, key=lambda c: type(c).__name__ in MONITORING)
+        return sorted(cbs, key=_callback_order)
 
     def _make_loggers(self, logger: Any) -> list[Logger]:
         from raytrainer.loggers.csv import CSVLogger
@@ -317,15 +338,19 @@ class Trainer:
         if train is not None and train.step_values:
             for key, (meta, value) in train.step_metrics().items():
                 out[key] = value if isinstance(value, torch.Tensor) else torch.tensor(float(value))
-                if meta.on_epoch and meta.on_step and meta.name not in out:
-                    out[meta.name] = out[key]
-                elif not meta.on_epoch:
-                    out[meta.name] = out[key]
+                out[meta.name] = out[key]  # during the epoch the plain name is the latest step value (Lightning)
         return out
 
     @property
     def logged_metrics(self) -> dict[str, Any]:
-        return dict(self._logged_metrics)
+        """Every value sent to the loggers, plus the latest training step values (as Lightning)."""
+        out = dict(self._logged_metrics)
+        train = self._results.get("train")
+        if train is not None and train.step_values:
+            for key, (meta, value) in train.step_metrics().items():
+                if meta.logger:
+                    out[key] = to_float(value)
+        return out
 
     @property
     def progress_bar_metrics(self) -> dict[str, float]:
@@ -442,10 +467,13 @@ class Trainer:
         self._precision = self._make_precision()
         stage = {"fit": "fit", "validate": "validate", "test": "test", "predict": "predict"}[fn]
         self._results = {s: Results(s) for s in ("train", "validate", "test")}
+        # as Lightning: each fit/validate/test/predict starts with empty metrics
+        self._callback_metrics, self._logged_metrics, self._progress_bar_metrics = {}, {}, {}
+        self._eval_steps_seen = {}
         extra_cbs = as_sequence(model.configure_callbacks())
         added = [c for c in extra_cbs if type(c) not in {type(x) for x in self.callbacks}]
         self.callbacks = sorted([c for c in self.callbacks if type(c) not in {type(x) for x in extra_cbs}]
-                                + list(extra_cbs), key=lambda c: type(c).__name__ in MONITORING) if added or \
+                                + list(extra_cbs), key=_callback_order) if added or \
             extra_cbs else self.callbacks
         if self.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=self.deterministic == "warn")
@@ -476,8 +504,7 @@ class Trainer:
             self._hot_hooks = self._collect_hot_hooks(model)
             if fn == "fit":
                 self._log_hparams(model, datamodule)
-                loops.fit_loop(self)
-                out: Any = None
+                out: Any = self._fit_with_preemption()
             elif fn in ("validate", "test"):
                 self._results[fn].reset_epoch()
                 out = loops.evaluation_loop(self, fn, self._val_dataloaders, limit=None)
@@ -490,7 +517,60 @@ class Trainer:
             self._finish(model, datamodule, stage, "failed")
             raise
         self._finish(model, datamodule, stage, "success")
+        if isinstance(out, Preempted):
+            raise out
         return out
+
+    def _fit_with_preemption(self) -> "Preempted | None":
+        """Run the fit loop with SIGTERM turned into a stop at the next step and a durable checkpoint."""
+        events = self._events
+        if events is None and self.is_global_zero:
+            from raytrainer.launchers.ray.events import EventLog
+
+            events = self._events = EventLog(self.log_dir)
+        if events is not None and not self._events_forwarded:
+            events.emit("start", world_size=self.world_size, step=self.global_step, epoch=self.current_epoch)
+        if not self._events_forwarded:
+            control.reset()  # a stop requested in an earlier fit of this process does not carry over
+        previous = control.install_sigterm_handler()
+        try:
+            loops.fit_loop(self)
+        finally:
+            control.restore_sigterm_handler(previous)
+        if control.stop_reason() != "preempt":
+            if events is not None and not self._events_forwarded:
+                events.emit("finish", world_size=self.world_size, step=self.global_step, epoch=self.current_epoch)
+            return None
+        path = self._preemption_checkpoint()
+        if events is not None:
+            events.emit("preemption", world_size=self.world_size, step=self.global_step, epoch=self.current_epoch,
+                        cause="SIGTERM", path=path)
+        message = (f"preempted (SIGTERM) at step {self.global_step}, epoch {self.current_epoch}; checkpoint written "
+                   f"to {path}. Rerun the same command with ckpt_path='last' to resume (exit code "
+                   f"{control.PREEMPTED_EXIT_CODE}).")
+        if self.is_global_zero:
+            log.warning("%s", message)
+        return Preempted(message, checkpoint=path)
+
+    def _preemption_checkpoint(self) -> str:
+        """The durable checkpoint of a preempted run: last.ckpt where ckpt_path="last" will find it."""
+        from raytrainer.checkpoint import storage
+
+        cb = self.checkpoint_callback
+        if cb is not None:
+            cb.wait_for_writes()
+            if cb.last_model_path and cb._last_global_step_saved == self.global_step:
+                return cb.last_model_path
+            directory = cb.dirpath
+        else:
+            directory = storage.join(self.log_dir, "checkpoints")
+        path = storage.join(directory, "last.ckpt")
+        if self.is_global_zero:
+            storage.makedirs(directory)
+        self.save_checkpoint(path)
+        if cb is not None:
+            cb.last_model_path = path
+        return path
 
     def _finish(self, model: LightningModule, datamodule: Any, stage: str, status: str) -> None:
         for cb in self.callbacks:
@@ -661,6 +741,8 @@ class Trainer:
                 continue
             getattr(cb, name)(self, model, *args)
         out = getattr(model, name)(*args) if hasattr(model, name) else None
+        if late and name == "on_train_epoch_end":
+            self._publish_train_epoch_metrics()  # what the module logged in on_train_epoch_end, for monitors
         for cb in late:
             getattr(cb, name)(self, model, *args)
         return out
@@ -707,7 +789,7 @@ class Trainer:
                                         step_closure)
         else:
             self._optimizer_step(optimizer, step_closure)
-            self.global_step += 1
+        self.global_step += 1  # as Lightning: counts optimizer_step calls, even an override that skips the step
         self._batches_that_stepped += 1
         self._stepped_since_log = True
         if self.lr_scheduler_configs:
@@ -765,25 +847,51 @@ class Trainer:
         train = self._results["train"]
         metrics = {k: to_float(v) for k, (meta, v) in train.step_metrics(self._reduce_fn()).items() if meta.logger}
         if metrics:
-            metrics["epoch"] = self.current_epoch
-            self._send_to_loggers(metrics, self._batches_that_stepped - 1)
+            self._send_to_loggers(metrics, self._batches_that_stepped - 1, self.current_epoch)
 
     def _reduce_fn(self) -> Callable[[torch.Tensor, str], torch.Tensor] | None:
         s = self.strategy
         return s.reduce if s is not None and s.distributed else None
 
-    def _send_to_loggers(self, metrics: dict[str, float], step: int) -> None:
+    def _send_to_loggers(self, metrics: dict[str, float], step: int, epoch: int | None = None) -> None:
+        """Record in logged_metrics and write to the loggers; ``epoch`` is added for the loggers only."""
         self._logged_metrics.update(metrics)
-        if self.is_global_zero:
+        if self.is_global_zero and self.loggers:
+            if epoch is not None:
+                metrics = {**metrics}
+                metrics.setdefault("epoch", epoch)
             for lg in self.loggers:
                 lg.log_metrics(metrics, step)
 
-    def _finish_train_epoch_logging(self, call_hooks: bool) -> None:
+    def _log_eval_step_metrics(self, stage: str, dl_idx: int) -> None:
+        """self.log(on_step=True) in validation/test steps: written per batch, as Lightning does."""
+        results = self._results[stage]
+        counter = (stage, dl_idx)
+        step = self._eval_steps_seen.get(counter, 0)
+        self._eval_steps_seen[counter] = step + 1
+        if not results.step_values:
+            return
+        logged: dict[str, float] = {}
+        for key, (meta, v) in results.step_metrics(self._reduce_fn()).items():
+            f = to_float(v)
+            if meta.prog_bar:
+                self._progress_bar_metrics[key] = f
+            if meta.logger:
+                logged[key] = f
+        results.step_values.clear()
+        if logged:
+            self._send_to_loggers(logged, step)
+
+    def _publish_train_epoch_metrics(self) -> dict[str, tuple[Any, torch.Tensor]]:
+        """Put this epoch's training results into callback/progress-bar metrics; returns the epoch values.
+
+        Called before the on_train_epoch_end hooks (and again before the monitoring callbacks), so that they
+        read this epoch's reductions, as in Lightning.
+        """
         train = self._results["train"]
         reduce = self._reduce_fn()
         step_vals = train.step_metrics(reduce)
         epoch_vals = train.epoch_metrics(reduce, sync_all=False)
-        logged: dict[str, float] = {}
         for key, (meta, v) in list(step_vals.items()) + list(epoch_vals.items()):
             tensor = v if isinstance(v, torch.Tensor) else torch.tensor(float(v))
             self._callback_metrics[key] = tensor
@@ -791,12 +899,28 @@ class Trainer:
                 self._callback_metrics[meta.name] = tensor
             if meta.prog_bar:
                 self._progress_bar_metrics[key] = to_float(tensor)
-            if meta.logger and key in epoch_vals:
-                logged[key] = to_float(tensor)
-        train.step_values.clear()
+        if step_vals:
+            # the last step values stay in logged_metrics, as Lightning keeps them
+            self._logged_metrics.update({k: to_float(v) for k, (meta, v) in step_vals.items() if meta.logger})
+            train.step_values.clear()
+        return epoch_vals
+
+    def _finish_train_epoch_logging(self, call_hooks: bool) -> None:
+        epoch_vals = self._publish_train_epoch_metrics()
+        logged = {key: to_float(v) for key, (meta, v) in epoch_vals.items() if meta.logger}
         if logged:
-            logged["epoch"] = self.current_epoch
-            self._send_to_loggers(logged, max(self._batches_that_stepped - 1, 0))
+            self._send_to_loggers(logged, max(self._batches_that_stepped - 1, 0), self.current_epoch)
+
+    def _publish_eval_epoch_metrics(self, stage: str) -> None:
+        """Validation/test epoch reductions into callback/progress-bar metrics before on_*_epoch_end (Lightning)."""
+        if self.sanity_checking:
+            return
+        for key, (meta, v) in self._results[stage].epoch_metrics(self._reduce_fn(), sync_all=True).items():
+            self._callback_metrics[key] = v
+            if key != meta.name and key.endswith("_epoch"):
+                self._callback_metrics[meta.name] = v
+            if meta.prog_bar:
+                self._progress_bar_metrics[key] = to_float(v)
 
     def _finish_eval_logging(self, stage: str, n_loaders: int) -> list[dict[str, float]]:
         results = self._results[stage]
@@ -820,15 +944,19 @@ class Trainer:
                 per_loader[i][key] = f
         if logged:
             step = max(self._batches_that_stepped - 1, 0) if self.state_fn == "fit" else self._batches_that_stepped
-            logged["epoch"] = self.current_epoch
-            self._send_to_loggers(logged, step)
+            self._send_to_loggers(logged, step, self.current_epoch)
         return per_loader
 
     def _log_hparams(self, model: LightningModule, datamodule: Any) -> None:
         if not self.is_global_zero:
             return
-        params = dict(model.hparams)
-        if datamodule is not None:
+        # As Lightning: only what save_hyperparameters(logger=True) recorded is logged (no empty hparams.yaml).
+        log_module = model.__dict__.get("_log_hyperparams", False)
+        log_dm = datamodule is not None and datamodule.__dict__.get("_log_hyperparams", False)
+        if not (log_module or log_dm):
+            return
+        params = dict(model.hparams_initial) if log_module else {}
+        if log_dm:
             params.update(getattr(datamodule, "hparams", {}) or {})
         for lg in self.loggers:
             lg.log_hyperparams(params)
@@ -867,11 +995,14 @@ class Trainer:
             set_rng_states(pos.rng)
 
     def _on_checkpoint_saved(self, path: str) -> None:
-        """Record a checkpoint write (the Ray driver turns these into events)."""
+        """Record a checkpoint write in the run's events."""
         self.saved_checkpoints.append((self.global_step, path))
+        if self._events is not None:
+            self._events.emit("checkpoint", world_size=self.world_size, step=self.global_step,
+                              epoch=self.current_epoch, path=path)
 
     def _preempt_requested(self) -> bool:
-        return self._preempt_flag
+        return self._preempt_flag or control.stop_reason() is not None
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -879,7 +1010,7 @@ class Trainer:
                   "lr_scheduler_configs", "_hot_hooks", "_train_dataloader", "_val_dataloaders", "_step_model",
                   "_to_device", "_module_backward", "_module_zero_grad", "_module_clip", "_results",
                   "_module_optimizer_step", "_module_lr_scheduler_step",
-                  "_worker_group"):
+                  "_worker_group", "_snapshotter", "_events"):
             state.pop(k, None)
         return state
 
@@ -892,7 +1023,7 @@ class Trainer:
         self.datamodule = None
         self.strategy = None
         self.optimizers, self._lightning_optimizers, self.lr_scheduler_configs = [], [], []
-        self._hot_hooks, self._results = {}, {}
+        self._hot_hooks, self._results, self._snapshotter, self._events = {}, {}, None, None
         self._train_dataloader, self._val_dataloaders, self._step_model, self._to_device = None, [], None, None
 
 

@@ -26,7 +26,7 @@ def pair() -> Iterator[WorkerGroup]:
     """Two started ranks shared by the tests in this module."""
     if ray.is_initialized():
         ray.shutdown()
-    started = ensure_ray(2)
+    started = ensure_ray(2, address="local")
     group = WorkerGroup("ddp-tests", ranks_per_node=2)
     group.start()
     yield group

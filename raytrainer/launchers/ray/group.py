@@ -71,15 +71,17 @@ def ensure_ray(num_cpus_needed: int, num_gpus_needed: int = 0, address: str | No
 
     Order: an existing connection; ``address`` or ``RAY_ADDRESS``; a cluster started on this
     machine with ``ray start`` (found without waiting); else a new local instance with at least
-    ``num_cpus_needed`` logical CPUs, so 8 ranks run on a 2-core laptop. Only the caller that got
-    True should call ``ray.shutdown()``.
+    ``num_cpus_needed`` logical CPUs, so 8 ranks run on a 2-core laptop. ``address="local"``
+    skips the search and always starts a private instance. Only the caller that got True should
+    call ``ray.shutdown()``.
     """
     if ray.is_initialized():
         return False
     quiet = dict(log_to_driver=True, configure_logging=True, logging_level=logging.WARNING)
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if address is None:
-        address = _running_local_cluster()
+    if address == "local":
+        address = None
+    else:
+        address = address or os.environ.get("RAY_ADDRESS") or _running_local_cluster()
     if address is not None:
         log.info("connecting to the Ray cluster at %s", address)
         ray.init(address=address, **quiet)
@@ -87,7 +89,8 @@ def ensure_ray(num_cpus_needed: int, num_gpus_needed: int = 0, address: str | No
     num_cpus = max(os.cpu_count() or 1, int(math.ceil(num_cpus_needed)))
     log.info("starting a local Ray instance with %d logical CPUs", num_cpus)
     # GPUs are detected by Ray; asking for more than exist would only hide the real shortage.
-    ray.init(num_cpus=num_cpus, include_dashboard=False, **quiet)
+    # "local" so Ray itself never swaps in an address from RAY_ADDRESS or a leftover address file.
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **quiet)
     return True
 
 
@@ -188,14 +191,16 @@ def _children(obj: Any) -> list[tuple[str, Any]]:
         return []
     if not isinstance(reduced, tuple) or len(reduced) < 3:
         return []
+    args = [(f".<constructor argument {i}>", a) for i, a in enumerate(reduced[1] or ())
+            if not isinstance(a, type)]
     state = reduced[2]
     if isinstance(state, tuple) and len(state) == 2:  # (__dict__, __slots__ values)
         items = {**(state[0] or {}), **(state[1] or {})}
     elif isinstance(state, dict):
         items = state
     else:
-        return [(".<state>", state)] if state is not None else []
-    out: list[tuple[str, Any]] = []
+        return args + ([(".<state>", state)] if state is not None else [])
+    out: list[tuple[str, Any]] = list(args)
     for key, value in items.items():
         if isinstance(obj, torch.nn.Module) and key in ("_modules", "_parameters", "_buffers") \
                 and isinstance(value, dict):
@@ -303,8 +308,11 @@ class WorkerGroup:
 
     def actor_name(self, rank: int) -> str:
         """The Ray actor name of a rank: ``raytrainer-<run>-rank-<r>``."""
+        return f"{self._name_prefix()}-rank-{rank}"
+
+    def _name_prefix(self) -> str:
         safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", self.run_name.strip()).strip("-") or "run"
-        return f"{ACTOR_NAME_PREFIX}{safe}-rank-{rank}"
+        return f"{ACTOR_NAME_PREFIX}{safe}"
 
     def _rank_resources(self) -> dict[str, float]:
         res = {"CPU": float(self.cpus_per_rank), "GPU": float(self.gpus_per_rank)}
@@ -361,7 +369,7 @@ class WorkerGroup:
             bundles = [{k: v * self.ranks_per_node for k, v in per_rank.items()}
                        for _ in range(self.num_nodes)]
             strategy = "STRICT_SPREAD"
-        name = self.actor_name(0) + "-pg"
+        name = self._name_prefix() + "-pg"
         try:
             pg = placement_group(bundles, strategy=strategy, name=name)
         except RayError as err:

@@ -51,17 +51,35 @@ def torchrun_env(ctx: RankContext, rdzv: Rendezvous) -> dict[str, str]:
     }
 
 
+def interface_for_ip(ip: str) -> str | None:
+    """The network interface that carries ``ip`` on this machine, if one does."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.address == ip for a in addrs):
+            return name
+    return None
+
+
 def init_process_group(ctx: RankContext, rdzv: Rendezvous, backend: str, timeout_s: float,
                        master_store: dist.TCPStore | None = None,
-                       device_id: int | None = None) -> None:
+                       device_id: int | None = None, node_ip: str | None = None) -> None:
     """Join the default process group; rank 0 passes the store it opened, others connect to it.
 
     ``timeout_s`` bounds both the connection to the store and every later collective.
+    ``node_ip`` (the address Ray reaches this node at) pins gloo to that interface: gloo otherwise
+    follows the hostname, which many Linux images map to 127.0.1.1, and peers cannot reach that.
     """
     if dist.is_initialized():
         raise RuntimeError("a torch.distributed process group is already initialised in this "
                            "process; call destroy_process_group() before joining a new one")
     os.environ.update(torchrun_env(ctx, rdzv))
+    if backend == "gloo" and node_ip and "GLOO_SOCKET_IFNAME" not in os.environ:
+        interface = interface_for_ip(node_ip)
+        if interface is not None:
+            os.environ["GLOO_SOCKET_IFNAME"] = interface
     timeout = timedelta(seconds=timeout_s)
     if master_store is not None:
         store = master_store

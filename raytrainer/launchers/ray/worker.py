@@ -161,7 +161,7 @@ class RankWorker:
         rdzv = rendezvous.Rendezvous(info.master_addr, info.master_port)
         rendezvous.init_process_group(info, rdzv, info.backend, info.collective_timeout_s,
                                       master_store=self._master_store,
-                                      device_id=info.device_index)
+                                      device_id=info.device_index, node_ip=info.node_ip)
         self._info = info
         _CURRENT = info
         return {"seconds": time.perf_counter() - start, "device_index": info.device_index}
@@ -172,6 +172,9 @@ class RankWorker:
         try:
             if self._info is None:
                 raise RuntimeError("run() called before setup(); the worker group did not start")
+            if self._info.device_index is not None:
+                # The current CUDA device is per thread, and each call may run on another thread.
+                torch.cuda.set_device(self._info.device_index)
             fn, args = cloudpickle.loads(payload)
             value = fn(self._info, *args)
             return RankOutcome(ok=True, value=value, messages=_drain(),

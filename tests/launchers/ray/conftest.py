@@ -12,7 +12,7 @@ import ray
 
 from raytrainer.launchers.ray.group import ACTOR_NAME_PREFIX, ensure_ray
 
-LOCAL_CPUS = 8  # logical CPUs: enough for the 8-rank test, even on a 2-core machine
+LOCAL_CPUS = 10  # logical CPUs: the 8-rank test plus the shared 2-rank group, on any machine
 
 
 def alive_rank_actors(prefix: str = ACTOR_NAME_PREFIX) -> list[str]:
@@ -30,7 +30,8 @@ def local_ray() -> Iterator[None]:
     """A local Ray instance started by ensure_ray, shut down after the module."""
     if ray.is_initialized():
         ray.shutdown()
-    started = ensure_ray(LOCAL_CPUS)
+    # "local": never join another program's cluster that happens to run on this machine.
+    started = ensure_ray(LOCAL_CPUS, address="local")
     assert ray.cluster_resources().get("CPU", 0) >= LOCAL_CPUS, \
         "connected to a Ray cluster with too few CPUs for these tests"
     yield

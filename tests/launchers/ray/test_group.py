@@ -222,9 +222,11 @@ def test_placement_error_names_what_is_missing(local_ray):
     text = str(info.value)
     assert "2 rank(s) with {CPU: 64} each" in text and "total {CPU: 128}" in text
     assert "1 alive node(s), 0 of which can hold {CPU: 64}" in text
-    assert "cluster total {CPU: 8}" in text
-    tables = ray.util.placement_group_table().values()
-    assert all(t["state"] == "REMOVED" for t in tables if t["name"].startswith("raytrainer-toobig"))
+    assert "cluster total {CPU: 10}" in text
+    ours = [t for t in ray.util.placement_group_table().values()
+            if t["name"] == "raytrainer-toobig-pg"]
+    assert ours and all(t["state"] == "REMOVED" for t in ours)
+    assert not group.started
 
 
 @pytest.mark.slow
@@ -239,7 +241,7 @@ def test_eight_ranks_on_a_small_machine(local_ray):
     assert {r[2] for r in results} == {8}
 
 
-def test_unpicklable_argument_named_before_any_actor_starts(tmp_path, alive_actors):
+def test_unpicklable_argument_named_before_any_actor_starts(local_ray, tmp_path, alive_actors):
     model = WithFile(tmp_path / "log.txt")
     group = WorkerGroup("pickle", ranks_per_node=2)
     try:
@@ -250,8 +252,7 @@ def test_unpicklable_argument_named_before_any_actor_starts(tmp_path, alive_acto
     finally:
         model.log_file.close()
     assert not group.started
-    if ray.is_initialized():
-        assert alive_actors("raytrainer-pickle-") == []
+    assert alive_actors("raytrainer-pickle-") == []
 
 
 def test_unpicklable_lambda_inside_submodule_is_named():

@@ -29,6 +29,9 @@ class LightningModule(nn.Module):
         "automatic_optimization", "example_input_array", "local_rank", "global_rank", "on_gpu",
         "dtype", "logger", "loggers",
     ]
+    # Set by raytrainer.export while torch.jit.script/trace inspect the module: they read every
+    # property, so `trainer` must not raise then.
+    _jit_is_scripting = False  # no annotation: TorchScript would try to resolve the string "bool"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -147,7 +150,7 @@ class LightningModule(nn.Module):
     @property
     def trainer(self) -> "Trainer":
         t = self.__dict__["_trainer"]
-        if t is None:
+        if t is None and not self._jit_is_scripting:
             raise RuntimeError(f"{type(self).__name__}.trainer {_TRAINER_ONLY}.")
         return t
 
@@ -223,6 +226,10 @@ class LightningModule(nn.Module):
             metric_attribute: str | None = None, rank_zero_only: bool = False) -> None:
         """Record a scalar for the progress bar, loggers and callbacks (see Lightning's self.log)."""
         results = self.__dict__["_results"]
+        if results is None and self.__dict__["_trainer"] is not None and self.__dict__["_trainer"].state_fn:
+            raise RuntimeError(f"self.log({name!r}) was called outside the training, validation and test loops "
+                               "(in predict, configure_optimizers, setup or after the run), where logging is not "
+                               "supported. Log from training/validation/test steps or their batch/epoch hooks.")
         if results is None:
             if not self.__dict__["_warned_no_trainer"]:
                 self.__dict__["_warned_no_trainer"] = True

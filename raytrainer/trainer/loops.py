@@ -38,6 +38,7 @@ def fit_loop(trainer: "Trainer") -> None:
         trainer._call_callbacks("on_sanity_check_end")
         trainer.sanity_checking = False
         trainer._results["validate"].reset_epoch()
+    trainer._bind_results(trainer._results["train"])  # self.log in on_train_start belongs to training
     trainer._call_hook("on_train_start")
     deadline = time.monotonic() + trainer._max_time_s if trainer._max_time_s else None
     while not _fit_done(trainer):

@@ -26,13 +26,14 @@ REDUCE_FX = {"mean": "mean", "avg": "mean", "sum": "sum", "max": "max", "min": "
 class _Meta:
     """How one logged name is treated; decided on the first call and reused afterwards."""
 
-    __slots__ = ("name", "on_step", "on_epoch", "prog_bar", "logger", "reduce", "sync_dist", "dl_suffix")
+    __slots__ = ("name", "on_step", "on_epoch", "prog_bar", "logger", "reduce", "sync_dist", "dl_suffix", "dl_idx")
 
     def __init__(self, name: str, on_step: bool, on_epoch: bool, prog_bar: bool, logger: bool,
                  reduce: str, sync_dist: bool, dl_suffix: str = "") -> None:
         self.name, self.on_step, self.on_epoch = name, on_step, on_epoch
         self.prog_bar, self.logger, self.reduce, self.sync_dist = prog_bar, logger, reduce, sync_dist
         self.dl_suffix = dl_suffix  # "/dataloader_idx_N", already part of name
+        self.dl_idx: int | None = None  # the evaluation dataloader it was logged from, when there are several
 
     def key(self, suffix: str) -> str:
         """Published name: ``loss_step`` / ``loss_epoch`` when both are logged (``loss_epoch/dataloader_idx_1``)."""
@@ -85,6 +86,8 @@ class Results:
         self.step_values: dict[str, Any] = {}      # name -> latest raw value (on_step names)
         self.accum: dict[str, _Accum] = {}          # name -> epoch accumulator (on_epoch names)
         self.dataloader_suffix = ""
+        self.fx = ""       # the hook or step now running (decides self.log defaults)
+        self.batch: Any = None  # the batch now processed (batch size inference); None outside batches
 
     def reset_epoch(self) -> None:
         self.accum.clear()
@@ -99,6 +102,8 @@ class Results:
         if meta is None:
             meta = self._new_meta(fx, full, value, prog_bar, logger, on_step, on_epoch, reduce_fx, sync_dist)
             meta.dl_suffix = suffix
+            if self.dataloader_suffix:
+                meta.dl_idx = int(self.dataloader_suffix.rsplit("_", 1)[1])
         if meta.on_step:
             self.step_values[full] = value
         if meta.on_epoch:

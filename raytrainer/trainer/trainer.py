@@ -917,7 +917,7 @@ class Trainer:
             return
         for key, (meta, v) in self._results[stage].epoch_metrics(self._reduce_fn(), sync_all=True).items():
             self._callback_metrics[key] = v
-            if key != meta.name and key.endswith("_epoch"):
+            if key != meta.name:  # on_step and on_epoch: the plain name holds the epoch value too
                 self._callback_metrics[meta.name] = v
             if meta.prog_bar:
                 self._progress_bar_metrics[key] = to_float(v)
@@ -931,15 +931,15 @@ class Trainer:
             if self.sanity_checking:
                 continue
             self._callback_metrics[key] = v
-            if key != meta.name and key.endswith("_epoch"):
+            if key != meta.name:  # on_step and on_epoch: the plain name holds the epoch value too
                 self._callback_metrics[meta.name] = v
             f = to_float(v)
             if meta.prog_bar:
                 self._progress_bar_metrics[key] = f
             if meta.logger:
                 logged[key] = f
-            idx = int(key.rsplit("dataloader_idx_", 1)[1]) if "/dataloader_idx_" in key else None
-            targets = [idx] if idx is not None else range(len(per_loader))
+            idx = meta.dl_idx
+            targets = [idx] if idx is not None and idx < len(per_loader) else range(len(per_loader))
             for i in targets:
                 per_loader[i][key] = f
         if logged:

@@ -18,6 +18,8 @@ class RunResult:
     """What rank 0 (and, for predict, every rank) sends back to the driver."""
 
     output: Any = None
+    status: str = "finished"          # finished | preempted | resize
+    snapshot: dict[str, Any] | None = None
     state_dict: dict[str, torch.Tensor] | None = None
     global_step: int = 0
     current_epoch: int = 0
@@ -32,22 +34,51 @@ class RunResult:
     log_dir: str | None = None
 
 
-def rank_entry(info: Any, trainer: Any, fn: str, model: Any, kwargs: dict[str, Any]) -> RunResult | Any:
+def rank_entry(info: Any, trainer: Any, fn: str, model: Any, kwargs: dict[str, Any],
+               ctl: dict[str, Any] | None = None) -> RunResult | Any:
     """Runs on every rank: build the DDP strategy, run the loops, return this rank's share of the result."""
+    from raytrainer.launchers.ray import control, snapshots
     from raytrainer.launchers.ray.worker import send_to_driver
     from raytrainer.strategies.ddp import DDPStrategy
+    from raytrainer.utilities import set_rng_states
 
+    ctl = ctl or {}
+    control.reset()
+    snapshots.clear()
+    if ctl.get("rng") is not None:
+        set_rng_states(ctl["rng"])  # every rank starts from the driver's RNG, as Lightning's ranks share a seed
     strategy = DDPStrategy(info.device, info, timeout_s=trainer.collective_timeout_s)
+    rank0 = info.global_rank == 0
     bar = trainer.progress_bar_callback
-    if bar is not None and info.global_rank == 0:
+    if bar is not None and rank0:
         bar.sink = lambda event: send_to_driver({"type": "progress", "event": event})
-    out = trainer._run_stage(fn, model, strategy, **kwargs)
+    trainer._events_forwarded = True
+    trainer._events = _ForwardEvents() if rank0 else None
+    if fn == "fit":
+        trainer._snapshotter = snapshots.Snapshotter(
+            ctl.get("snapshot_every"), publish=_publish_snapshot if rank0 else None,
+            heartbeat=(lambda step, epoch: send_to_driver({"type": "heartbeat", "step": step, "epoch": epoch}))
+            if rank0 else None)
+        resume_step = ctl.get("resume_step")
+        if resume_step is not None and rank0:
+            for lg in trainer.loggers:
+                if hasattr(lg, "resume_from_step"):
+                    lg.resume_from_step(resume_step)
+    status = "finished"
+    try:
+        out = trainer._run_stage(fn, model, strategy, **kwargs)
+    except control.Preempted as exc:
+        out, status = exc.checkpoint, "preempted"
     if fn == "predict":  # every rank returns its contiguous shard; the driver concatenates in rank order
         return len(trainer._val_dataloaders), out
-    if info.global_rank != 0:
+    snapshot = None
+    if status == "finished" and control.stop_reason() == "resize":
+        status = "resize"
+        snapshot = trainer._snapshotter.take(trainer) if rank0 else None
+    if not rank0:
         return None
     return RunResult(
-        output=out,
+        output=out, status=status, snapshot=snapshot,
         state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()} if fn == "fit" else None,
         global_step=trainer.global_step, current_epoch=trainer.current_epoch, world_size=info.world_size,
         callback_metrics={k: v.detach().cpu() for k, v in trainer._callback_metrics.items()},
@@ -56,6 +87,39 @@ def rank_entry(info: Any, trainer: Any, fn: str, model: Any, kwargs: dict[str, A
         logger_states=[_state(lg) for lg in trainer.loggers], batches_that_stepped=trainer._batches_that_stepped,
         saved_checkpoints=list(trainer.saved_checkpoints), log_dir=trainer.log_dir,
     )
+
+
+class _ForwardEvents:
+    """Rank 0's event sink: checkpoint events go to the driver, which owns the events log."""
+
+    def emit(self, event: str, **fields: Any) -> None:
+        from raytrainer.launchers.ray.worker import send_to_driver
+
+        send_to_driver({"type": "event", "event": event, "fields": fields})
+
+
+def _publish_snapshot(step: int, state: dict[str, Any]) -> None:
+    """(rank 0, background thread) Put a snapshot in the object store and tell the driver where it is."""
+    import ray
+
+    from raytrainer.launchers.ray.worker import send_to_driver
+
+    send_to_driver({"type": "snapshot", "step": step, "ref": ray.put(state)})
+
+
+def _latest_snapshot(info: Any) -> tuple[int, dict[str, Any]] | None:
+    """(any rank, while another call may be stuck in a collective) This rank's newest snapshot."""
+    from raytrainer.launchers.ray import snapshots
+
+    return snapshots.latest()
+
+
+def _request_stop(info: Any, reason: str) -> int:
+    """(any rank) Stop at the next agreed step boundary, for "preempt" or "resize"."""
+    from raytrainer.launchers.ray import control
+
+    control.request_stop(reason)
+    return info.global_rank
 
 
 def _state(obj: Any) -> dict[str, Any]:

@@ -38,7 +38,8 @@ class Snapshotter:
     """Takes snapshots every ``every_n_steps`` optimizer steps (None: as often as costs <= 2% of a step)."""
 
     def __init__(self, every_n_steps: int | None, publish: Callable[[int, dict[str, Any]], None] | None = None,
-                 publish_every_s: float = 1.0) -> None:
+                 publish_every_s: float = 1.0, heartbeat: Callable[[int, int], None] | None = None,
+                 heartbeat_every_s: float = 1.0) -> None:
         if every_n_steps is not None and every_n_steps < 1:
             raise ValueError(f"snapshot_every_n_steps={every_n_steps}: use an int >= 1, or None for automatic.")
         self.fixed = every_n_steps
@@ -52,11 +53,17 @@ class Snapshotter:
         self.cost_s = 0.0
         self.taken = 0
         self._publisher: threading.Thread | None = None
+        self.heartbeat = heartbeat
+        self.heartbeat_every_s = heartbeat_every_s
+        self._last_beat = 0.0
 
     def maybe_take(self, trainer: Any) -> None:
         """Called at each step boundary; snapshots when the interval has passed."""
         step = trainer.global_step
         now = time.perf_counter()
+        if self.heartbeat is not None and now - self._last_beat >= self.heartbeat_every_s:
+            self._last_beat = now
+            self.heartbeat(step, trainer.current_epoch)
         if step != self._last_step:
             # time per optimizer step, smoothed (only used to size the automatic interval)
             dt = now - self._step_clock

@@ -81,7 +81,8 @@ def rng_states() -> dict[str, Any]:
     np_state = np.random.get_state()
     states: dict[str, Any] = {
         "python": _plain(random.getstate()),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), int(np_state[2]), int(np_state[3]),
+        # int64, not uint32: pickling a uint32 tensor fails in torch (Ray ships these states to ranks)
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
                   float(np_state[4])],
         "torch": torch.get_rng_state(),
     }
@@ -97,7 +98,8 @@ def set_rng_states(states: dict[str, Any]) -> None:
         random.setstate((v, tuple(internal), gauss))
     if "numpy" in states:
         name, keys, pos, has_gauss, cached = states["numpy"]
-        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+        keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
+        np.random.set_state((name, keys.astype(np.uint32), pos, has_gauss, cached))
     if "torch" in states:
         torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():

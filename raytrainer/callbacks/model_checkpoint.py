@@ -7,12 +7,15 @@ only once its replacement is completely on storage, so rotation never removes th
 """
 from __future__ import annotations
 
+import copy
 import math
 import re
+import threading
 import time
 from datetime import timedelta
 from typing import Any
 
+import numpy as np
 import torch
 
 from raytrainer.callbacks.callback import Callback
@@ -85,6 +88,8 @@ class ModelCheckpoint(Callback):
         self._written: set[str] = set()  # paths this run wrote or queued (so version counters see queued files)
         self._to_remove: list[tuple[str, str]] = []  # (rotated-out path, the newer path it waits for)
         self._writer: Any = None
+        self._snapshot: _Snapshot | None = None
+        self._pool: dict[tuple, torch.Tensor] = {}  # host buffers reused by consecutive snapshots
 
     @property
     def state_key(self) -> str:
@@ -168,22 +173,31 @@ class ModelCheckpoint(Callback):
             self._save_last(trainer)
         self.wait_for_writes()
 
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        """The fence of a pipelined snapshot: weights change only after their host copy is complete."""
+        if self._snapshot is not None:
+            self._snapshot.wait_copied()
+
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         """Let queued writes finish; a write failure is logged so the original exception stays visible."""
-        if self._writer is not None:
-            try:
+        try:
+            self._join_snapshot()
+            if self._writer is not None:
                 self._writer.wait()
-            except Exception as exc:
-                log.warning("a background checkpoint write also failed: %s", exc)
+        except Exception as exc:
+            log.warning("a background checkpoint write also failed: %s", exc)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         """Finish writes and deferred deletions, and stop the writer thread."""
-        if self._writer is not None:
-            try:
-                self._flush_removals(block=True)
-            finally:
-                self._writer.close()
-                self._writer = None
+        try:
+            self._join_snapshot()
+        finally:
+            if self._writer is not None:
+                try:
+                    self._flush_removals(block=True)
+                finally:
+                    self._writer.close()
+                    self._writer = None
 
     # ------------------------------------------------------------------ deciding
     def _save_on_epoch_end(self, trainer: Any) -> bool:
@@ -303,13 +317,24 @@ class ModelCheckpoint(Callback):
             return
         self._written.add(path)
         if self.async_save:
+            self._join_snapshot()  # the previous snapshot is copied and queued (normally long done)
             if self._writer is None:
                 self._writer = storage.AsyncCheckpointWriter()
             self._flush_removals(block=False)  # deletions whose replacement has landed meanwhile
-            self._writer.submit(ckpt, path)   # copies tensors to host memory here; the rest runs in background
+            lazy = _optimizer_owned(trainer) if _can_pipeline(trainer) else set()
+            pool = self._pool if self._writer.pending == 0 else None  # reuse host buffers once they are free
+            self._snapshot = _Snapshot(ckpt, path, lazy, pool, self._writer)
+            if pool is not None:
+                self._pool = self._snapshot.pool
         else:
             storage.save(ckpt, path)
         trainer._on_checkpoint_saved(path)
+
+    def _join_snapshot(self) -> None:
+        """Wait until the running snapshot is copied and handed to the writer; re-raise its error."""
+        snapshot, self._snapshot = self._snapshot, None
+        if snapshot is not None:
+            snapshot.join()
 
     def _remove_after_write(self, trainer: Any, path: str, newer: str) -> None:
         """Delete a rotated-out checkpoint, but only once ``newer`` is completely on storage."""
@@ -343,6 +368,7 @@ class ModelCheckpoint(Callback):
 
     def wait_for_writes(self) -> None:
         """Block until every background write (and the deletions waiting for it) has finished."""
+        self._join_snapshot()
         if self._writer is not None:
             self._writer.wait()
         self._flush_removals(block=True)
@@ -410,7 +436,142 @@ class ModelCheckpoint(Callback):
         """Pickle without the writer thread (the callback travels to Ray workers)."""
         state = self.__dict__.copy()
         state["_writer"] = None
+        state["_snapshot"] = None
+        state["_pool"] = {}
         return state
+
+
+_STAGING_TIMEOUT_S = 600.0
+
+
+def _key(t: torch.Tensor) -> tuple:
+    """Identity of the memory a tensor views (a parameter and its detached state_dict entry share it)."""
+    try:
+        ptr = t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # sparse and other storage-less layouts
+        return ("id", id(t))
+    return (ptr, t.device, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+
+
+def _can_pipeline(trainer: Any) -> bool:
+    """Whether every optimizer step passes on_before_optimizer_step first (the fence a pipelined copy needs)."""
+    return bool(trainer.optimizers) and not trainer._closure_optimizer
+
+
+def _optimizer_owned(trainer: Any) -> set[tuple]:
+    """Tensors that only an optimizer step changes: the optimized parameters and the optimizer state."""
+    owned: set[tuple] = set()
+    for opt in trainer.optimizers:
+        for group in opt.param_groups:
+            owned.update(_key(p) for p in group["params"])
+        for state in opt.state.values():
+            owned.update(_key(v) for v in state.values() if isinstance(v, torch.Tensor))
+    return owned
+
+
+class _Snapshot:
+    """A checkpoint's host copy, taken in two parts (CheckFreq's pipelined snapshot).
+
+    Tensors that training may change before the next optimizer step (buffers, frozen weights, RNG
+    states) are copied on the training thread right away. Optimized parameters and optimizer state
+    change only in the next optimizer step, so a helper thread copies them while the next forward and
+    backward run; ``on_before_optimizer_step`` waits for that copy. The helper then hands the complete
+    copy to the AsyncCheckpointWriter, which serialises and writes it. An in-place change to a
+    parameter outside the optimizer step while it is being copied is detected (tensor version
+    counters) and fails the checkpoint instead of writing a mix of two states.
+    """
+
+    def __init__(self, ckpt: dict[str, Any], path: str, lazy: set[tuple], pool: dict[tuple, torch.Tensor] | None,
+                 writer: Any) -> None:
+        self.path = path
+        self.pool: dict[tuple, torch.Tensor] = {}
+        self._old_pool = pool
+        self._jobs: list[tuple[torch.Tensor, torch.Tensor, str]] = []
+        self._memo: dict[tuple, torch.Tensor] = {}
+        self._lazy = lazy
+        self.staged = self._stage(ckpt, "checkpoint")
+        self._versions = [src._version for _, src, _ in self._jobs]
+        self._writer = writer
+        self._error: BaseException | None = None
+        self._copied = threading.Event()
+        if not self._jobs:
+            self._copied.set()
+            writer.submit(self.staged, path, staged=True)
+            self._thread = None
+            return
+        self._thread = threading.Thread(target=self._run, name="raytrainer-checkpoint-stager", daemon=False)
+        self._thread.start()
+
+    def _stage(self, obj: Any, where: str) -> Any:
+        """Copy ``obj``'s tensors to host memory now, or allocate their buffers and queue a copy job."""
+        if isinstance(obj, torch.Tensor):
+            key = _key(obj)
+            done = self._memo.get(key)
+            if done is not None:
+                return done  # tied weights stay one tensor
+            if key in self._lazy and obj.layout == torch.strided and not obj.requires_grad:
+                buf = self._old_pool.get(key) if self._old_pool is not None else None
+                if buf is None:
+                    buf = torch.empty(obj.shape, dtype=obj.dtype,
+                                      pin_memory=obj.is_cuda and torch.cuda.is_available())
+                self.pool[key] = buf
+                self._jobs.append((buf, obj, where))
+                out = buf
+            else:
+                out = obj.detach().to("cpu", copy=True)
+            self._memo[key] = out
+            return out
+        if isinstance(obj, np.ndarray):
+            return obj.copy()
+        if isinstance(obj, dict):
+            new = copy.copy(obj)  # keeps OrderedDict and a state_dict's _metadata
+            for k, v in obj.items():
+                new[k] = self._stage(v, f"{where}[{k!r}]")
+            return new
+        if isinstance(obj, list):
+            return [self._stage(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        if type(obj) is tuple:
+            return tuple(self._stage(v, f"{where}[{i}]") for i, v in enumerate(obj))
+        return obj
+
+    def _run(self) -> None:
+        """Helper thread: copy the optimizer-owned tensors, check nothing changed them meanwhile, queue the write."""
+        try:
+            for buf, src, _ in self._jobs:
+                buf.copy_(src)
+            changed = [where for (_, src, where), v in zip(self._jobs, self._versions) if src._version != v]
+            if changed:
+                raise RuntimeError(
+                    f"checkpoint {self.path} was not written: {changed[:3]} changed in place between the save and "
+                    "the next optimizer step, while being copied in the background. Change weights only in the "
+                    "optimizer step, or pass ModelCheckpoint(async_save=False).")
+        except BaseException as exc:
+            self._error = exc
+            return
+        finally:
+            self._copied.set()
+            self._jobs = []
+        try:
+            self._writer.submit(self.staged, self.path, staged=True, timeout=_STAGING_TIMEOUT_S)
+        except BaseException as exc:
+            self._error = exc
+
+    def wait_copied(self) -> None:
+        """Block until the host copy is complete (the optimizer may change the weights afterwards)."""
+        if not self._copied.wait(_STAGING_TIMEOUT_S):
+            raise TimeoutError(f"copying checkpoint {self.path} to host memory took over {_STAGING_TIMEOUT_S}s")
+
+    def join(self) -> None:
+        """Wait until the copy is queued for writing; raise what went wrong on the helper thread."""
+        self.wait_copied()
+        if self._thread is not None:
+            self._thread.join(_STAGING_TIMEOUT_S)
+            if self._thread.is_alive():
+                raise TimeoutError(f"checkpoint {self.path} was not queued for writing within "
+                                   f"{_STAGING_TIMEOUT_S}s: the previous write is still running")
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 def _is_file(uri: str) -> bool:

@@ -136,8 +136,14 @@ def load_results_state(results: "Results", state: dict[str, Any]) -> None:
     """Put accumulators saved by ``results_state`` back, so epoch means cover the whole epoch."""
     from raytrainer.trainer.results import _Accum, _Meta
 
+    init_args = set(inspect.signature(_Meta.__init__).parameters) - {"self"}
     for name, item in state.items():
-        results.meta[name] = _Meta(**item["meta"])
+        saved = item["meta"]
+        meta = _Meta(**{k: v for k, v in saved.items() if k in init_args})
+        for k, v in saved.items():
+            if k not in init_args and k in _Meta.__slots__:
+                setattr(meta, k, v)
+        results.meta[name] = meta
         acc = _Accum()
         acc.total = item["total"]
         acc.weight = float(item["weight"])

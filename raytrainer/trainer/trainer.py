@@ -99,7 +99,9 @@ class Trainer:
         max_failures: int = 0,
         placement_timeout_s: float = 60.0,
         collective_timeout_s: float = 300.0,
-        snapshot_every_n_steps: int = 1,
+        snapshot_every_n_steps: int | None = None,
+        heartbeat_timeout_s: float = 300.0,
+        scale_check_interval_s: float = 5.0,
         ray_address: str | None = None,
         **unknown: Any,
     ) -> None:
@@ -179,7 +181,18 @@ class Trainer:
         self.max_failures = max_failures
         self.placement_timeout_s = float(placement_timeout_s)
         self.collective_timeout_s = float(collective_timeout_s)
-        self.snapshot_every_n_steps = int(snapshot_every_n_steps)
+        if snapshot_every_n_steps is not None and snapshot_every_n_steps < 1:
+            raise ValueError(f"snapshot_every_n_steps={snapshot_every_n_steps!r}: use an int >= 1, or None to "
+                             "snapshot every step while that costs under 2% of the step time.")
+        for name, value in (("heartbeat_timeout_s", heartbeat_timeout_s),
+                            ("scale_check_interval_s", scale_check_interval_s),
+                            ("placement_timeout_s", placement_timeout_s),
+                            ("collective_timeout_s", collective_timeout_s)):
+            if not value > 0:
+                raise ValueError(f"{name}={value!r} must be > 0 seconds.")
+        self.snapshot_every_n_steps = snapshot_every_n_steps
+        self.heartbeat_timeout_s = float(heartbeat_timeout_s)
+        self.scale_check_interval_s = float(scale_check_interval_s)
         self.ray_address = ray_address
 
         self.callbacks: list[Callback] = self._default_callbacks(as_sequence(callbacks))
@@ -975,9 +988,12 @@ class Trainer:
         if self.strategy is not None:
             self.strategy.barrier("save_checkpoint")
 
-    def _restore_from(self, ckpt_path: str, fn: str) -> None:
+    def _restore_from(self, ckpt_path: "str | dict[str, Any]", fn: str) -> None:
         from raytrainer.checkpoint.format import resolve_ckpt_path, restore_training_state
 
+        if isinstance(ckpt_path, dict):  # an in-memory snapshot handed over by the Ray driver
+            restore_training_state(self, ckpt_path, full=fn == "fit")
+            return
         path = resolve_ckpt_path(self, ckpt_path, fn)
         if path is None:
             return

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import re
 import time
 
@@ -324,8 +325,6 @@ def test_seed_everything_and_deterministic_give_bitwise_identical_parameters():
 def test_seed_everything_returns_and_records_the_seed(monkeypatch):
     monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
     assert pl.seed_everything(123, workers=True) == 123
-    import os
-
     assert os.environ["PL_GLOBAL_SEED"] == "123" and os.environ["PL_SEED_WORKERS"] == "1"
     a = torch.rand(3)
     pl.seed_everything(123)
@@ -671,3 +670,30 @@ def test_dataloaders_defined_on_the_module():
     trainer = pl.Trainer(**quiet(max_epochs=2))
     trainer.fit(WithData())
     assert trainer.global_step == 6
+
+
+def test_min_epochs_keeps_an_epoch_going_after_a_mid_epoch_stop_request(L):
+    results = []
+    for base in (L, pl):
+        class StopEarly(base.Callback):
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                if batch_idx == 1:
+                    trainer.should_stop = True
+
+        events: list[str] = []
+        trainer = base.Trainer(**quiet(max_epochs=10, min_epochs=2, callbacks=[StopEarly()], limit_val_batches=1))
+        trainer.fit(regression_module(base, events), data(8), data(4))
+        results.append((" ".join(events), trainer.global_step))
+    assert results[1] == results[0]
+
+
+@pytest.mark.parametrize("limit", [1, 2, 0.5])
+def test_limit_test_and_predict_batches_match_lightning(L, limit):
+    outs = []
+    for base in (L, pl):
+        trainer = base.Trainer(**quiet(limit_test_batches=limit, limit_predict_batches=limit))
+        model = eval_module(base)
+        test = rounded(trainer.test(model, data(12, 3), verbose=False))
+        preds = trainer.predict(model, data(12, 3))
+        outs.append((test, len(preds)))
+    assert outs[1] == outs[0]

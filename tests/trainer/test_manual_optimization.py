@@ -20,6 +20,9 @@ from torch.utils.data import DataLoader, TensorDataset
 import raytrainer
 from raytrainer.trainer.optimization import LightningOptimizer
 
+# every fit here is a few batches on CPU; a miscounted global_step must fail, not spin on max_steps
+pytestmark = pytest.mark.timeout(120)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 

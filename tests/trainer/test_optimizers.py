@@ -11,7 +11,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import raytrainer as pl
 from raytrainer.trainer.optimization import ACCEPTED_FORMS, parse_optimizers
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning", "ignore::FutureWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning", "ignore::FutureWarning",
+                                        "ignore::RuntimeWarning")
 
 
 @pytest.fixture(scope="module")
@@ -339,3 +340,25 @@ def test_trainer_rejects_bad_optimization_arguments():
         pl.Trainer(gradient_clip_algorithm="l2")
     with pytest.raises(ValueError, match=r"gradient_clip_val=-1 must be >= 0"):
         pl.Trainer(gradient_clip_val=-1)
+
+
+def test_fp16_scaler_skips_a_window_with_no_gradients():
+    """16-mixed: a window where every training_step returned None has nothing to unscale or step."""
+    from raytrainer.trainer.precision import MixedPrecision
+
+    precision = MixedPrecision("cpu", torch.float16)
+    precision.scaler = torch.amp.GradScaler("cpu", init_scale=8.0)  # the CUDA code path, run on CPU
+    layer = nn.Linear(2, 1)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    before = layer.weight.detach().clone()
+    opt.zero_grad(set_to_none=True)
+    precision.unscale_gradients(opt)
+    assert precision.optimizer_step(opt) is None
+    assert torch.equal(layer.weight, before)
+    with precision.forward_context():
+        loss = layer(torch.ones(1, 2)).float().sum()
+    precision.backward(loss)
+    precision.unscale_gradients(opt)
+    torch.testing.assert_close(layer.weight.grad, torch.ones(1, 2))  # unscaled back from 8x
+    precision.optimizer_step(opt)
+    torch.testing.assert_close(layer.weight, before - 0.1)

@@ -431,7 +431,7 @@ class WorkerGroup:
         driver_path = [p for p in sys.path if p]
         options: dict[str, Any] = dict(num_cpus=per_rank.get("CPU", 0),
                                        num_gpus=per_rank.get("GPU", 0),
-                                       max_concurrency=4, max_restarts=0)
+                                       max_concurrency=8, max_restarts=0)
         if self.env:
             options["runtime_env"] = {"env_vars": dict(self.env)}
         for rank, (bundle_index, _) in enumerate(plan):
@@ -503,13 +503,17 @@ class WorkerGroup:
     # -- run -----------------------------------------------------------------------------------
     def run(self, fn: Callable[..., Any], *args: Any, timeout_s: float | None = None,
             on_message: MessageHandler | None = None,
-            arg_names: Sequence[str] | None = None) -> list[Any]:
+            arg_names: Sequence[str] | None = None,
+            on_tick: Callable[[], None] | None = None,
+            before_shutdown: Callable[[BaseException], None] | None = None) -> list[Any]:
         """Call ``fn(rank_info, *args)`` on every rank at once; results come back by rank.
 
         Starts the group first if needed (after checking everything pickles). ``on_message(rank,
         msg)`` receives what ranks pass to ``send_to_driver``: rank 0's while it runs, the
         others' when they finish. Any rank failure stops all ranks and raises ``RankError``;
-        passing ``timeout_s`` bounds the whole call (``GroupTimeoutError``).
+        passing ``timeout_s`` bounds the whole call (``GroupTimeoutError``). ``on_tick()`` runs
+        every poll interval on the driver (an exception from it aborts the run);
+        ``before_shutdown(err)`` runs on a failure while the surviving actors still answer.
         """
         payload = self._pickle_call(fn, args, arg_names)
         if not self.started:
@@ -517,8 +521,10 @@ class WorkerGroup:
         try:
             payload_ref = ray.put(payload)
             refs = [a.run.remote(payload_ref) for a in self._actors]
-            outcomes: list[RankOutcome] = self._gather(refs, timeout_s, "running", on_message)
-        except BaseException:  # a rank failed, time ran out, Ctrl-C, or on_message raised
+            outcomes: list[RankOutcome] = self._gather(refs, timeout_s, "running", on_message, on_tick)
+        except BaseException as err:  # a rank failed, time ran out, Ctrl-C, or on_message raised
+            if before_shutdown is not None and not isinstance(err, KeyboardInterrupt):
+                _quietly(before_shutdown, err)
             self.shutdown(graceful=False)
             raise
         if on_message is not None:
@@ -544,6 +550,31 @@ class WorkerGroup:
             raise TypeError(f"the function and its arguments cannot be pickled together: "
                             f"{type(err).__name__}: {err}") from err
 
+    def call(self, fn: Callable[..., Any], *args: Any, timeout_s: float = 5.0) -> list[Any]:
+        """Call ``fn(rank_info, *args)`` on every rank beside a running ``run()`` (e.g. to ask
+        for a snapshot or set a stop flag); by rank, None where a rank raised, died or did not
+        answer within ``timeout_s``. Unlike a second ``run()``, it leaves queued messages alone."""
+        actors = list(self._actors)
+        if not actors:
+            return []
+        payload = ray.put(self._pickle_call(fn, args, None))
+        refs = [a.call.remote(payload) for a in actors]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        out: list[Any] = []
+        for rank, ref in enumerate(refs):
+            value = None
+            if ref in ready:
+                try:
+                    outcome = ray.get(ref, timeout=1)
+                    if outcome.ok:
+                        value = outcome.value
+                    else:
+                        log.debug("call on rank %d raised: %s", rank, outcome.error)
+                except RayError as err:
+                    log.debug("call on rank %d failed: %s", rank, err)
+            out.append(value)
+        return out
+
     def ping(self, timeout_s: float = 10) -> list[int]:
         """Each rank's pid; answers while run() is busy."""
         if not self.started:
@@ -552,7 +583,8 @@ class WorkerGroup:
 
     # -- waiting -------------------------------------------------------------------------------
     def _gather(self, refs: list[Any], timeout_s: float | None, what: str,
-                on_message: MessageHandler | None = None) -> list[Any]:
+                on_message: MessageHandler | None = None,
+                on_tick: Callable[[], None] | None = None) -> list[Any]:
         """Wait for one call per rank, noticing a failed or dead rank within a poll interval."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         pending = {ref: rank for rank, ref in enumerate(refs)}
@@ -571,6 +603,8 @@ class WorkerGroup:
                     self._collect(ref, rank, results, failures)
             if failures:
                 break
+            if on_tick is not None:
+                on_tick()
             if deadline is not None and time.monotonic() > deadline:
                 slow = sorted(pending.values())
                 raise GroupTimeoutError(

@@ -3,14 +3,17 @@ draws rank 0's progress bar, and copies the trained state and metrics back when 
 from __future__ import annotations
 
 import atexit
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from raytrainer.launchers.ray.events import EventLog
+from raytrainer.launchers.ray.policies import Failure, FailurePolicy, FailuresExhausted, ScalingPolicy, free_slots
 from raytrainer.trainer.plan import Plan
-from raytrainer.utilities import log
+from raytrainer.utilities import log, rng_states
 
 
 @dataclass
@@ -127,33 +130,42 @@ def _state(obj: Any) -> dict[str, Any]:
 
 
 class RayLauncher:
-    """Runs a plan with more than one rank (or strategy="ray") on a group of Ray actors."""
+    """Runs a plan with more than one rank (or strategy="ray") on a group of Ray actors.
+
+    ``fit`` runs under a small supervisor: it restarts after failures (up to ``max_failures``) from
+    the newest snapshot, grows or shrinks an elastic world, and turns SIGTERM into a clean stop.
+    """
 
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
 
-    def _group(self, trainer: Any) -> Any:
+    # ------------------------------------------------------------------ groups
+    def _new_group(self, trainer: Any, world: int) -> Any:
         from raytrainer.launchers.ray.group import WorkerGroup
 
-        group = trainer.__dict__.get("_worker_group")
-        if group is not None and group.started:
-            return group
-        plan = self.plan
+        nodes, per_node = self._scaling(trainer).layout(world) if self.plan.elastic else \
+            (self.plan.num_nodes, self.plan.ranks_per_node)
         group = WorkerGroup(
-            run_name=f"{uuid.uuid4().hex[:8]}", num_nodes=plan.num_nodes, ranks_per_node=plan.ranks_per_node,
-            cpus_per_rank=1, gpus_per_rank=1 if plan.accelerator == "cuda" else 0,
+            run_name=trainer.__dict__.setdefault("_run_name", uuid.uuid4().hex[:8]), num_nodes=nodes,
+            ranks_per_node=per_node, cpus_per_rank=1, gpus_per_rank=1 if self.plan.accelerator == "cuda" else 0,
             placement_timeout_s=trainer.placement_timeout_s, collective_timeout_s=trainer.collective_timeout_s,
-            ray_address=trainer.ray_address,
+            ray_address=trainer.ray_address, env=_forwarded_env(),
         )
-        trainer.__dict__["_worker_group"] = group
         atexit.register(group.shutdown)
         return group
 
+
+    def _scaling(self, trainer: Any) -> ScalingPolicy:
+        p = self.plan
+        return ScalingPolicy(p.min_ranks, p.max_ranks, p.ranks_per_node, p.nodes_elastic)
+
+    # ------------------------------------------------------------------ entry
     def launch(self, trainer: Any, fn: str, model: Any, kwargs: dict[str, Any]) -> Any:
-        if self.plan.elastic:
-            raise ValueError(f"an elastic range ({self.plan.min_ranks}:{self.plan.max_ranks} ranks) needs the "
-                             "fault-tolerant controller; give a fixed number of ranks for now.")
-        group = self._group(trainer)
+        if fn == "fit":
+            return _FitSupervisor(self, trainer, model, kwargs).run()
+        # Each entry point gets its own group, released when it returns (as Lightning's processes end).
+        group = self._new_group(trainer, trainer.__dict__.get("_world") or self.plan.world_size)
+        trainer.__dict__["_worker_group"] = group
         bar = trainer.progress_bar_callback
 
         def on_message(rank: int, msg: Any) -> None:
@@ -161,11 +173,12 @@ class RayLauncher:
                 bar.handle(msg["event"])
 
         try:
-            results = group.run(rank_entry, trainer, fn, model, kwargs, on_message=on_message,
-                                arg_names=["trainer", "fn", "model", "kwargs"])
+            results = group.run(rank_entry, trainer, fn, model, kwargs, {"rng": rng_states()},
+                                on_message=on_message, arg_names=["trainer", "fn", "model", "kwargs", "ctl"])
         finally:
             if bar is not None:
                 bar.close()
+            group.shutdown()
         if fn == "predict":
             return _merge_predictions(results)
         result: RunResult = results[0]
@@ -181,6 +194,7 @@ class RayLauncher:
         trainer.lightning_module = model
         trainer.global_step = result.global_step
         trainer.current_epoch = result.current_epoch
+        trainer.__dict__["_world"] = result.world_size
         trainer._callback_metrics = dict(result.callback_metrics)
         trainer._logged_metrics = dict(result.logged_metrics)
         trainer._progress_bar_metrics = dict(result.progress_bar_metrics)
@@ -192,6 +206,264 @@ class RayLauncher:
             state = {k: v for k, v in state.items() if k not in ("_bar", "sink", "_writer")}
             cb.__dict__.update(state)
         log.debug("ray run finished: step %d, epoch %d", result.global_step, result.current_epoch)
+
+
+class _FitSupervisor:
+    """The driver's state machine for one fit: start -> running -> (failure -> restart | resize) -> finish."""
+
+    def __init__(self, launcher: RayLauncher, trainer: Any, model: Any, kwargs: dict[str, Any]) -> None:
+        self.launcher, self.trainer, self.model, self.kwargs = launcher, trainer, model, dict(kwargs)
+        self.plan = launcher.plan
+        self.events = EventLog(trainer.log_dir)
+        self.failures = FailurePolicy(trainer.max_failures)
+        self.scaling = launcher._scaling(trainer)
+        self.step = 0
+        self.epoch = 0
+        self.driver_snapshot: tuple[int, dict[str, Any]] | None = None
+        self.last_beat = time.monotonic()
+        self.last_scale_check = time.monotonic()
+        self.group: Any = None
+        self.world = 0
+        self.resize_to: int | None = None
+        self.sigterm = False
+        self.stop_sent = False
+        self.rng = rng_states()
+        self.bar = trainer.progress_bar_callback
+
+    # ------------------------------------------------------------------ messages from rank 0, ticks
+    def on_message(self, rank: int, msg: Any) -> None:
+        if not isinstance(msg, dict):
+            return
+        kind = msg.get("type")
+        if kind == "progress" and self.bar is not None:
+            self.bar.handle(msg["event"])
+        elif kind == "heartbeat":
+            self.step, self.epoch, self.last_beat = msg["step"], msg["epoch"], time.monotonic()
+        elif kind == "snapshot":
+            import ray
+
+            try:  # fetch now: the copy then lives on the driver's node, independent of rank 0's
+                self.driver_snapshot = (msg["step"], ray.get(msg["ref"], timeout=60))
+            except Exception as exc:  # noqa: BLE001 - an older copy is still there
+                log.warning("could not fetch the snapshot of step %s: %s", msg.get("step"), exc)
+        elif kind == "event":
+            fields = dict(msg["fields"])
+            self.events.emit(msg["event"], **fields)
+
+    def on_tick(self) -> None:
+        """Called by the group's wait loop every poll interval: preemption, heartbeat, growth."""
+        now = time.monotonic()
+        if self.sigterm and not self.stop_sent:
+            self._request_stop("preempt")
+        hb_timeout = self.trainer.heartbeat_timeout_s
+        if now - self.last_beat > hb_timeout:
+            raise _Hung(f"no progress from rank 0 for {hb_timeout:.0f} s (stuck in a collective or a step)")
+        if self.plan.elastic and not self.stop_sent and now - self.last_scale_check >= self.trainer.scale_check_interval_s:
+            self.last_scale_check = now
+            target = self.scaling.should_grow(self.world, _free_slots(self.plan))
+            if target is not None:
+                self.resize_to = target
+                self._request_stop("resize")
+
+    def _request_stop(self, reason: str) -> None:
+        self.stop_sent = True
+        _call_ranks(self.group, _request_stop, reason)
+
+    def _collect_survivor_snapshots(self, err: BaseException) -> None:
+        """Before the group is torn down: take the newest snapshot any surviving rank holds."""
+        for outcome in _call_ranks(self.group, _latest_snapshot):
+            if outcome is not None and (self.driver_snapshot is None or outcome[0] > self.driver_snapshot[0]):
+                self.driver_snapshot = outcome
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> Any:
+        import ray
+
+        from raytrainer.launchers.ray import control
+        from raytrainer.launchers.ray.group import PlacementError, RankError, ensure_ray
+
+        trainer = self.trainer
+        ensure_ray(self.plan.max_ranks, 0, trainer.ray_address)
+        self.world = self._initial_world()
+        resume: Any = self.kwargs.get("ckpt_path")
+        resume_step: int | None = None
+        kind, cause = "start", None
+        previous = control.install_sigterm_handler()
+        if previous is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+        try:
+            while True:
+                self.group = self.launcher._new_group(trainer, self.world)
+                trainer.__dict__["_worker_group"] = self.group
+                try:
+                    self.group.start()
+                except PlacementError:
+                    if self.plan.elastic and self.world > self.plan.min_ranks:
+                        self.world = max(self.plan.min_ranks, self.world - self._unit())
+                        continue
+                    raise
+                self.events.emit(kind, world_size=self.world, step=self.step, epoch=self.epoch, cause=cause)
+                ctl = {"rng": self.rng, "snapshot_every": trainer.snapshot_every_n_steps, "resume_step": resume_step}
+                self.stop_sent, self.resize_to, self.last_beat = False, None, time.monotonic()
+                try:
+                    results = self.group.run(
+                        rank_entry, trainer, "fit", self.model, dict(self.kwargs, ckpt_path=resume), ctl,
+                        on_message=self.on_message, on_tick=self.on_tick,
+                        before_shutdown=self._collect_survivor_snapshots,
+                        arg_names=["trainer", "fn", "model", "kwargs", "ctl"])
+                except (RankError, _Hung) as err:
+                    resume, resume_step = self._after_failure(err)
+                    kind, cause = "restart", f"{type(err).__name__}"
+                    continue
+                finally:
+                    if self.bar is not None:
+                        self.bar.close()
+                result: RunResult = results[0]
+                self.step, self.epoch = result.global_step, result.current_epoch
+                if result.status == "resize":
+                    self.group.shutdown()
+                    old = self.world
+                    self.world = self.resize_to or self.world
+                    resume, resume_step = result.snapshot, result.global_step
+                    self.driver_snapshot = (result.global_step, result.snapshot)
+                    kind, cause = "resize", f"world {old} -> {self.world}: more resources available"
+                    continue
+                self.group.shutdown()
+                self.launcher._apply(trainer, self.model, result)
+                trainer.__dict__["_world"] = self.world
+                if result.status == "preempted":
+                    self.events.emit("preemption", world_size=self.world, step=self.step, epoch=self.epoch,
+                                     cause="SIGTERM", path=result.output)
+                    raise control.Preempted(
+                        f"preempted (SIGTERM) at step {self.step}, epoch {self.epoch}; checkpoint written to "
+                        f"{result.output}. Rerun the same command with ckpt_path='last' to resume (exit code "
+                        f"{control.PREEMPTED_EXIT_CODE}).", checkpoint=result.output)
+                self.events.emit("finish", world_size=self.world, step=self.step, epoch=self.epoch)
+                return None
+        finally:
+            control.restore_sigterm_handler(previous)
+            if self.group is not None:
+                self.group.shutdown(graceful=False)  # idempotent; frees the placement group on any exit
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        self.sigterm = True
+
+    def _unit(self) -> int:
+        return self.plan.ranks_per_node if self.plan.nodes_elastic else 1
+
+    def _initial_world(self) -> int:
+        if not self.plan.elastic:
+            return self.plan.world_size
+        world = self.scaling.target(_free_slots(self.plan))
+        if world < self.plan.min_ranks:
+            world = self.plan.min_ranks  # wait for MIN in placement (bounded by placement_timeout_s)
+        return world - world % self._unit() if self.plan.nodes_elastic else world
+
+    def _after_failure(self, err: BaseException) -> tuple[Any, int | None]:
+        """Record the failure, decide to retry or give up, and pick the state to resume from."""
+        from raytrainer.launchers.ray.control import PREEMPTED_EXIT_CODE  # noqa: F401 - documented exit code
+
+        if not _retryable(err, getattr(err, "died", False)):
+            self.events.emit("finish", world_size=self.world, step=self.step, epoch=self.epoch,
+                             cause=f"failed: {_short_cause(err)}")
+            raise err  # a plain error in user code: retrying would fail the same way
+        if self.driver_snapshot is not None and self.driver_snapshot[0] > self.step:
+            self.step = self.driver_snapshot[0]
+        rank = getattr(err, "rank", None)
+        node = getattr(err, "node_ip", None) or None
+        text = str(err)
+        preempted = "preempt" in text.lower()
+        died = getattr(err, "died", False)
+        short = _short_cause(err)
+        failure = Failure(time.time(), rank, node, short, self.step, preempted=preempted)
+        self.events.emit("failure", world_size=self.world, step=self.step, epoch=self.epoch, cause=short,
+                         rank=rank, node=node)
+        if self.failures.record(failure) == "raise":
+            self.events.emit("finish", world_size=self.world, step=self.step, epoch=self.epoch, cause="failed")
+            raise FailuresExhausted(self.failures.failures, self.trainer.max_failures) from err
+        if self.plan.elastic:
+            self.world = self.scaling.after_failure(self.world, 1, _free_slots(self.plan))
+        if self.driver_snapshot is not None:
+            step, state = self.driver_snapshot
+            self.step = step
+            return state, step
+        self.events.emit("snapshot_fallback", world_size=self.world, step=self.step, epoch=self.epoch,
+                         cause="no snapshot survived; resuming from the newest valid checkpoint")
+        return "last", None
+
+
+class _Hung(RuntimeError):
+    """Rank 0 stopped sending heartbeats: a collective or a step is stuck."""
+
+
+def _short_cause(err: BaseException) -> str:
+    if getattr(err, "died", False):
+        return "process died (killed, out of memory, or its node was lost)"
+    original = getattr(err, "exception", None)
+    if original is not None:
+        return f"{type(original).__name__}: {original}"[:300]
+    return str(err).splitlines()[0][:300]
+
+
+def _retryable(err: BaseException, died: bool) -> bool:
+    """Deaths, lost nodes, hangs and errors marked retryable are retried; other user errors are not."""
+    if died or isinstance(err, _Hung):
+        return True
+    original = getattr(err, "exception", None)
+    if original is None:
+        return True
+    return bool(getattr(original, "retryable", False)) or isinstance(original, RetryableError) \
+        or "Connection reset" in str(original) or "Connection closed" in str(original) \
+        or type(original).__name__ in ("DistBackendError", "DistNetworkError")
+
+
+class RetryableError(RuntimeError):
+    """Raise this (or any exception with ``retryable = True``) in a step to have the run retried."""
+
+    retryable = True
+
+
+def _call_ranks(group: Any, fn: Any, *args: Any, timeout_s: float = 5.0) -> list[Any]:
+    """Call ``fn(rank_info, *args)`` on every live rank actor beside its running call; None for dead ones."""
+    import ray
+    import cloudpickle
+
+    actors = list(getattr(group, "_actors", []) or [])
+    if not actors:
+        return []
+    payload = ray.put(cloudpickle.dumps((fn, args)))
+    refs = [a.run.remote(payload) for a in actors]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    out = []
+    for ref in refs:
+        if ref not in ready:
+            out.append(None)
+            continue
+        try:
+            outcome = ray.get(ref, timeout=1)
+            out.append(outcome.value if getattr(outcome, "ok", False) else None)
+        except Exception:  # noqa: BLE001 - a dead rank has nothing to give
+            out.append(None)
+    return out
+
+
+def _free_slots(plan: Plan) -> list[int]:
+    """Ranks each alive Ray node could host now (by its available CPUs/GPUs)."""
+    import ray
+
+    per_node = ray._private.state.available_resources_per_node()
+    return free_slots(list(per_node.values()), 1, 1 if plan.accelerator == "cuda" else 0)
+
+
+def _forwarded_env() -> dict[str, str]:
+    """Environment the ranks need from the driver (object store endpoints, seeds)."""
+    import os
+
+    keys = ("RAYTRAINER_S3_ENDPOINT", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "PL_GLOBAL_SEED", "PL_SEED_WORKERS")
+    return {k: os.environ[k] for k in keys if k in os.environ}
 
 
 def _merge_predictions(per_rank: list[tuple[int, Any]]) -> Any:

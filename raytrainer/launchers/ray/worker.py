@@ -167,7 +167,17 @@ class RankWorker:
         return {"seconds": time.perf_counter() - start, "device_index": info.device_index}
 
     def run(self, payload: bytes) -> RankOutcome:
-        """Unpickle (fn, args) and return fn(rank_info, *args), or the error it raised."""
+        """Unpickle (fn, args) and return fn(rank_info, *args), or the error it raised.
+
+        Messages not yet polled ride back with the outcome.
+        """
+        return self._execute(payload, drain=True)
+
+    def call(self, payload: bytes) -> RankOutcome:
+        """Like run(), for a short side call beside a running run(): leaves messages queued."""
+        return self._execute(payload, drain=False)
+
+    def _execute(self, payload: bytes, drain: bool) -> RankOutcome:
         start = time.perf_counter()
         try:
             if self._info is None:
@@ -177,7 +187,7 @@ class RankWorker:
                 torch.cuda.set_device(self._info.device_index)
             fn, args = cloudpickle.loads(payload)
             value = fn(self._info, *args)
-            return RankOutcome(ok=True, value=value, messages=_drain(),
+            return RankOutcome(ok=True, value=value, messages=_drain() if drain else [],
                                seconds=time.perf_counter() - start)
         except (Exception, SystemExit) as err:  # noqa: BLE001 - everything goes back to the driver
             try:
@@ -186,7 +196,8 @@ class RankWorker:
                 pickled = None
             return RankOutcome(ok=False, error=f"{type(err).__name__}: {err}",
                                traceback=traceback.format_exc(), exception=pickled,
-                               messages=_drain(), seconds=time.perf_counter() - start)
+                               messages=_drain() if drain else [],
+                               seconds=time.perf_counter() - start)
 
     def poll(self) -> list[Any]:
         """Messages sent with send_to_driver() since the last poll."""

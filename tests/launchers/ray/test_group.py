@@ -28,8 +28,9 @@ def all_reduce_rank(ctx: RankInfo, scale: float) -> dict:
     return {
         "ctx": (ctx.global_rank, ctx.local_rank, ctx.node_rank, ctx.world_size,
                 ctx.local_world_size),
-        "env": {k: os.environ[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
-                                           "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")},
+        "env": {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE",
+                                               "LOCAL_WORLD_SIZE", "NODE_RANK", "MASTER_ADDR",
+                                               "MASTER_PORT", "RAYTRAINER_TEST_VAR")},
         "dist": (dist.get_rank(), dist.get_world_size(), dist.get_backend()),
         "sum": t.item() * scale,
         "node_id": ray.get_runtime_context().get_node_id(),
@@ -58,6 +59,21 @@ def chatty(ctx: RankInfo) -> int:
         time.sleep(1.5)  # the driver must see "hello" from rank 0 before this call returns
     send_to_driver(("bye", ctx.global_rank))
     return ctx.global_rank
+
+
+_RELEASE = threading.Event()  # per rank process: set by a side call, awaited by the main call
+
+
+def wait_for_release(ctx: RankInfo) -> bool:
+    send_to_driver(("waiting", ctx.global_rank))
+    released = _RELEASE.wait(timeout=30)
+    _RELEASE.clear()
+    return released
+
+
+def release(ctx: RankInfo, tag: str) -> tuple[int, str]:
+    _RELEASE.set()
+    return ctx.global_rank, tag
 
 
 def sleep_long(ctx: RankInfo) -> None:
@@ -90,7 +106,8 @@ class WithLockedLambda(nn.Module):
 @pytest.fixture(scope="module")
 def pair(local_ray) -> Iterator[WorkerGroup]:
     """A started two-rank group shared by the tests that leave it healthy."""
-    group = WorkerGroup("pair", ranks_per_node=2, poll_interval_s=0.1)
+    group = WorkerGroup("pair", ranks_per_node=2, poll_interval_s=0.1,
+                        env={"RAYTRAINER_TEST_VAR": "from-driver"})
     group.start()
     yield group
     group.shutdown()
@@ -109,6 +126,7 @@ def test_two_ranks_all_reduce_and_torchrun_env(pair):
     assert env0["NODE_RANK"] == "0" and env0["LOCAL_WORLD_SIZE"] == "2"
     assert env0["MASTER_ADDR"] == env1["MASTER_ADDR"] == group.ranks[0].node_ip
     assert env0["MASTER_PORT"] == env1["MASTER_PORT"] == str(group.ranks[0].master_port)
+    assert env0["RAYTRAINER_TEST_VAR"] == env1["RAYTRAINER_TEST_VAR"] == "from-driver"
     assert all(r["in_worker"] for r in results)
     # The driver's view of the ranks matches where they really run.
     assert [r["pid"] for r in results] == [info.pid for info in group.ranks] == group.ping()
@@ -140,11 +158,18 @@ def test_shutdown_is_idempotent_and_leaves_nothing(local_ray, alive_actors):
 def test_exception_in_rank_stops_all_and_names_rank(local_ray, alive_actors):
     group = WorkerGroup("raises", ranks_per_node=2)
     group.start()
+    seen: list = []
+
+    def before_shutdown(err: BaseException) -> None:
+        # The ranks are still alive here: rank 0 sits in its barrier, rank 1 has returned.
+        seen.append((type(err).__name__, group.call(release, "last words")))
+
     start = time.monotonic()
     with pytest.raises(RankError) as info:
-        group.run(raise_on_rank_one)
+        group.run(raise_on_rank_one, before_shutdown=before_shutdown)
     elapsed = time.monotonic() - start
     err = info.value
+    assert seen == [("RankError", [(0, "last words"), (1, "last words")])]
     assert err.rank == 1 and not err.died
     assert err.node_ip == group.ranks[1].node_ip and err.node_ip in str(err)
     assert "rank 1" in str(err)
@@ -195,6 +220,27 @@ def test_ctrl_c_on_the_driver_stops_the_ranks(local_ray, alive_actors):
         group.run(chatty, on_message=interrupt)
     assert not group.started
     assert alive_actors("raytrainer-interrupted-") == []
+
+
+def test_side_calls_and_ticks_while_running(pair):
+    """on_tick drives the run from the driver; call() reaches ranks busy in run()."""
+    ticks: list[float] = []
+    answers: list[list] = []
+    received: list[tuple[int, object]] = []
+
+    def on_tick() -> None:
+        ticks.append(time.monotonic())
+        if len(ticks) == 3:
+            answers.append(pair.call(release, "go"))
+
+    results = pair.run(wait_for_release, on_tick=on_tick,
+                       on_message=lambda r, m: received.append((r, m)))
+    assert results == [True, True]
+    assert answers == [[(0, "go"), (1, "go")]]
+    # call() left the queued messages alone: each rank's message still reached the driver once.
+    assert sorted(received) == [(0, ("waiting", 0)), (1, ("waiting", 1))]
+    assert pair.call(release, "idle") == [(0, "idle"), (1, "idle")]
+    assert pair.run(wait_for_release) == [True, True]  # consumes the flags set just above
 
 
 def test_send_to_driver_outside_a_rank_fails_clearly():

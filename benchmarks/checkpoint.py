@@ -15,22 +15,28 @@ Method, all in one process and one command:
    `torch.save(ckpt, path)` (what a blocking save costs; Lightning's default), and with raytrainer's
    durable `storage.save` (atomic rename + manifest + fsync), `--repeats` times each.
 2. Blocked time per checkpoint, measured inside real training runs: for async saves the time
-   ModelCheckpoint spends on the training thread (building the dict, copying what the next step could
-   change, handing the rest to the background) plus any wait at the next optimizer step for the
-   pipelined copy to finish; for `async_save=False` the whole in-loop save.
+   ModelCheckpoint spends on the training thread (building the dict, copying what the next forward
+   could change: buffers, RNG states; parameters and optimizer state are copied by a helper thread
+   while the next step computes) plus any wait at the next optimizer step for that copy to finish;
+   for `async_save=False` the whole in-loop save.
 3. Throughput: `--steps` steps without checkpointing, with async checkpoints and with synchronous
-   ones, taking turns `--repeats` times; time from on_train_start until fit returns (so the final
-   wait for outstanding writes counts). `--steps` is not a multiple of `--every`, so no run ends
-   right after a save and the tail lets the last background write finish, as in a long run.
+   ones, taking turns `--repeats` times (the order rotates every repeat). Time runs from
+   on_train_start until fit returns, so the final wait for outstanding writes counts; `--steps` is
+   not a multiple of `--every`, so no run ends right after a save and the tail lets the last
+   background write finish, as in a long run. The loss is 1 - mode/none within each repeat (pairs
+   cancel slow drifts in machine load), then the median over repeats. Process CPU time per step
+   (all threads) is shown too: the work checkpointing adds, which other load on the machine does not
+   change much.
 Medians are reported, with the spread (min..max) over repeats.
 
-Run: python benchmarks/checkpoint.py [--repeats 3] [--steps 50] [--every 20] [--batch 32]
+Run: python benchmarks/checkpoint.py [--repeats 5] [--steps 50] [--every 20] [--batch 32]
 """
 from __future__ import annotations
 
 import argparse
 import os
 import platform
+import resource
 import shutil
 import statistics
 import sys
@@ -90,13 +96,21 @@ class TimedCheckpoint(rt.ModelCheckpoint):
         self.blocked[-1] += time.perf_counter() - start
 
 
+def cpu_seconds() -> float:
+    """CPU time this process has used (all threads), user + system."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 class Clock(rt.Callback):
-    """Marks when training starts (after setup, before the first batch)."""
+    """Marks when training starts (after setup, before the first batch): wall clock and process CPU time."""
 
     start = 0.0
+    cpu_start = 0.0
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self.start = time.perf_counter()
+        self.cpu_start = cpu_seconds()
 
 
 def run(mode: str, args: argparse.Namespace, data: DataLoader, workdir: Path) -> dict[str, Any]:
@@ -117,8 +131,9 @@ def run(mode: str, args: argparse.Namespace, data: DataLoader, workdir: Path) ->
                          enable_model_summary=False, num_sanity_val_steps=0)
     trainer.fit(model, data)
     elapsed = time.perf_counter() - clock.start
+    cpu = cpu_seconds() - clock.cpu_start
     assert trainer.global_step == args.steps
-    out = {"steps_per_s": args.steps / elapsed, "blocked": list(ckpt_cb.blocked) if ckpt_cb else [],
+    out = {"steps_per_s": args.steps / elapsed, "cpu_per_step": cpu / args.steps, "blocked": list(ckpt_cb.blocked) if ckpt_cb else [],
            "trainer": trainer, "model": model}
     if ckpt_cb is not None:
         expected = args.steps // args.every
@@ -155,7 +170,7 @@ def fmt(values: list[float], scale: float = 1.0, unit: str = "") -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--every", type=int, default=20)
     parser.add_argument("--batch", type=int, default=32)
@@ -185,10 +200,10 @@ def main() -> None:
     results: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
     run("none", argparse.Namespace(**{**vars(args), "steps": 3, "every": 2}), data, workdir)  # warm-up
     for r in range(args.repeats):
-        for mode in modes:
+        for mode in modes[r % len(modes):] + modes[:r % len(modes)]:  # rotate the order: no mode always goes first
             out = run(mode, args, data, workdir)
             results[mode].append(out)
-            print(f"  repeat {r + 1} {mode:5s}: {out['steps_per_s']:.3f} steps/s"
+            print(f"  repeat {r + 1} {mode:5s}: {out['steps_per_s']:.3f} steps/s, {out['cpu_per_step']:.3f} CPU s/step"
                   + (f", blocked per save {[round(b * 1000) for b in out['blocked']]} ms" if out["blocked"] else ""),
                   flush=True)
 
@@ -206,12 +221,23 @@ def main() -> None:
             print(f"  ModelCheckpoint {mode:5s}           {fmt(blocked, 1000, ' ms')}  = "
                   f"{100 * statistics.median(blocked) / ref:.1f}% of torch.save")
     if "none" in results:
-        base = statistics.median(o["steps_per_s"] for o in results["none"])
-        print("throughput (steps/s, from on_train_start until fit returns):")
+        print("throughput, steps/s from on_train_start until fit returns; loss = median over repeats of "
+              "1 - mode/none within the same repeat (pairs cancel slow drifts in machine load):")
         for mode in modes:
             tput = [o["steps_per_s"] for o in results[mode]]
-            loss = 100 * (1 - statistics.median(tput) / base)
-            print(f"  {mode:5s}  {fmt(tput, 1, '')}" + ("" if mode == "none" else f"  loss {loss:.1f}%"))
+            line = f"  {mode:5s}  {statistics.median(tput):7.3f} ({min(tput):.3f}..{max(tput):.3f})"
+            if mode != "none":
+                losses = [100 * (1 - o["steps_per_s"] / n["steps_per_s"]) for o, n in zip(results[mode], results["none"])]
+                line += f"  loss {statistics.median(losses):5.1f}% (per repeat: {', '.join(f'{x:.1f}' for x in losses)})"
+            print(line)
+        print("process CPU seconds per step, all threads (what checkpointing adds in work, whatever else runs):")
+        for mode in modes:
+            cpu = [o["cpu_per_step"] for o in results[mode]]
+            line = f"  {mode:5s}  {statistics.median(cpu):7.3f} ({min(cpu):.3f}..{max(cpu):.3f})"
+            if mode != "none":
+                extra = [100 * (o["cpu_per_step"] / n["cpu_per_step"] - 1) for o, n in zip(results[mode], results["none"])]
+                line += f"  extra {statistics.median(extra):5.1f}%"
+            print(line)
     if args.dir is None:
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -515,7 +515,10 @@ def draw_report(s: RunSummary, output: str) -> int:
     from matplotlib.ticker import MaxNLocator
 
     fig, (ax_loss, ax_ws) = plt.subplots(2, 1, figsize=(10, 7.5), gridspec_kw={"height_ratios": [3, 2]})
-    title = f"{s.run_dir}\n{s.state}" + (f", step {s.step}" if s.step is not None else "") + \
+    shown = s.run_dir
+    if "://" not in shown and not os.path.relpath(shown).startswith(os.pardir):
+        shown = os.path.relpath(shown)  # the run as the user named it from here
+    title = f"{shown}\n{s.state}" + (f", step {s.step}" if s.step is not None else "") + \
             (f", epoch {s.epoch}" if s.epoch is not None else "")
     fig.suptitle(title, fontsize=10)
 
@@ -547,11 +550,18 @@ def draw_report(s: RunSummary, output: str) -> int:
         span = max((e.get("time") or t0) - t0 for e in s.events)
         unit, scale = ("s", 1.0) if span < 120 else ("min", 60.0) if span < 7200 else ("h", 3600.0)
         xs = [((e.get("time") or t0) - t0) / scale for e in s.events]
-        sizes, current = [], None
+        sizes, current, seen_spans = [], None, set()
         for e in s.events:
             current = e.get("world_size", current)
             sizes.append(current if current is not None else 0)
         ax_ws.step(xs, sizes, where="post", color="#555555", linewidth=2, label="world size", zorder=1)
+        for i, e in enumerate(s.events):  # shade each recovery: from a failure to the next (re)start
+            if e["event"] == "failure":
+                back = next((x for x, later in zip(xs[i + 1:], s.events[i + 1:])
+                             if later["event"] in ("restart", "start", "resize", "finish")), xs[-1])
+                ax_ws.axvspan(xs[i], back, color=_EVENT_STYLE["failure"][1], alpha=0.08, zorder=0,
+                              label=None if "recovering" in seen_spans else "recovering")
+                seen_spans.add("recovering")
         seen: set[str] = set()
         for x, size, e in zip(xs, sizes, s.events):
             marker, colour, label = _EVENT_STYLE.get(e["event"], ("o", "grey", e["event"]))
@@ -601,6 +611,12 @@ def _translate_flags(args: argparse.Namespace, script_args: list[str]) -> list[s
                            "thing; give only one.")
         extra += [theirs, str(value)]
     return extra
+
+
+def _values_of(flag: str, argv: list[str]) -> list[str]:
+    """Every value given for ``flag`` in an argument list (``--flag V`` or ``--flag=V``)."""
+    values = [a.split("=", 1)[1] for a in argv if a.startswith(flag + "=")]
+    return values + [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == flag]
 
 
 def _check_range(value: str) -> str:
@@ -801,6 +817,10 @@ def cmd_fit(args: argparse.Namespace, script_args: list[str], argv: list[str]) -
     script_rel = _script_in_working_dir(args.script, working_dir)
     args_for_script = _translate_flags(args, script_args) + script_args
     command = ["raytrainer", *argv]
+    if args.address and not any("://" in a for a in _values_of("--default_root_dir", args_for_script)):
+        print("raytrainer fit: note: no --default_root_dir URI (s3://..., gs://...) in the script's arguments. "
+              "On more than one node, checkpoints must go to storage every node reaches, or a restarted "
+              "rank will not find them (cluster/README.md).", file=sys.stderr)
     if args.address:
         return _fit_remote(args.address, script_rel, working_dir, args_for_script, command, args.connect_timeout,
                            args.start_timeout, args.timeout, wait=not args.no_wait)

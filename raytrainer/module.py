@@ -261,8 +261,9 @@ class LightningModule(nn.Module):
         t = self.trainer
         opts = t._lightning_optimizers if use_pl_optimizer else t.optimizers
         if not opts:
-            raise RuntimeError("self.optimizers() found no optimizer: configure_optimizers has not run yet "
-                               "(call it from training_step or later hooks).")
+            raise RuntimeError("self.optimizers() found no optimizer: configure_optimizers returned None, or "
+                               "has not run yet (it runs when trainer.fit starts; call self.optimizers() from "
+                               "training_step or later hooks).")
         return opts[0] if len(opts) == 1 else list(opts)
 
     def lr_schedulers(self) -> Any:

@@ -226,24 +226,34 @@ class ModelCheckpoint(Callback):
         return metrics
 
     def _save_all(self, trainer: Any) -> None:
+        """Top-k (or newest) and last.ckpt at this step: one state dump and one host copy for both files."""
         metrics = self._metrics(trainer)
+        planned = None
         if self.save_top_k != 0:
-            if self.monitor is None:
-                self._save_none_monitor(trainer, metrics)
-            else:
-                self._save_monitored(trainer, metrics)
+            planned = self._plan_none_monitor(trainer, metrics) if self.monitor is None \
+                else self._plan_monitored(trainer, metrics)
+        paths = [planned[0]] if planned else []
         if self.save_last:
-            self._save_last(trainer)
+            paths.append(self._last_path())
+            self.last_model_path = paths[-1]
+        if not paths:
+            return
+        self._write(trainer, paths)  # the bookkeeping above is already in the state these files hold
+        if planned and planned[1] is not None and planned[1] != planned[0]:
+            self._remove_after_write(trainer, planned[1], planned[0])
+        if planned and self.verbose and trainer.is_global_zero:
+            log.info("epoch %d, step %d: saved %s%s", trainer.current_epoch, trainer.global_step, planned[0],
+                     f" ({self.monitor}={float(self.current_score):.5g})" if self.monitor else "")
 
-    def _save_none_monitor(self, trainer: Any, metrics: dict[str, Any]) -> None:
+    def _plan_none_monitor(self, trainer: Any, metrics: dict[str, Any]) -> tuple[str, str | None]:
+        """(path to write, path it replaces) when no metric ranks the checkpoints: keep the newest (or all)."""
         previous = self.best_model_path
         path = self._free_name(trainer, metrics, replacing=previous if self.save_top_k == 1 else None)
-        self.best_model_path = path  # the state written into the checkpoint already names it
-        self._write(trainer, path)
-        if self.save_top_k == 1 and previous and previous != path:
-            self._remove_after_write(trainer, previous, path)
+        self.best_model_path = path
+        return path, (previous or None) if self.save_top_k == 1 else None
 
-    def _save_monitored(self, trainer: Any, metrics: dict[str, Any]) -> None:
+    def _plan_monitored(self, trainer: Any, metrics: dict[str, Any]) -> tuple[str, str | None] | None:
+        """(path to write, path rotated out) if the monitored value makes the top k, else None."""
         if self.monitor not in metrics:
             message = (f"ModelCheckpoint(monitor={self.monitor!r}) found no such metric at epoch "
                        f"{trainer.current_epoch}, step {trainer.global_step}. Logged: "
@@ -254,7 +264,7 @@ class ModelCheckpoint(Callback):
             if self.monitor not in self._warned_missing:  # e.g. a val metric before the first validation
                 self._warned_missing.add(self.monitor)
                 log.warning("%s Skipping this save.", message)
-            return
+            return None
         current = torch.as_tensor(metrics[self.monitor]).detach().float().cpu().squeeze()
         if not torch.isfinite(current):
             current = torch.tensor(math.inf if self.mode == "min" else -math.inf)
@@ -263,9 +273,9 @@ class ModelCheckpoint(Callback):
         better = _MODES[self.mode][1]
         if k != -1 and len(self.best_k_models) >= k and not better(current, self.kth_value):
             if self.verbose and trainer.is_global_zero:
-                log.info("epoch %d, step %d: %s was not in top %d", trainer.current_epoch, trainer.global_step,
-                         self.monitor, k)
-            return
+                log.info("epoch %d, step %d: %s=%.5g is not in the top %d", trainer.current_epoch,
+                         trainer.global_step, self.monitor, float(current), k)
+            return None
         worst = self.kth_best_model_path if k != -1 and len(self.best_k_models) >= k else None
         path = self._free_name(trainer, metrics, replacing=worst)
         self.best_k_models[path] = current
@@ -277,20 +287,17 @@ class ModelCheckpoint(Callback):
         best = min if self.mode == "min" else max
         self.best_model_path = best(self.best_k_models, key=lambda p: float(self.best_k_models[p]))
         self.best_model_score = self.best_k_models[self.best_model_path]
-        self._write(trainer, path)
-        if worst is not None and worst != path:
-            self._remove_after_write(trainer, worst, path)
-        if self.verbose and trainer.is_global_zero:
-            log.info("epoch %d, step %d: %s=%.5g, saved %s", trainer.current_epoch, trainer.global_step,
-                     self.monitor, float(current), path)
+        return path, worst
+
+    def _last_path(self) -> str:
+        from raytrainer.checkpoint import storage
+
+        return storage.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
 
     def _save_last(self, trainer: Any) -> None:
         """(Over)write ``last.ckpt``; the previous content stays valid until the new one is complete."""
-        from raytrainer.checkpoint import storage
-
-        path = storage.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
-        self.last_model_path = path
-        self._write(trainer, path)
+        self.last_model_path = self._last_path()
+        self._write(trainer, [self.last_model_path])
 
     def _free_name(self, trainer: Any, metrics: dict[str, Any], replacing: str | None) -> str:
         """The formatted name, with -v1, -v2, ... when another file of that name exists (Lightning's counter)."""
@@ -306,8 +313,9 @@ class ModelCheckpoint(Callback):
         return path
 
     # ------------------------------------------------------------------ writing
-    def _write(self, trainer: Any, path: str) -> None:
-        """Stage the state on the host now; serialise and write it in the background (rank 0 only)."""
+    def _write(self, trainer: Any, paths: list[str]) -> None:
+        """Stage the state on the host (partly now, partly while the next step computes); serialise and write
+        it to every path in the background (rank 0 only)."""
         from raytrainer.checkpoint import storage
         from raytrainer.checkpoint.format import dump_checkpoint
 
@@ -315,20 +323,23 @@ class ModelCheckpoint(Callback):
         self._last_global_step_saved = trainer.global_step
         if not trainer.is_global_zero:
             return
-        self._written.add(path)
+        self._written.update(paths)
         if self.async_save:
             self._join_snapshot()  # the previous snapshot is copied and queued (normally long done)
             if self._writer is None:
                 self._writer = storage.AsyncCheckpointWriter()
-            self._flush_removals(block=False)  # deletions whose replacement has landed meanwhile
+            idle = self._writer.pending == 0
+            removals = self._due_removals() if idle else []  # their replacements have landed meanwhile
             lazy = _optimizer_owned(trainer) if _can_pipeline(trainer) else set()
-            pool = self._pool if self._writer.pending == 0 else None  # reuse host buffers once they are free
-            self._snapshot = _Snapshot(ckpt, path, lazy, pool, self._writer)
+            pool = self._pool if idle else None  # reuse the host buffers once the writer released them
+            self._snapshot = _Snapshot(ckpt, paths, lazy, pool, self._writer, removals)
             if pool is not None:
                 self._pool = self._snapshot.pool
         else:
-            storage.save(ckpt, path)
-        trainer._on_checkpoint_saved(path)
+            for path in paths:
+                storage.save(ckpt, path)
+        for path in paths:
+            trainer._on_checkpoint_saved(path)
 
     def _join_snapshot(self) -> None:
         """Wait until the running snapshot is copied and handed to the writer; re-raise its error."""
@@ -346,25 +357,29 @@ class ModelCheckpoint(Callback):
         if self._writer is None:
             self._flush_removals(block=False)
 
-    def _flush_removals(self, block: bool) -> None:
-        """Carry out deferred deletions once no write is in flight (``block`` waits for that)."""
-        from raytrainer.checkpoint import storage
-
+    def _due_removals(self) -> list[str]:
+        """Rotated-out checkpoints whose replacement is completely written (call with no write in flight)."""
         if not self._to_remove:
-            return
+            return []
         if self._writer is not None:
-            if not block and self._writer.pending:
-                return
             self._writer.wait()  # returns at once when idle; raises a failed write before anything is deleted
         todo, self._to_remove = self._to_remove, []
+        due = []
         for old, newer in todo:
             if old in (self.best_model_path, self.last_model_path) or old in self.best_k_models:
                 continue  # in use again (e.g. the same name was written anew)
             if not _is_file(newer):
                 log.warning("keeping checkpoint %s: its replacement %s was not written", old, newer)
                 continue
-            storage.remove(old, missing_ok=True)
+            due.append(old)
             self._written.discard(old)
+        return due
+
+    def _flush_removals(self, block: bool) -> None:
+        """Carry out deferred deletions once no write is in flight (``block`` waits for that)."""
+        if self._writer is not None and not block and self._writer.pending:
+            return
+        _remove_all(self._due_removals())
 
     def wait_for_writes(self) -> None:
         """Block until every background write (and the deletions waiting for it) has finished."""
@@ -481,9 +496,13 @@ class _Snapshot:
     counters) and fails the checkpoint instead of writing a mix of two states.
     """
 
-    def __init__(self, ckpt: dict[str, Any], path: str, lazy: set[tuple], pool: dict[tuple, torch.Tensor] | None,
-                 writer: Any) -> None:
-        self.path = path
+    def __init__(self, ckpt: dict[str, Any], paths: list[str], lazy: set[tuple],
+                 pool: dict[tuple, torch.Tensor] | None, writer: Any, removals: list[str]) -> None:
+        """Copy what cannot wait, then start the helper thread, which copies the rest, queues one write per
+        path and deletes ``removals`` (rotated-out files whose replacement is already written)."""
+        self.paths = paths
+        self.path = paths[0]
+        self._removals = removals
         self.pool: dict[tuple, torch.Tensor] = {}
         self._old_pool = pool
         self._jobs: list[tuple[torch.Tensor, torch.Tensor, str]] = []
@@ -491,14 +510,15 @@ class _Snapshot:
         self._lazy = lazy
         self.staged = self._stage(ckpt, "checkpoint")
         self._versions = [src._version for _, src, _ in self._jobs]
+        # GPU tensors: the copy runs on a side stream that first waits for the work queued so far (the step)
+        cuda = next((src.device for _, src, _ in self._jobs if src.is_cuda), None)
+        self._ready = None
+        if cuda is not None:
+            self._ready = torch.cuda.Event()
+            self._ready.record(torch.cuda.current_stream(cuda))
         self._writer = writer
         self._error: BaseException | None = None
         self._copied = threading.Event()
-        if not self._jobs:
-            self._copied.set()
-            writer.submit(self.staged, path, staged=True)
-            self._thread = None
-            return
         self._thread = threading.Thread(target=self._run, name="raytrainer-checkpoint-stager", daemon=False)
         self._thread.start()
 
@@ -529,6 +549,8 @@ class _Snapshot:
                 new[k] = self._stage(v, f"{where}[{k!r}]")
             return new
         if isinstance(obj, list):
+            if all(isinstance(v, (int, float, str, bool, type(None))) for v in obj):
+                return list(obj)  # e.g. the python RNG state: 625 ints
             return [self._stage(v, f"{where}[{i}]") for i, v in enumerate(obj)]
         if type(obj) is tuple:
             return tuple(self._stage(v, f"{where}[{i}]") for i, v in enumerate(obj))
@@ -537,8 +559,30 @@ class _Snapshot:
     def _run(self) -> None:
         """Helper thread: copy the optimizer-owned tensors, check nothing changed them meanwhile, queue the write."""
         try:
-            for buf, src, _ in self._jobs:
-                buf.copy_(src)
+            self._copy()
+            if self._error is None:
+                try:
+                    for path in self.paths:
+                        self._writer.submit(self.staged, path, staged=True, timeout=_STAGING_TIMEOUT_S)
+                except BaseException as exc:
+                    self._error = exc
+        finally:
+            _remove_all(self._removals)
+
+    def _copy(self) -> None:
+        """Fill the host buffers; always releases ``wait_copied``, recording any failure."""
+        try:
+            if self._ready is None:
+                for buf, src, _ in self._jobs:
+                    buf.copy_(src)
+            else:
+                device = next(src.device for _, src, _ in self._jobs if src.is_cuda)
+                stream = torch.cuda.Stream(device=device)
+                stream.wait_event(self._ready)
+                with torch.cuda.stream(stream):
+                    for buf, src, _ in self._jobs:
+                        buf.copy_(src, non_blocking=src.is_cuda)  # into pinned host memory
+                stream.synchronize()
             changed = [where for (_, src, where), v in zip(self._jobs, self._versions) if src._version != v]
             if changed:
                 raise RuntimeError(
@@ -547,14 +591,9 @@ class _Snapshot:
                     "optimizer step, or pass ModelCheckpoint(async_save=False).")
         except BaseException as exc:
             self._error = exc
-            return
         finally:
             self._copied.set()
             self._jobs = []
-        try:
-            self._writer.submit(self.staged, self.path, staged=True, timeout=_STAGING_TIMEOUT_S)
-        except BaseException as exc:
-            self._error = exc
 
     def wait_copied(self) -> None:
         """Block until the host copy is complete (the optimizer may change the weights afterwards)."""
@@ -572,6 +611,17 @@ class _Snapshot:
         if self._error is not None:
             error, self._error = self._error, None
             raise error
+
+
+def _remove_all(paths: list[str]) -> None:
+    """Delete checkpoint files (with manifests); a failure is logged, never raised: the file is only surplus."""
+    from raytrainer.checkpoint import storage
+
+    for path in paths:
+        try:
+            storage.remove(path, missing_ok=True)
+        except OSError as exc:
+            log.warning("could not delete rotated-out checkpoint %s: %s", path, exc)
 
 
 def _is_file(uri: str) -> bool:

@@ -170,25 +170,41 @@ def _pending_plateau(trainer: "Trainer") -> dict[str, float]:
     return due
 
 
-def check_loadable(obj: Any, where: str = "checkpoint") -> None:
-    """Raise TypeError naming the key of the first value ``torch.load(weights_only=True)`` would refuse."""
-    if isinstance(obj, torch.Tensor) or isinstance(obj, _PLAIN_LEAVES):
-        return
+def _first_unloadable(obj: Any) -> tuple[list[Any], str] | None:
+    """(key path, problem) of the first value torch.load(weights_only=True) would refuse, or None."""
+    if isinstance(obj, (torch.Tensor, *_PLAIN_LEAVES)):
+        return None
     if type(obj) in (dict, collections.OrderedDict):
         for k, v in obj.items():
             if not isinstance(k, _PLAIN_LEAVES):
-                raise TypeError(f"{where} has a key of type {type(k).__name__} ({k!r}); checkpoint keys must be "
-                                "plain types so that torch.load(weights_only=True) can read them.")
-            check_loadable(v, f"{where}[{k!r}]")
-        return
+                return [], f"has a key of type {type(k).__name__} ({k!r})"
+            if isinstance(v, (torch.Tensor, *_PLAIN_LEAVES)):
+                continue
+            found = _first_unloadable(v)
+            if found is not None:
+                return [k, *found[0]], found[1]
+        return None
     if type(obj) in (list, tuple, set):
         for i, v in enumerate(obj):
-            check_loadable(v, f"{where}[{i}]")
+            if isinstance(v, (torch.Tensor, *_PLAIN_LEAVES)):
+                continue
+            found = _first_unloadable(v)
+            if found is not None:
+                return [i, *found[0]], found[1]
+        return None
+    return [], f"is a {type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def check_loadable(obj: Any, where: str = "checkpoint") -> None:
+    """Raise TypeError naming the key of the first value ``torch.load(weights_only=True)`` would refuse."""
+    found = _first_unloadable(obj)
+    if found is None:
         return
-    raise TypeError(f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}; checkpoints hold only tensors "
-                    "and plain Python types (numbers, str, None, lists/tuples/dicts of them) so that "
-                    "torch.load(weights_only=True) can read them. Store it as plain data instead (e.g. "
-                    "a dict of its fields) and rebuild it when loading.")
+    path, problem = found
+    raise TypeError(f"{where}{''.join(f'[{k!r}]' for k in path)} {problem}; checkpoints hold only tensors and plain "
+                    "Python types (numbers, str, None, lists/tuples/dicts of them) so that "
+                    "torch.load(weights_only=True) can read them. Store it as plain data instead (e.g. a dict of "
+                    "its fields) and rebuild it when loading.")
 
 
 def dump_checkpoint(trainer: "Trainer", weights_only: bool = False) -> dict[str, Any]:
@@ -233,6 +249,7 @@ def dump_checkpoint(trainer: "Trainer", weights_only: bool = False) -> dict[str,
                 "epoch_start_rng": trainer._epoch_start_rng if trainer._epoch_start_rng is not None
                 else torch.get_rng_state(),
                 "sampler_seed": _sampler_seed(trainer),
+                "segments": trainer._elastic_segments(),  # elastic runs: what each world consumed this epoch
             },
             "world_size": trainer.world_size,
             "grad_scaler": scaler,
@@ -367,7 +384,8 @@ def restore_training_state(trainer: "Trainer", path: "str | dict[str, Any]", ful
         epoch, batch_idx = int(pos["epoch"]), int(pos["batch_idx"])
         epoch_rng, rng = pos["epoch_start_rng"], ours["rng"]
         saved_ws = int(ours.get("world_size", trainer.world_size))
-        if saved_ws != trainer.world_size and batch_idx:
+        segments = pos.get("segments")
+        if saved_ws != trainer.world_size and batch_idx and segments is None:
             # Each rank saw batch_idx batches of its shard; continue after as many samples, approximately.
             batch_idx = batch_idx * saved_ws // trainer.world_size
             epoch_rng = rng = None
@@ -380,7 +398,7 @@ def restore_training_state(trainer: "Trainer", path: "str | dict[str, Any]", ful
         trainer._batches_that_stepped = int(ours.get("batches_that_stepped", trainer.global_step))
         trainer._total_batches_seen = int(ours.get("total_batches_seen", 0))
         trainer._resume = ResumePosition(epoch=epoch, batch_idx=batch_idx, epoch_rng=epoch_rng, rng=rng,
-                                         results=ours.get("results") or None)
+                                         results=ours.get("results") or None, segments=segments)
     else:
         # Written by Lightning: its counters give epoch, step and the batches done in the epoch; the epoch's
         # data order is drawn afresh (Lightning keeps no RNG that would rebuild it).

@@ -30,6 +30,8 @@ REDUCE_OPS = ("mean", "sum", "max", "min")
 class Strategy:
     """Base strategy: one process, one device. Subclasses override the collectives."""
 
+    wraps_model = False  # True when setup_module wraps the module (DDP): steps must go through the wrapper
+
     def __init__(self, device: torch.device | str = "cpu", ctx: RankContext | None = None) -> None:
         self.root_device = torch.device(device)
         self.ctx = ctx or RankContext()
@@ -90,6 +92,9 @@ class Strategy:
     def no_backward_sync(self, enabled: bool) -> Iterator[None]:
         """Skip the gradient all-reduce for accumulation steps (DDP's no_sync)."""
         yield
+
+    def pre_backward(self, loss: torch.Tensor) -> None:
+        """Called before each manual_backward; DDP arms its gradient all-reduce here."""
 
     def stop_agreement(self) -> Callable[[bool], bool] | None:
         """A function that agrees on a stop flag across ranks (None when there is one rank)."""

@@ -24,6 +24,8 @@ _TORCH_OPS = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM,
 class DDPStrategy(Strategy):
     """Collectives over torch.distributed and a DistributedDataParallel-wrapped module."""
 
+    wraps_model = True
+
     def __init__(self, device: torch.device | str = "cpu", ctx: RankContext | None = None,
                  timeout_s: float = 300, find_unused_parameters: bool = False) -> None:
         super().__init__(device, ctx)
@@ -74,7 +76,15 @@ class DDPStrategy(Strategy):
         device_ids = [self.root_device.index] if self.root_device.type == "cuda" else None
         self.model = DistributedDataParallel(module, device_ids=device_ids,
                                              find_unused_parameters=self.find_unused_parameters)
+        module.__dict__["_owner"] = self.model  # lets a StepDispatch reach its DDP wrapper (not a submodule)
         return self.model
+
+    def pre_backward(self, loss: torch.Tensor) -> None:
+        """Manual optimization: arm DDP's reducer for this backward (each manual_backward is its own sync)."""
+        m = self.model
+        if isinstance(m, DistributedDataParallel) and torch.is_grad_enabled():
+            m.reducer._rebuild_buckets()
+            m.reducer.prepare_for_backward([loss] if m.find_unused_parameters and not m.static_graph else [])
 
     def teardown(self) -> None:
         """Unwrap the module; leave the process group unless this strategy formed it."""

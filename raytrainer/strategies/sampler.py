@@ -45,3 +45,94 @@ def distributed_loader(loader: Any, ctx: RankContext, ordered: bool = False, see
         persistent_workers=loader.persistent_workers if loader.num_workers > 0 else False,
         prefetch_factor=loader.prefetch_factor if loader.num_workers > 0 else None,
     )
+
+
+class ElasticBatchSampler(Sampler[list[int]]):
+    """Batches for one rank of an elastic run: every sample of an epoch exactly once across resizes.
+
+    The epoch's order is a permutation fixed by (seed, epoch). ``segments`` lists, for this epoch,
+    each earlier world size and how many batches each of its ranks finished; those samples are
+    removed, and the rest is dealt out to the current ranks. Every rank gets the same number of
+    batches (DDP needs that): a final partial round is spread as one extra sample over the last
+    batches, so nothing is dropped or repeated.
+    """
+
+    def __init__(self, length: int, rank: int, world_size: int, batch_size: int, shuffle: bool, seed: int = 0,
+                 drop_last: bool = False) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        self.length, self.rank, self.world, self.batch_size = length, rank, world_size, batch_size
+        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
+        self.epoch = 0
+        self.segments: list[tuple[int, int, int]] = []  # (world, batches per rank, batch size) already done
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.segments = []
+        self.epoch = epoch
+
+    def resume_from(self, segments: list[tuple[int, int, int]]) -> None:
+        """Skip what earlier worlds consumed in this epoch."""
+        self.segments = [tuple(s) for s in segments]  # type: ignore[misc]
+
+    def _order(self) -> list[int]:
+        import torch
+
+        if not self.shuffle:
+            return list(range(self.length))
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        return torch.randperm(self.length, generator=g).tolist()
+
+    def _plan(self, order: list[int], world: int, batch: int) -> list[list[list[int]]]:
+        """Batches per rank for ``order`` dealt to ``world`` ranks (same count for every rank)."""
+        per_round = world * batch
+        rounds = len(order) // per_round
+        plan = [[order[r * per_round + k * batch:r * per_round + (k + 1) * batch] for r in range(rounds)]
+                for k in range(world)]
+        tail = order[rounds * per_round:]
+        if not tail or self.drop_last:
+            return plan
+        if len(tail) >= world or rounds == 0:  # one more, smaller batch for every rank
+            for k in range(world):
+                plan[k].append(tail[k::world])
+        else:  # fewer leftovers than ranks: one more sample in some ranks' last batch
+            for i, idx in enumerate(tail):
+                plan[i % world][-1].append(idx)
+        return plan
+
+    def _remaining(self) -> list[int]:
+        order = self._order()
+        for world, done, batch in self.segments:
+            plan = self._plan(order, world, batch)
+            used = {i for rank_batches in plan for b in rank_batches[:done] for i in b}
+            order = [i for i in order if i not in used]
+        return order
+
+    def __iter__(self) -> Iterator[list[int]]:
+        plan = self._plan(self._remaining(), self.world, self.batch_size)
+        return iter([b for b in plan[self.rank] if b])
+
+    def __len__(self) -> int:
+        remaining = self._remaining()
+        if not remaining:
+            return 0
+        return len(self._plan(remaining, self.world, self.batch_size)[self.rank])
+
+
+def elastic_loader(loader: Any, ctx: RankContext, batch_size: int | None = None, seed: int = 0) -> Any:
+    """Rebuild ``loader`` for an elastic run (see ElasticBatchSampler); batch_size overrides the per-rank size."""
+    if not isinstance(loader, DataLoader):
+        return loader
+    if not isinstance(loader.sampler, (RandomSampler, SequentialSampler)) or loader.batch_size is None:
+        raise ValueError("elastic runs re-shard the data themselves and need a DataLoader with a batch_size and the "
+                         "default sampler (shuffle=True or False).")
+    batch_sampler = ElasticBatchSampler(len(loader.dataset), ctx.global_rank, ctx.world_size,
+                                        batch_size or loader.batch_size, isinstance(loader.sampler, RandomSampler),
+                                        seed=seed, drop_last=loader.drop_last)
+    return DataLoader(
+        loader.dataset, batch_sampler=batch_sampler, num_workers=loader.num_workers, collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory, timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
+        persistent_workers=loader.persistent_workers if loader.num_workers > 0 else False,
+        prefetch_factor=loader.prefetch_factor if loader.num_workers > 0 else None,
+    )

@@ -102,6 +102,12 @@ def train_epoch(trainer: "Trainer", module: Any, deadline: float | None) -> bool
     elif start and start.epoch_rng is not None:
         torch.set_rng_state(start.epoch_rng)  # rebuild this epoch's data order ...
     trainer._epoch_start_rng = torch.get_rng_state()
+    if hasattr(batch_sampler, "resume_from"):
+        # Elastic run: the sampler leaves out what earlier worlds of this epoch trained, so nothing is skipped here.
+        trainer._epoch_segments = [list(x) for x in start.segments or []] if start and start.segments else []
+        batch_sampler.resume_from(trainer._epoch_segments)
+        first = 0
+        trainer.num_training_batches = trainer._limit(loader, "train")
     limit = trainer.num_training_batches
     batches: Iterable[Any] = iter(loader)
     if first:

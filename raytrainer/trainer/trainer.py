@@ -48,6 +48,7 @@ class ResumePosition:
     epoch_rng: torch.Tensor | None  # None for a Lightning checkpoint: the epoch gets a fresh order
     rng: dict[str, Any] | None
     results: dict[str, Any] | None = None  # epoch accumulators of self.log(on_epoch=True) values so far
+    segments: list[list[int]] | None = None  # elastic runs: [world, batches per rank, batch size] done so far
 
 
 class Trainer:
@@ -101,6 +102,7 @@ class Trainer:
         collective_timeout_s: float = 300.0,
         snapshot_every_n_steps: int | None = None,
         heartbeat_timeout_s: float = 300.0,
+        elastic_batch_policy: str = "rank",
         scale_check_interval_s: float = 5.0,
         ray_address: str | None = None,
         **unknown: Any,
@@ -192,6 +194,11 @@ class Trainer:
                 raise ValueError(f"{name}={value!r} must be > 0 seconds.")
         self.snapshot_every_n_steps = snapshot_every_n_steps
         self.heartbeat_timeout_s = float(heartbeat_timeout_s)
+        if elastic_batch_policy not in ("rank", "global"):
+            raise ValueError(f"elastic_batch_policy={elastic_batch_policy!r}: use 'rank' (keep each rank's batch "
+                             "size; the global batch follows the world size) or 'global' (keep the global batch; "
+                             "each rank's batch is batch_size * MAX / world).")
+        self.elastic_batch_policy = elastic_batch_policy
         self.scale_check_interval_s = float(scale_check_interval_s)
         self.ray_address = ray_address
 
@@ -240,6 +247,8 @@ class Trainer:
         self._module_optimizer_step: Callable[..., Any] | None = None
         self._module_lr_scheduler_step: Callable[..., Any] | None = None
         self._snapshotter: Any = None  # set on Ray ranks: takes in-memory snapshots at step boundaries
+        self._elastic = False           # set on Ray ranks of an elastic run: data is re-sharded on resize
+        self._epoch_segments: list[list[int]] = []
         self._events: Any = None       # EventLog (rank 0 of an in-process run) or a forwarder to the Ray driver
         self._events_forwarded = False  # True on Ray ranks: the driver writes start/finish itself
         self.saved_checkpoints: list[tuple[int, str]] = []
@@ -505,7 +514,7 @@ class Trainer:
             model.setup(stage)
             self._resolve_dataloaders(fn, model, datamodule, train, val, dataloaders)
             if fn == "fit":
-                model_for_steps = strategy.setup_module(StepDispatch(model) if strategy.distributed else model)
+                model_for_steps = strategy.setup_module(StepDispatch(model) if strategy.wraps_model else model)
             else:
                 model_for_steps = self._eval_module(model, strategy)
             self._step_model = model_for_steps
@@ -654,7 +663,13 @@ class Trainer:
         if not isinstance(loader, Iterable):
             raise TypeError(f"expected a DataLoader (or any iterable of batches), got {type(loader).__name__}.")
         if self.strategy is not None and self.strategy.distributed and self.use_distributed_sampler:
-            from raytrainer.strategies.sampler import distributed_loader
+            from raytrainer.strategies.sampler import distributed_loader, elastic_loader
+
+            if self._elastic and shuffle_default:
+                batch = None
+                if self.elastic_batch_policy == "global" and getattr(loader, "batch_size", None):
+                    batch = max(1, loader.batch_size * self.plan.max_ranks // self.strategy.world_size)
+                return elastic_loader(loader, self.strategy.ctx, batch_size=batch)
 
             return distributed_loader(loader, self.strategy.ctx, ordered=ordered)
         return loader
@@ -732,7 +747,15 @@ class Trainer:
         module = self.lightning_module
         wrapper = self._step_model
         if name == "training_step" and wrapper is not None and wrapper is not module:
-            return functools.partial(wrapper, _fx=name)
+            if module.automatic_optimization:
+                return functools.partial(wrapper, _fx=name)
+
+            def manual_step(*args: Any) -> Any:
+                try:
+                    return wrapper(*args, _fx=name)
+                finally:
+                    wrapper.require_backward_grad_sync = True
+            return manual_step
         return getattr(module, name)
 
     # ------------------------------------------------------------------ hooks
@@ -768,6 +791,8 @@ class Trainer:
     def _run_backward(self, loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> None:
         for fn in self._hot_hooks["on_before_backward"]:
             fn(loss)
+        if optimizer is None and self.strategy.wraps_model:  # manual_backward under DDP
+            self.strategy.pre_backward(loss)
         if self._module_backward is not None:
             self._module_backward(loss, *args, **kwargs)
         else:
@@ -999,6 +1024,15 @@ class Trainer:
             return
         restore_training_state(self, path, full=fn == "fit")
 
+    def _elastic_segments(self) -> list[list[int]] | None:
+        """For an elastic run's data position: what every world of this epoch consumed (None otherwise)."""
+        bs = getattr(self._train_dataloader, "batch_sampler", None)
+        if not hasattr(bs, "resume_from"):
+            return None
+        if self._epoch_done:
+            return []
+        return [list(x) for x in self._epoch_segments] + [[bs.world, self._batches_done_in_epoch, bs.batch_size]]
+
     def _resume_position(self, epoch: int) -> ResumePosition | None:
         pos = self._resume
         if pos is None or pos.epoch != epoch:
@@ -1051,7 +1085,12 @@ class StepDispatch(nn.Module):
         self.module = module
 
     def forward(self, *args: Any, _fx: str = "training_step", **kwargs: Any) -> Any:
-        return getattr(self.module, _fx)(*args, **kwargs)
+        out = getattr(self.module, _fx)(*args, **kwargs)
+        owner = self.__dict__.get("_owner")
+        if owner is not None and not self.module.automatic_optimization:
+            # Manual optimization: DDP must not arm its reducer after forward; each manual_backward does.
+            owner.require_backward_grad_sync = False
+        return out
 
 
 def _defines(obj: Any, name: str) -> bool:

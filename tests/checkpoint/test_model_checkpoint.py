@@ -109,6 +109,11 @@ def test_save_last_and_last_model_path(tmp_path):
     last = torch.load(cb.last_model_path)
     assert (last["epoch"], last["global_step"]) == (2, 30)
     assert_bitwise_equal(params(Regressor.load_from_checkpoint(cb.last_model_path)), params(model))
+    # both files of the final save come from one state: each already names the other
+    state = last["callbacks"][cb.state_key]
+    assert (state["last_model_path"], state["best_model_path"]) == (cb.last_model_path, cb.best_model_path)
+    if cb.best_model_path.endswith("step=30.ckpt"):
+        assert_bitwise_equal(torch.load(cb.best_model_path)["state_dict"], last["state_dict"])
 
 
 def test_every_n_train_steps(tmp_path):
@@ -223,3 +228,92 @@ def test_missing_monitor_is_an_error_naming_it(tmp_path):
     cb = rt.ModelCheckpoint(monitor="val_acc")
     with pytest.raises(RuntimeError, match="val_acc.*Logged: .*val_loss"):
         _fit(tmp_path, callbacks=[cb], max_epochs=1)
+
+
+# ------------------------------------------------------------------------------------------
+# The pipelined snapshot: optimizer-owned tensors are copied while the next step computes
+# ------------------------------------------------------------------------------------------
+
+class Wide(rt.LightningModule):
+    """Big enough that copying it to host memory takes a while; automatic or manual optimization."""
+
+    def __init__(self, width: int = 1024, manual: bool = False, lbfgs: bool = False, table: int = 1) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.Tanh(), torch.nn.Linear(width, 1))
+        self.norm = torch.nn.BatchNorm1d(width)  # buffers change in forward: copied at save time
+        # a big parameter that costs almost nothing in forward/backward: its copy outlasts the next step's compute
+        self.table = torch.nn.Parameter(torch.zeros(table))
+        self.automatic_optimization = not manual
+        self.lbfgs = lbfgs
+
+    def _loss(self, batch):
+        return self.body(self.norm(batch[0])).pow(2).mean() + self.table[:1].sum()
+
+    def training_step(self, batch, batch_idx):
+        if self.automatic_optimization:
+            return self._loss(batch)
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.manual_backward(self._loss(batch))
+        opt.step()
+
+    def configure_optimizers(self):
+        if self.lbfgs:
+            return torch.optim.LBFGS(self.parameters(), lr=0.1, max_iter=2)
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def _wide_data(width: int = 1024):
+    g = torch.Generator().manual_seed(0)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(48, width, generator=g)),
+                                       batch_size=8, shuffle=True)
+
+
+class _Record(rt.Callback):
+    """Copies the full training state at every step end (runs before ModelCheckpoint in the same hook)."""
+
+    def __init__(self):
+        self.states = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        opt_state = trainer.optimizers[0].state_dict()["state"]
+        self.states[trainer.global_step] = (
+            params(pl_module),
+            {i: {k: v.clone() for k, v in s.items() if isinstance(v, torch.Tensor)} for i, s in opt_state.items()})
+
+
+@pytest.mark.parametrize("manual, lbfgs", [(False, False), (True, False), (False, True)])
+def test_async_checkpoints_hold_exactly_the_state_of_their_step(tmp_path, manual, lbfgs):
+    record = _Record()
+    cb = rt.ModelCheckpoint(every_n_train_steps=1, save_top_k=-1, filename="{step}")
+    rt.seed_everything(0)
+    t = trainer(tmp_path, callbacks=[record, cb], max_steps=4, max_epochs=-1)
+    t.fit(Wide(manual=manual, lbfgs=lbfgs, table=2_000_000), _wide_data())
+    assert sorted(record.states) == [1, 2, 3, 4]
+    for step, (weights, opt_state) in record.states.items():
+        ckpt = torch.load(os.path.join(cb.dirpath, f"step={step}.ckpt"))
+        assert_bitwise_equal(ckpt["state_dict"], weights)
+        saved_opt = ckpt["optimizer_states"][0]["state"]
+        for i, tensors in opt_state.items():
+            for k, v in tensors.items():
+                assert torch.equal(saved_opt[i][k], v), (step, i, k)
+
+
+def test_in_place_change_during_the_background_copy_is_never_written_silently(tmp_path):
+    class Mutating(Wide):
+        def on_train_batch_end(self, outputs, batch, batch_idx):  # runs right after ModelCheckpoint's hook
+            with torch.no_grad():
+                self.body[0].weight.add_(1.0)
+
+    record = _Record()
+    cb = rt.ModelCheckpoint(every_n_train_steps=2, save_top_k=-1, filename="{step}")
+    rt.seed_everything(0)
+    t = trainer(tmp_path, callbacks=[record, cb], max_steps=4, max_epochs=-1)
+    try:
+        t.fit(Mutating(width=2048), _wide_data(2048))
+    except RuntimeError as exc:  # the usual outcome: the change raced the copy and was detected
+        assert "changed in place" in str(exc) and "body.0.weight" in str(exc)
+        return
+    for step in (2, 4):  # the copy won the race: then the files must hold the state of their step
+        assert_bitwise_equal(torch.load(os.path.join(cb.dirpath, f"step={step}.ckpt"))["state_dict"],
+                             record.states[step][0])

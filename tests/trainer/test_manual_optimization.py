@@ -36,6 +36,21 @@ def _load_gan_example() -> Any:
 gan = _load_gan_example()
 
 
+@pytest.fixture(autouse=True)
+def one_thread() -> Any:
+    """These models are tiny: one intra-op thread is fastest, and avoids spinning on a busy 2-core box.
+
+    Also undoes Trainer(deterministic=True)'s process-wide switch, so other tests see the usual torch.
+    """
+    n = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+
+
 def quiet_trainer(tmp_path: Any, **kwargs: Any) -> raytrainer.Trainer:
     """A single-CPU raytrainer Trainer with no progress bar, summary or checkpoints."""
     args = dict(accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False,
@@ -221,7 +236,26 @@ def lightning_reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, A
     module = type("PLGan", (GanBody, pl.LightningModule), {})()
     trainer = pl_fit(module, tiny_loader(n=12, dim=64), tmp, max_steps=5)
     out["gan_max_steps"] = (trainer.global_step, module.steps_seen)
+    module = type("PLGan", (LoggingGan, pl.LightningModule), {})()
+    trainer = pl_fit(module, tiny_loader(n=12, dim=64), tmp, max_epochs=2, log_every_n_steps=2,
+                     logger=pl.loggers.CSVLogger(str(tmp / "pl_csv")))
+    out["csv_rows"] = csv_rows(trainer.log_dir)
     return out
+
+
+class LoggingGan(GanBody):
+    """GanBody that also logs a value per batch, on step and on epoch."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        super().training_step(batch, batch_idx)
+        self.log("seen", float(batch_idx), on_step=True, on_epoch=True)
+
+
+def csv_rows(log_dir: str) -> list[tuple[str, str, str]]:
+    import csv
+
+    with open(os.path.join(log_dir, "metrics.csv")) as f:
+        return [(r["step"], r["seen_step"], r["seen_epoch"]) for r in csv.DictReader(f)]
 
 
 # ---------------------------------------------------------------------------------- GAN example
@@ -282,6 +316,31 @@ def test_gan_example_matches_plain_pytorch_bitwise(tmp_path: Any) -> None:
     assert "g_loss_step" in header and "d_loss_step" in header
 
 
+def test_gan_resumes_from_a_checkpoint_bitwise(tmp_path: Any) -> None:
+    """Both optimizers' states, global_step (2 per batch) and the RNG come back from the checkpoint."""
+    torch.manual_seed(0)
+    straight = gan.DigitsGAN(latent_dim=8, hidden=32)
+    first_half = copy.deepcopy(straight)
+    torch.manual_seed(1)
+    quiet_trainer(tmp_path / "straight", max_epochs=2).fit(straight, digits_loader(256, 32))
+
+    torch.manual_seed(1)
+    trainer = quiet_trainer(tmp_path / "resumed", max_epochs=1, enable_checkpointing=True)
+    trainer.fit(first_half, digits_loader(256, 32))
+    ckpt = trainer.checkpoint_callback.best_model_path
+    assert torch.load(ckpt, weights_only=False)["global_step"] == 16
+    assert len(torch.load(ckpt, weights_only=False)["optimizer_states"]) == 2
+
+    torch.manual_seed(0)
+    resumed = gan.DigitsGAN(latent_dim=8, hidden=32)
+    torch.manual_seed(123)  # the checkpoint's RNG state must win over whatever the process has
+    trainer = quiet_trainer(tmp_path / "resumed", max_epochs=2, enable_checkpointing=True)
+    trainer.fit(resumed, digits_loader(256, 32), ckpt_path=ckpt)
+    assert trainer.global_step == 32
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), f"{name} differs after resuming"
+
+
 def test_gan_example_bf16_mixed_trains_with_finite_losses(tmp_path: Any) -> None:
     dtypes: list[torch.dtype] = []
 
@@ -305,7 +364,10 @@ def test_gan_example_bf16_mixed_trains_with_finite_losses(tmp_path: Any) -> None
         assert not torch.equal(p, before[name]), f"{name} did not train"
 
 
-def test_gan_example_script_writes_png(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+def test_gan_example_script_writes_png(tmp_path: Any, capsys: pytest.CaptureFixture[str],
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS"):   # seed_everything sets them; restore afterwards
+        monkeypatch.delenv(var, raising=False)
     num_threads = torch.get_num_threads()
     try:
         gan.main(["--max_epochs", "1", "--hidden", "16", "--no_progress_bar",
@@ -376,6 +438,16 @@ def test_max_steps_counts_optimizer_steps_like_lightning(tmp_path: Any, lightnin
     trainer.fit(module, tiny_loader(n=12, dim=64))
     # the check runs after each batch, so the third batch (steps 5 and 6) still completes, as in Lightning
     assert (trainer.global_step, module.steps_seen) == lightning_reference["gan_max_steps"] == (6, [0, 2, 4])
+
+
+def test_logged_steps_match_lightning(tmp_path: Any, lightning_reference: dict) -> None:
+    """Under manual optimization the logger's step counts batches, not optimizer steps, as in Lightning."""
+    module = type("RTGan", (LoggingGan, raytrainer.LightningModule), {})()
+    trainer = quiet_trainer(tmp_path, max_epochs=2, log_every_n_steps=2, logger=None)
+    trainer.fit(module, tiny_loader(n=12, dim=64))
+    rows = csv_rows(trainer.log_dir)
+    assert rows == lightning_reference["csv_rows"]
+    assert [r[0] for r in rows] == ["1", "3", "5", "5", "7", "9", "11", "11"]
 
 
 # ------------------------------------------------------------------------------------- toggling
@@ -606,3 +678,74 @@ def test_several_optimizers_need_manual_optimization(tmp_path: Any) -> None:
 def test_optimizers_outside_a_run_errors() -> None:
     with pytest.raises(RuntimeError, match="Trainer"):
         gan.DigitsGAN(hidden=8).optimizers()
+
+
+def test_optimizers_when_configure_optimizers_returned_none(tmp_path: Any) -> None:
+    class NoOpt(raytrainer.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+            self.layer = nn.Linear(4, 1)
+
+        def training_step(self, batch: Any, batch_idx: int) -> None:
+            self.optimizers()
+
+        def configure_optimizers(self) -> None:
+            return None
+
+    with pytest.raises(RuntimeError, match="configure_optimizers returned None"):
+        quiet_trainer(tmp_path, max_epochs=1).fit(NoOpt(), tiny_loader())
+
+
+# ---------------------------------------------------------------------------------- loss scaling
+class ScalerProbe(raytrainer.LightningModule):
+    """Records gradients after manual_backward (scaled) and in on_before_optimizer_step (unscaled)."""
+
+    def __init__(self, clip_val: float | None) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.layer = nn.Linear(4, 3)
+        self.clip_val = clip_val
+        self.seen: dict[str, torch.Tensor] = {}
+
+    def setup(self, stage: str) -> None:
+        # 16-mixed needs CUDA; a real GradScaler enabled on CPU drives the same code path here.
+        self.trainer._precision.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        (x,) = batch
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.manual_backward(self.layer(x).float().pow(2).mean())
+        self.seen["after_backward"] = self.layer.weight.grad.clone()
+        if self.clip_val is not None:
+            self.clip_gradients(opt, gradient_clip_val=self.clip_val, gradient_clip_algorithm="norm")
+        self.seen["weight_before"] = self.layer.weight.detach().clone()
+        opt.step()
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        self.seen["in_hook"] = self.layer.weight.grad.clone()
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+
+def test_loss_scaling_unscales_before_the_hook_and_the_step(tmp_path: Any) -> None:
+    model = ScalerProbe(clip_val=None)
+    trainer = quiet_trainer(tmp_path, max_epochs=1, limit_train_batches=1, precision="bf16-mixed")
+    trainer.fit(model, tiny_loader())
+    seen = model.seen
+    assert float(seen["after_backward"].abs().max()) > 0
+    assert torch.equal(seen["after_backward"], seen["in_hook"] * 1024.0)     # scaled by 1024, then unscaled
+    torch.testing.assert_close(model.layer.weight.detach(), seen["weight_before"] - 0.5 * seen["in_hook"])
+    assert trainer.global_step == 1
+
+
+def test_clip_gradients_with_loss_scaling_clips_real_gradients_once(tmp_path: Any) -> None:
+    model = ScalerProbe(clip_val=1e-3)
+    quiet_trainer(tmp_path, max_epochs=1, limit_train_batches=1, precision="bf16-mixed").fit(model, tiny_loader())
+    grads = [p.grad for p in model.layer.parameters()]
+    assert _norm([model.seen["after_backward"] / 1024.0]) > 1e-2
+    # clipped to 1e-3 in real units, not unscaled a second time in step()
+    assert _norm(grads) == pytest.approx(1e-3, rel=1e-3)
+    torch.testing.assert_close(model.layer.weight.detach(), model.seen["weight_before"] - 0.5 * model.seen["in_hook"])

@@ -73,10 +73,15 @@ def ensure_ray(num_cpus_needed: int, num_gpus_needed: int = 0, address: str | No
     machine with ``ray start`` (found without waiting); else a new local instance with at least
     ``num_cpus_needed`` logical CPUs, so 8 ranks run on a 2-core laptop. ``address="local"``
     skips the search and always starts a private instance. Only the caller that got True should
-    call ``ray.shutdown()``.
+    call ``ray.shutdown()``. A local instance this function started that is too small for a later,
+    bigger world is restarted larger while nothing runs on it (as Lightning would just start more
+    processes).
     """
+    global _OWN_LOCAL_GCS
     if ray.is_initialized():
-        return False
+        if not _regrow_own_instance(num_cpus_needed):
+            return False
+        address = "local"
     quiet = dict(log_to_driver=True, configure_logging=True, logging_level=logging.WARNING)
     if address == "local":
         address = None
@@ -91,6 +96,34 @@ def ensure_ray(num_cpus_needed: int, num_gpus_needed: int = 0, address: str | No
     # GPUs are detected by Ray; asking for more than exist would only hide the real shortage.
     # "local" so Ray itself never swaps in an address from RAY_ADDRESS or a leftover address file.
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **quiet)
+    _OWN_LOCAL_GCS = ray.get_runtime_context().gcs_address
+    return True
+
+
+_OWN_LOCAL_GCS: str | None = None  # GCS address of the local instance ensure_ray started, if any
+
+
+def _regrow_own_instance(num_cpus_needed: int) -> bool:
+    """Shut down the local instance ensure_ray started if it has too few CPUs and runs no actors.
+
+    Returns True when the caller should start a bigger one. Instances that others started, or
+    that still run actors (ours or the user's), are never touched.
+    """
+    try:
+        if _OWN_LOCAL_GCS is None or ray.get_runtime_context().gcs_address != _OWN_LOCAL_GCS:
+            return False
+        if ray.cluster_resources().get("CPU", 0) >= num_cpus_needed:
+            return False
+        if any(a.get("State") == "ALIVE" for a in ray._private.state.actors().values()):
+            log.warning("the local Ray instance has %g CPUs, fewer than the %d ranks need, but actors "
+                        "still run on it, so it is not restarted", ray.cluster_resources().get("CPU", 0),
+                        num_cpus_needed)
+            return False
+    except Exception as err:  # noqa: BLE001 - if the state cannot be read, leave the session alone
+        log.debug("could not check the local Ray instance's size: %s", err)
+        return False
+    log.info("restarting the local Ray instance with room for %d ranks", num_cpus_needed)
+    ray.shutdown()
     return True
 
 

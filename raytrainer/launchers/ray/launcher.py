@@ -50,12 +50,16 @@ def rank_entry(info: Any, trainer: Any, fn: str, model: Any, kwargs: dict[str, A
     snapshots.clear()
     if ctl.get("rng") is not None:
         set_rng_states(ctl["rng"])  # every rank starts from the driver's RNG, as Lightning's ranks share a seed
-    strategy = DDPStrategy(info.device, info, timeout_s=trainer.collective_timeout_s)
+    # Manual optimization (GANs: each loss touches only some parameters) needs DDP to find unused parameters.
+    find_unused = trainer.plan.strategy == "ddp_find_unused_parameters_true" or not model.automatic_optimization
+    strategy = DDPStrategy(info.device, info, timeout_s=trainer.collective_timeout_s,
+                           find_unused_parameters=find_unused)
     rank0 = info.global_rank == 0
     bar = trainer.progress_bar_callback
     if bar is not None and rank0:
         bar.sink = lambda event: send_to_driver({"type": "progress", "event": event})
     trainer._events_forwarded = True
+    trainer._elastic = bool(ctl.get("elastic"))
     trainer._events = _ForwardEvents() if rank0 else None
     if fn == "fit":
         trainer._snapshotter = snapshots.Snapshotter(
@@ -161,6 +165,7 @@ class RayLauncher:
 
     # ------------------------------------------------------------------ entry
     def launch(self, trainer: Any, fn: str, model: Any, kwargs: dict[str, Any]) -> Any:
+        _check_sendable(trainer, model, kwargs)  # before Ray or any actor starts
         if fn == "fit":
             return _FitSupervisor(self, trainer, model, kwargs).run()
         # Each entry point gets its own group, released when it returns (as Lightning's processes end).
@@ -305,7 +310,8 @@ class _FitSupervisor:
                         continue
                     raise
                 self.events.emit(kind, world_size=self.world, step=self.step, epoch=self.epoch, cause=cause)
-                ctl = {"rng": self.rng, "snapshot_every": trainer.snapshot_every_n_steps, "resume_step": resume_step}
+                ctl = {"rng": self.rng, "snapshot_every": trainer.snapshot_every_n_steps, "resume_step": resume_step,
+                       "elastic": self.plan.elastic}
                 self.stop_sent, self.resize_to, self.last_beat = False, None, time.monotonic()
                 try:
                     results = self.group.run(
@@ -426,27 +432,8 @@ class RetryableError(RuntimeError):
 
 
 def _call_ranks(group: Any, fn: Any, *args: Any, timeout_s: float = 5.0) -> list[Any]:
-    """Call ``fn(rank_info, *args)`` on every live rank actor beside its running call; None for dead ones."""
-    import ray
-    import cloudpickle
-
-    actors = list(getattr(group, "_actors", []) or [])
-    if not actors:
-        return []
-    payload = ray.put(cloudpickle.dumps((fn, args)))
-    refs = [a.run.remote(payload) for a in actors]
-    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-    out = []
-    for ref in refs:
-        if ref not in ready:
-            out.append(None)
-            continue
-        try:
-            outcome = ray.get(ref, timeout=1)
-            out.append(outcome.value if getattr(outcome, "ok", False) else None)
-        except Exception:  # noqa: BLE001 - a dead rank has nothing to give
-            out.append(None)
-    return out
+    """Call ``fn(rank_info, *args)`` on every live rank beside its running call; None for ranks that fail."""
+    return group.call(fn, *args, timeout_s=timeout_s) if getattr(group, "started", False) else []
 
 
 def _free_slots(plan: Plan) -> list[int]:
@@ -455,6 +442,31 @@ def _free_slots(plan: Plan) -> list[int]:
 
     per_node = ray._private.state.available_resources_per_node()
     return free_slots(list(per_node.values()), 1, 1 if plan.accelerator == "cuda" else 0)
+
+
+class _Discard:
+    """A write-only sink: pickling into it checks picklability without keeping a copy."""
+
+    def write(self, data: Any) -> int:
+        return len(data)
+
+
+def _check_sendable(trainer: Any, model: Any, kwargs: dict[str, Any]) -> None:
+    """Raise TypeError naming the attribute (e.g. ``model.log_file``) that cannot be sent to the ranks."""
+    import cloudpickle
+
+    from raytrainer.launchers.ray.group import check_picklable
+
+    try:
+        cloudpickle.dump((trainer, model, kwargs), _Discard())
+    except Exception as err:  # noqa: BLE001 - find and name the culprit
+        names = {"train": "train_dataloaders", "val": "val_dataloaders"}
+        check_picklable(model, "model")
+        for key, value in kwargs.items():
+            check_picklable(value, names.get(key, key))
+        check_picklable(trainer, "trainer")
+        raise TypeError(f"the trainer, module and data cannot be pickled together for the Ray ranks: "
+                        f"{type(err).__name__}: {err}") from err
 
 
 def _forwarded_env() -> dict[str, str]:

@@ -18,7 +18,7 @@ from typing import Any
 import cloudpickle
 import torch
 
-from raytrainer.launchers.ray import rendezvous
+from raytrainer.launchers.ray import control, rendezvous
 from raytrainer.strategies.base import RankContext
 
 MESSAGE_BUFFER_SIZE = 10_000  # oldest messages are dropped beyond this; progress updates are lossy
@@ -123,6 +123,14 @@ class RankWorker:
         self._master_store = None
         self._info: RankInfo | None = None
         _BUFFER = _MessageBuffer()
+        # Spot/preemptible VMs send SIGTERM ahead of the kill: turn it into a stop at the next agreed step
+        # (Ray runs __init__ on the actor's main thread, the only place a signal handler can be set).
+        control.install_sigterm_handler()
+
+    def __repr__(self) -> str:
+        # Ray prefixes worker log lines with this, so each line names its rank.
+        info = self._info
+        return f"rank-{info.global_rank}" if info is not None else f"RankWorker({self.run_name})"
 
     def node_info(self) -> dict[str, Any]:
         """Where this actor landed: node id and IP, pid and the GPUs Ray gave it."""

@@ -1,0 +1,84 @@
+"""Small modules and callbacks for the fault-tolerance tests (importable by the Ray ranks)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import raytrainer as pl
+
+
+class Regression(pl.LightningModule):
+    """Linear regression; optionally logs every sample id it trains on, with step and world size."""
+
+    def __init__(self, ids_path: str | None = None, sleep_s: float = 0.0) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+        self.ids_path = ids_path
+        self.sleep_s = sleep_s
+
+    def training_step(self, batch, batch_idx):
+        idx, x, y = batch
+        if self.sleep_s:
+            time.sleep(self.sleep_s)
+        if self.ids_path:
+            with open(f"{self.ids_path}.{os.getpid()}", "a") as f:
+                f.write(json.dumps({"epoch": self.current_epoch, "step": self.global_step, "ids": idx.tolist(),
+                                    "world": self.trainer.world_size, "time": time.time()}) + "\n")
+        loss = nn.functional.mse_loss(self.net(x), y)
+        self.log("loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def loader(n: int = 256, batch_size: int = 16, shuffle: bool = True) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 8, generator=g)
+    return DataLoader(TensorDataset(torch.arange(n), x, x.sum(1, keepdim=True)), batch_size=batch_size,
+                      shuffle=shuffle)
+
+
+class SignalAt(pl.Callback):
+    """Sends ``sig`` to this rank's own process at ``step`` (once: a marker file remembers it)."""
+
+    def __init__(self, step: int, marker: str, rank: int = 1, sig: int = signal.SIGKILL) -> None:
+        self.step, self.marker, self.rank, self.sig = step, marker, rank, sig
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_rank == self.rank and trainer.global_step == self.step and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            os.kill(os.getpid(), self.sig)
+
+
+class FailingRegression(Regression):
+    """Raises a retryable error inside training_step on rank 1 at ``step``, every time (a crash loop)."""
+
+    def __init__(self, fail_step: int) -> None:
+        super().__init__()
+        self.fail_step = fail_step
+
+    def training_step(self, batch, batch_idx):
+        from raytrainer.launchers.ray.launcher import RetryableError
+
+        if self.global_rank == 1 and self.global_step == self.fail_step:
+            raise RetryableError(f"injected failure at step {self.fail_step}")
+        return super().training_step(batch, batch_idx)
+
+
+def params(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def events(root: str) -> list[dict]:
+    paths = [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f == "events.jsonl"]
+    out: list[dict] = []
+    for p in sorted(paths):
+        out += [json.loads(line) for line in open(p) if line.strip()]
+    return out

@@ -1,0 +1,140 @@
+"""Fault tolerance on a local Ray instance: killed ranks, crash loops, exhausted budgets, SIGTERM."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import raytrainer as pl
+from raytrainer.launchers.ray.control import PREEMPTED_EXIT_CODE, Preempted
+from raytrainer.launchers.ray.policies import FailuresExhausted
+
+from ft_models import FailingRegression, Regression, SignalAt, events, loader, params
+
+pytestmark = pytest.mark.slow
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+
+def _trainer(root, **kw):
+    base = dict(num_processes=2, max_epochs=2, deterministic=True, default_root_dir=str(root),
+                enable_progress_bar=False, enable_model_summary=False)
+    base.update(kw)
+    return pl.Trainer(**base)
+
+
+def test_killed_rank_recovers_bitwise(local_ray, tmp_path, alive_actors):
+    pl.seed_everything(0)
+    ref_model = Regression()
+    _trainer(tmp_path / "ref").fit(ref_model, loader())
+
+    pl.seed_everything(0)
+    model = Regression()
+    trainer = _trainer(tmp_path / "ft", max_failures=2, callbacks=[SignalAt(11, str(tmp_path / "marker"))])
+    trainer.fit(model, loader())
+    assert trainer.global_step == 16
+    assert torch.equal(params(model), params(ref_model)), "recovery changed the result"
+    kinds = [e["event"] for e in events(str(tmp_path / "ft"))]
+    assert kinds[0] == "start" and "failure" in kinds and "restart" in kinds and kinds[-1] == "finish"
+    failure = next(e for e in events(str(tmp_path / "ft")) if e["event"] == "failure")
+    restart = next(e for e in events(str(tmp_path / "ft")) if e["event"] == "restart")
+    assert failure["rank"] == 1 and "died" in failure["cause"]
+    assert restart["step"] >= 10, "recovery should resume from the newest snapshot, not from scratch"
+    assert alive_actors() == []
+
+
+def test_exhausted_budget_is_clear_and_releases_everything(local_ray, tmp_path, alive_actors):
+    import ray
+
+    free_before = ray.available_resources().get("CPU", 0)
+    trainer = _trainer(tmp_path, max_failures=0, callbacks=[SignalAt(3, str(tmp_path / "marker"))])
+    with pytest.raises(FailuresExhausted) as info:
+        trainer.fit(Regression(), loader())
+    msg = str(info.value)
+    assert "max_failures=0" in msg and "rank 1" in msg and "step" in msg and "died" in msg
+    assert alive_actors() == []
+    assert ray.available_resources().get("CPU", 0) == free_before
+
+
+def test_crash_loop_exhausts_budget(local_ray, tmp_path):
+    trainer = _trainer(tmp_path, max_failures=2)
+    with pytest.raises(FailuresExhausted) as info:
+        trainer.fit(FailingRegression(5), loader())
+    assert len(info.value.failures) == 3
+    assert all("injected failure at step 5" in f.cause for f in info.value.failures)
+
+
+def test_plain_user_error_is_not_retried(local_ray, tmp_path):
+    class Broken(Regression):
+        def training_step(self, batch, batch_idx):
+            raise ValueError("bug in user code")
+
+    trainer = _trainer(tmp_path, max_failures=3)
+    with pytest.raises(Exception, match="bug in user code"):
+        trainer.fit(Broken(), loader())
+    assert [e["event"] for e in events(str(tmp_path))].count("restart") == 0
+
+
+def test_sigterm_to_a_rank_checkpoints_and_rerun_resumes(local_ray, tmp_path):
+    pl.seed_everything(0)
+    trainer = _trainer(tmp_path, max_epochs=3, callbacks=[SignalAt(7, str(tmp_path / "marker"), sig=signal.SIGTERM)])
+    with pytest.raises(Preempted) as info:
+        trainer.fit(Regression(), loader())
+    assert info.value.code == PREEMPTED_EXIT_CODE
+    stopped_at = trainer.global_step
+    assert 7 <= stopped_at <= 9  # agreed at the next step boundary
+    assert info.value.checkpoint and os.path.exists(info.value.checkpoint)
+    assert torch.load(info.value.checkpoint)["global_step"] == stopped_at
+
+    again = _trainer(tmp_path, max_epochs=3)
+    again.fit(Regression(), loader(), ckpt_path="last")
+    starts = [e for e in events(str(tmp_path)) if e["event"] == "start"]
+    assert starts[-1]["step"] == stopped_at, "the rerun must resume at the preempted step"
+    assert again.global_step == 24
+
+
+DRIVER = textwrap.dedent('''
+    import sys
+    sys.path.insert(0, {root!r}); sys.path.insert(0, {here!r})
+    import raytrainer as pl
+    from ft_models import Regression, loader
+    pl.seed_everything(0)
+    t = pl.Trainer(num_processes=2, max_epochs=40, default_root_dir={out!r}, enable_progress_bar=False,
+                   enable_model_summary=False)
+    t.fit(Regression(sleep_s=0.02), loader(), ckpt_path="last")
+    print("FINISHED", t.global_step)
+''')
+
+
+def test_sigterm_to_the_driver_checkpoints_and_rerun_resumes(tmp_path):
+    import json
+    import time
+
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER.format(root=ROOT, here=os.path.dirname(__file__), out=str(tmp_path / "run")))
+    env = dict(os.environ, RAY_ADDRESS="local")
+    proc = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    deadline = time.time() + 120
+    events_path = None
+    while time.time() < deadline and proc.poll() is None:  # wait until training runs (a checkpoint is written)
+        found = [e for e in events(str(tmp_path / "run")) if e["event"] == "checkpoint"]
+        if found:
+            break
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, out[-3000:]
+    assert "preempted" in out
+    pre = [e for e in events(str(tmp_path / "run")) if e["event"] == "preemption"]
+    assert pre and os.path.exists(pre[-1]["path"])
+    step = pre[-1]["step"]
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert "FINISHED 640" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
+    starts = [e for e in events(str(tmp_path / "run")) if e["event"] == "start"]
+    assert starts[-1]["step"] == step
+    del json, events_path

@@ -379,9 +379,10 @@ class _FitSupervisor:
             self.step = self.driver_snapshot[0]
         rank = getattr(err, "rank", None)
         node = getattr(err, "node_ip", None) or None
-        text = str(err)
-        preempted = "preempt" in text.lower()
         died = getattr(err, "died", False)
+        # A process lost with its node to a spot/preemptible reclaim (Ray: AUTOSCALER_DRAIN_PREEMPTED) is a
+        # preemption, which does not count against max_failures. Only a death's own message is looked at.
+        preempted = died and "preempted" in getattr(err, "traceback", "").lower()
         short = _short_cause(err)
         failure = Failure(time.time(), rank, node, short, self.step, preempted=preempted)
         self.events.emit("failure", world_size=self.world, step=self.step, epoch=self.epoch, cause=short,

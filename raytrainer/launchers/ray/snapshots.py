@@ -40,8 +40,10 @@ class Snapshotter:
     def __init__(self, every_n_steps: int | None, publish: Callable[[int, dict[str, Any]], None] | None = None,
                  publish_every_s: float = 1.0, heartbeat: Callable[[int, int], None] | None = None,
                  heartbeat_every_s: float = 1.0) -> None:
-        if every_n_steps is not None and every_n_steps < 1:
-            raise ValueError(f"snapshot_every_n_steps={every_n_steps}: use an int >= 1, or None for automatic.")
+        if every_n_steps is not None and every_n_steps < 0:
+            raise ValueError(f"snapshot_every_n_steps={every_n_steps}: use an int >= 1, 0 for none, or None for "
+                             "automatic.")
+        self.enabled = every_n_steps != 0
         self.fixed = every_n_steps
         self.every = every_n_steps or 1
         self.publish = publish
@@ -69,7 +71,7 @@ class Snapshotter:
             dt = now - self._step_clock
             self._step_time = dt if self._step_time == 0 else 0.9 * self._step_time + 0.1 * dt
             self._step_clock = now
-        if step == self._last_step or step % self.every != 0:
+        if not self.enabled or step == self._last_step or step % self.every != 0:
             return
         self.take(trainer)
         cost = time.perf_counter() - now

@@ -16,7 +16,7 @@ from raytrainer.launchers.ray.policies import FailuresExhausted
 
 from ft_models import FailingRegression, Regression, SignalAt, events, loader, params
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 

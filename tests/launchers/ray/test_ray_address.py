@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -56,9 +57,17 @@ def processes_using(marker: str) -> list[int]:
     return pids
 
 
+# Ray 2.60 turns token authentication on for ``ray start`` when ~/.ray/auth_token exists, and a
+# client given an explicit address (RAY_ADDRESS included) only sends a token when told to. A cluster
+# user exports RAY_AUTH_MODE=token (and the token); the test does the same with a token of its own,
+# so it neither depends on nor touches ~/.ray/auth_token.
+AUTH = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+
+
 def clean_env() -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0", **AUTH}
     env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
     return env
 
 

@@ -1,0 +1,199 @@
+"""Recovery after a killed rank: raytrainer vs Ray Train's TorchTrainer, in one command.
+
+For each framework a 2-rank CPU job trains an MLP; rank 1 SIGKILLs itself at step KILL_STEP of the
+first attempt. Measured from the files every rank appends (step, wall time) to:
+- recovery time: from the kill to the next completed training step;
+- steps lost: the step reached at the kill minus the step training resumed from.
+Ray Train restarts the whole group from its last reported checkpoint (reported every
+REPORT_EVERY steps, FailureConfig(max_failures=1)); raytrainer resumes from its newest in-memory
+snapshot. Also measured: raytrainer's steady-state throughput with snapshots (default, automatic
+interval) against snapshot_every_n_steps=0 (no snapshots).
+
+    python benchmarks/recovery.py [--repeats 3]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+KILL_STEP, STEPS, BATCH, REPORT_EVERY, HIDDEN = 60, 160, 64, 20, 512
+
+
+def data() -> TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(STEPS * BATCH * 2, 64, generator=g)
+    return TensorDataset(x, x[:, :1] * 3)
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(64, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, 1))
+
+
+def _record(out: str, rank: int, step: int) -> None:
+    with open(os.path.join(out, f"steps.{rank}"), "a") as f:
+        f.write(json.dumps({"step": step, "t": time.time(), "pid": os.getpid()}) + "\n")
+
+
+def _maybe_kill(out: str, rank: int, step: int) -> None:
+    marker = os.path.join(out, "killed")
+    if rank == 1 and step == KILL_STEP and not os.path.exists(marker):
+        with open(marker, "w") as f:
+            f.write(json.dumps({"t": time.time(), "step": step}))
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def analyse(out: str) -> dict[str, float]:
+    kill = json.load(open(os.path.join(out, "killed")))
+    rows = [json.loads(line) for line in open(os.path.join(out, "steps.0"))]
+    after = [r for r in rows if r["t"] > kill["t"] and r["pid"] != rows[0]["pid"]] or \
+        [r for r in rows if r["t"] > kill["t"]]
+    first_after = min(after, key=lambda r: r["t"])
+    resumed_from = first_after["step"] - 1
+    return {"recovery_s": first_after["t"] - kill["t"], "steps_lost": kill["step"] - resumed_from}
+
+
+def throughput(out: str, skip: int = 20) -> float:
+    rows = [json.loads(line) for line in open(os.path.join(out, "steps.0"))][skip:]
+    return (rows[-1]["step"] - rows[0]["step"]) / (rows[-1]["t"] - rows[0]["t"])
+
+
+# ------------------------------------------------------------------------------------------- raytrainer
+def run_raytrainer(out: str, kill: bool, snapshot_every: int | None = None) -> None:
+    import raytrainer as rt
+
+    class Recorder(rt.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            _record(out, trainer.global_rank, trainer.global_step)
+            if kill:
+                _maybe_kill(out, trainer.global_rank, trainer.global_step)
+
+    class Model(rt.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = mlp()
+
+        def training_step(self, batch, batch_idx):
+            torch.set_num_threads(1)
+            x, y = batch
+            return nn.functional.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+    trainer = rt.Trainer(num_processes=2, max_steps=STEPS, max_failures=1, callbacks=[Recorder()],
+                         default_root_dir=out, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, logger=False, snapshot_every_n_steps=snapshot_every)
+    trainer.fit(Model(), DataLoader(data(), batch_size=BATCH, shuffle=True))
+
+
+# ------------------------------------------------------------------------------------------- Ray Train
+def run_ray_train(out: str) -> None:
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
+
+    def loop(config: dict) -> None:
+        torch.set_num_threads(1)
+        rank = ray.train.get_context().get_world_rank()
+        model = ray.train.torch.prepare_model(mlp())
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        start = 0
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is not None:
+            with ckpt.as_directory() as d:
+                state = torch.load(os.path.join(d, "state.pt"))
+            model.module.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+            start = state["step"]
+        loader = ray.train.torch.prepare_data_loader(DataLoader(data(), batch_size=BATCH, shuffle=True))
+        step = start
+        while step < STEPS:
+            for x, y in loader:
+                loss = nn.functional.mse_loss(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                step += 1
+                _record(config["out"], rank, step)
+                if step % REPORT_EVERY == 0:
+                    with tempfile.TemporaryDirectory() as d:
+                        if rank == 0:
+                            torch.save({"model": model.module.state_dict(), "opt": opt.state_dict(), "step": step},
+                                       os.path.join(d, "state.pt"))
+                        ray.train.report({"step": step}, checkpoint=Checkpoint.from_directory(d) if rank == 0 else None)
+                _maybe_kill(config["out"], rank, step)
+                if step >= STEPS:
+                    break
+
+    trainer = ray.train.torch.TorchTrainer(
+        loop, train_loop_config={"out": out}, scaling_config=ScalingConfig(num_workers=2),
+        run_config=RunConfig(storage_path=os.path.join(out, "ray_results"), name="recovery",
+                             failure_config=FailureConfig(max_failures=1)))
+    trainer.fit()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+    import logging
+    import warnings
+
+    import ray
+
+    warnings.filterwarnings("ignore")
+    logging.getLogger("ray").setLevel(logging.ERROR)
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="error")
+    results: dict[str, list[dict[str, float]]] = {"raytrainer": [], "ray_train": []}
+    tput: dict[str, list[float]] = {"snapshots on": [], "snapshots off": []}
+    root = tempfile.mkdtemp(prefix="recovery-")
+    try:
+        for i in range(args.repeats):
+            for name, fn in (("raytrainer", lambda o: run_raytrainer(o, kill=True)), ("ray_train", run_ray_train)):
+                out = os.path.join(root, f"{name}-{i}")
+                os.makedirs(out)
+                fn(out)
+                r = analyse(out)
+                results[name].append(r)
+                print(f"run {i + 1} {name:<10} recovery {r['recovery_s']:.2f} s, steps lost {r['steps_lost']}",
+                      flush=True)
+            for label, every in (("snapshots on", None), ("snapshots off", 0)):
+                out = os.path.join(root, f"tput-{label.replace(' ', '')}-{i}")
+                os.makedirs(out)
+                run_raytrainer(out, kill=False, snapshot_every=every)
+                tput[label].append(throughput(out))
+                print(f"run {i + 1} throughput {label}: {tput[label][-1]:.1f} steps/s", flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+        ray.shutdown()
+    rt_rec = statistics.median(r["recovery_s"] for r in results["raytrainer"])
+    rt_lost = statistics.median(r["steps_lost"] for r in results["raytrainer"])
+    ray_rec = statistics.median(r["recovery_s"] for r in results["ray_train"])
+    ray_lost = statistics.median(r["steps_lost"] for r in results["ray_train"])
+    on, off = statistics.median(tput["snapshots on"]), statistics.median(tput["snapshots off"])
+    print(f"\n2 ranks, CPU, kill at step {KILL_STEP}; Ray Train reports a checkpoint every {REPORT_EVERY} steps; "
+          f"medians of {args.repeats}; load average {os.getloadavg()[0]:.1f}")
+    print("| | recovery (s) | optimizer steps lost |")
+    print("|---|---|---|")
+    print(f"| raytrainer | {rt_rec:.2f} | {rt_lost:g} |")
+    print(f"| Ray Train TorchTrainer | {ray_rec:.2f} | {ray_lost:g} |")
+    print(f"| ratio raytrainer / Ray Train | {rt_rec / ray_rec:.3f} | |")
+    print(f"\nsteady-state throughput: snapshots on {on:.1f} steps/s, off {off:.1f} steps/s, ratio {on / off:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -81,6 +81,20 @@ def _module_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _host_module(module: nn.Module) -> nn.Module:
+    """The module itself, or a CPU copy of a module on an XLA device (TPU): TorchScript and ONNX export
+    trace CPU tensors, and moving the trained module itself would replace the parameters its optimizer holds."""
+    if _module_device(module).type != "xla":
+        return module
+    import copy
+
+    memo: dict[int, Any] = {}
+    for t in (*module.parameters(), *module.buffers()):
+        host = t.detach().cpu()
+        memo[id(t)] = nn.Parameter(host, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else host
+    return copy.deepcopy(module, memo)
+
+
 def _to_device(sample: Any, device: torch.device) -> Any:
     """The sample with every tensor moved to `device` (example_input_array is usually made on CPU)."""
     return pytree.tree_map(lambda v: v.to(device) if isinstance(v, torch.Tensor) else v, sample)
@@ -406,6 +420,7 @@ def to_torchscript(
         raise ValueError(
             f"to_torchscript got method={method!r}; use one of {', '.join(map(repr, _TORCHSCRIPT_METHODS))}."
         )
+    module = _host_module(module)
     sample = example_inputs if example_inputs is not None else _example_input(module)
     if method == "trace" and sample is None:
         raise ValueError(
@@ -491,6 +506,7 @@ def to_onnx(
     `input_sample` defaults to `module.example_input_array`. Dim 0 of every input and output is
     dynamic unless `dynamic_axes` or `dynamic_shapes` is given. Other kwargs go to torch.onnx.export.
     """
+    module = _host_module(module)
     sample = input_sample if input_sample is not None else _example_input(module)
     if sample is None:
         raise ValueError(

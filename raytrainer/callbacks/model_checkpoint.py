@@ -1,9 +1,12 @@
 """ModelCheckpoint: save automatically (top-k by a metric, last, every N steps/epochs/seconds).
 
 Writes are crash-safe (``checkpoint.storage``: temporary name + atomic rename, or upload + manifest)
-and, by default, asynchronous: the training thread only copies the state to host memory, a
-background thread serialises and writes it. A checkpoint rotated out by ``save_top_k`` is deleted
-only once its replacement is completely on storage, so rotation never removes the only valid one.
+and, by default, asynchronous. The training thread copies to host memory only what the next forward
+could change (buffers, RNG states); a helper thread copies the parameters and optimizer state while
+the next step computes, and the next optimizer step waits for that copy (``_Snapshot``); the
+storage.AsyncCheckpointWriter thread serialises, hashes and writes. ``fit`` waits for all of it
+before it returns. A checkpoint rotated out by ``save_top_k`` is deleted only once its replacement
+is completely on storage, so rotation never removes the only valid one.
 """
 from __future__ import annotations
 

@@ -268,6 +268,9 @@ def dump_checkpoint(trainer: "Trainer", weights_only: bool = False) -> dict[str,
     for cb in trainer.callbacks:
         cb.on_save_checkpoint(trainer, module, ckpt)
     module.on_save_checkpoint(ckpt)
+    to_host = getattr(trainer.strategy, "checkpoint_to_host", None)
+    if to_host is not None:  # XLA: device tensors become CPU copies, so the file loads without torch_xla
+        ckpt = to_host(ckpt)
     check_loadable(ckpt)
     return ckpt
 
@@ -344,7 +347,8 @@ def restore_training_state(trainer: "Trainer", path: "str | dict[str, Any]", ful
     if isinstance(path, dict):
         ckpt, path = path, "<in-memory snapshot>"
     else:
-        ckpt = read_checkpoint(path, map_location=module.device)
+        # torch.load cannot map onto an XLA device: load on CPU, load_state_dict copies onto the device
+        ckpt = read_checkpoint(path, map_location="cpu" if module.device.type == "xla" else module.device)
     module.on_load_checkpoint(ckpt)
     _load_state_dict(module, ckpt["state_dict"], path, strict=True)
     if not full:

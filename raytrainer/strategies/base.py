@@ -96,8 +96,8 @@ class Strategy:
     def pre_backward(self, loss: torch.Tensor) -> None:
         """Called before each manual_backward; DDP arms its gradient all-reduce here."""
 
-    def stop_agreement(self) -> Callable[[bool], bool] | None:
-        """A function that agrees on a stop flag across ranks (None when there is one rank)."""
+    def stop_agreement(self) -> Callable[[int], int] | None:
+        """A function that agrees on a stop code across ranks (None when there is one rank)."""
         if not self.distributed:
             return None
         agreement = self.__dict__.get("_agreement")
@@ -124,8 +124,8 @@ def move_to_device(batch: Any, device: torch.device) -> Any:
 
 
 class LaggedAgreement:
-    """Agree on a flag across ranks one call late: each call starts an async MAX all-reduce of the
-    local flag (on its own gloo group) and returns the result of the previous call's. Every rank
+    """Agree on a stop code across ranks one call late: each call starts an async MAX all-reduce of the
+    local code (on its own gloo group) and returns the result of the previous call's. Every rank
     therefore sees the same answer at the same step, and the collective overlaps a training step."""
 
     def __init__(self) -> None:
@@ -136,19 +136,19 @@ class LaggedAgreement:
         self._buf = torch.zeros(1)
         self._work: Any = None
 
-    def __call__(self, flag: bool) -> bool:
-        agreed = False
+    def __call__(self, code: int) -> int:
+        agreed = 0
         if self._work is not None:
             self._work.wait()
-            agreed = bool(self._buf[0] > 0)
-        self._buf = torch.ones(1) if flag else torch.zeros(1)
+            agreed = int(self._buf[0])
+        self._buf = torch.full((1,), float(code))
         self._work = self._dist.all_reduce(self._buf, op=self._dist.ReduceOp.MAX, group=self._group, async_op=True)
         return agreed
 
-    def drain(self) -> bool:
+    def drain(self) -> int:
         """Finish the outstanding all-reduce (call on every rank at the same point); returns its answer."""
         if self._work is None:
-            return False
+            return 0
         self._work.wait()
         self._work = None
-        return bool(self._buf[0] > 0)
+        return int(self._buf[0])

@@ -178,9 +178,11 @@ def train_epoch(trainer: "Trainer", module: Any, deadline: float | None) -> bool
             snapshotter.maybe_take(trainer)
         # Deadlines and preemption can differ between ranks: they are agreed one step later, overlapping the
         # all-reduce with the next step. max_steps and should_stop are the same on every rank already.
-        late = (deadline is not None and time.monotonic() >= deadline) or trainer._preempt_requested()
+        late = trainer._stop_code(deadline)
         if agree is not None:
             late = agree(late)
+            if late:
+                trainer._adopt_stop_code(late)  # every rank now knows why (preemption, resize, deadline)
         stop = (max_steps != -1 and trainer.global_step >= max_steps) \
             or (trainer.should_stop and _can_stop_early(trainer)) or late
         if stop and not (n_batches is not None and batch_idx + 1 >= n_batches):

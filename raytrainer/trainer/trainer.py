@@ -229,7 +229,6 @@ class Trainer:
         self.training = False
         self.sanity_checking = False
         self.state_fn: str | None = None
-        self._preempt_flag = False
         self._results: dict[str, Results] = {}
         self._callback_metrics: dict[str, torch.Tensor] = {}
         self._logged_metrics: dict[str, Any] = {}
@@ -1052,8 +1051,20 @@ class Trainer:
             self._events.emit("checkpoint", world_size=self.world_size, step=self.global_step,
                               epoch=self.current_epoch, path=path)
 
-    def _preempt_requested(self) -> bool:
-        return self._preempt_flag or control.stop_reason() is not None
+    def _stop_code(self, deadline: float | None) -> int:
+        """Why this rank wants to stop mid-epoch: 0 no, 1 max_time, 2 resize, 3 preemption (higher wins)."""
+        reason = control.stop_reason()
+        if reason == "preempt":
+            return 3
+        if reason == "resize":
+            return 2
+        return 1 if deadline is not None and time.monotonic() >= deadline else 0
+
+    def _adopt_stop_code(self, code: int) -> None:
+        if code == 3:
+            control.request_stop("preempt")
+        elif code == 2:
+            control.request_stop("resize")
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()

@@ -81,7 +81,8 @@ def unavailable(reason: str) -> None:
 
 def run(cmd: list[str], timeout: float, log: Path | None = None, **kwargs) -> subprocess.CompletedProcess:
     """Run a command with a deadline; its output goes to `log` when given (and is returned)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    # No Ray address or auth settings leak in from other tests (ray.init() exports RAY_AUTH_MODE).
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("RAY_AUTH_")}
     env.update(kwargs.pop("env", {}))
     try:
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, **kwargs)

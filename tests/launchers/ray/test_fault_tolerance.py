@@ -134,7 +134,7 @@ def test_sigterm_to_the_driver_checkpoints_and_rerun_resumes(tmp_path):
     assert pre and os.path.exists(pre[-1]["path"])
     step = pre[-1]["step"]
     proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
-    assert "FINISHED 640" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "FINISHED 320" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
     starts = [e for e in events(str(tmp_path / "run")) if e["event"] == "start"]
     assert starts[-1]["step"] == step
     del json, events_path

@@ -4,7 +4,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench clean
+XLA_VENV := .venv-xla
+XLA_BIN := $(XLA_VENV)/bin
+XLA_STAMP := $(XLA_VENV)/.installed
+
+.PHONY: demo test test-fast test-xla bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,13 +22,25 @@ demo: $(STAMP)
 	$(BIN)/python examples/autoencoder.py --num_processes 2 --max_epochs 5 --ckpt_path none
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests --ignore=tests/xla
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q tests -m "not slow"
+	$(BIN)/python -m pytest -q tests --ignore=tests/xla -m "not slow"
+
+# The TPU path, on torch_xla's CPU backend, in its own venv: torch_xla 2.9.0 pins torch==2.9.0, whose
+# PyPI build pulls CUDA libraries (about 7 GB in all; 4-6 min to build from nothing).
+$(XLA_STAMP): pyproject.toml
+	test -x $(XLA_BIN)/python || $(PY) -m venv $(XLA_VENV)
+	$(XLA_BIN)/pip install -q --upgrade pip
+	$(XLA_BIN)/pip install -q torch==2.9.0 torch_xla==2.9.0
+	$(XLA_BIN)/pip install -q -e ".[tpu]" pytest pytest-timeout scikit-learn
+	touch $(XLA_STAMP)
+
+test-xla: $(XLA_STAMP)
+	PJRT_DEVICE=CPU $(XLA_BIN)/python -m pytest -q tests/xla
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py
 
 clean:
-	rm -rf $(VENV) lightning_logs
+	rm -rf $(VENV) $(XLA_VENV) lightning_logs

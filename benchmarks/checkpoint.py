@@ -28,10 +28,13 @@ Method, all in one process and one command:
       rotating); steps/s from on_train_start until fit returns (the final wait for writes counts);
       loss = 1 - async/none within each repeat. This is the direct number, but it needs an otherwise
       idle machine: load that changes between runs moves it by more than the effect.
-   Process CPU seconds per step (all threads) are shown as well: the work checkpointing adds.
+   c. CPU budget: the CPU seconds of one checkpoint's background work (copy, serialise, hash, write;
+      measured alone) against the training CPU seconds of one checkpoint interval: the loss if every
+      background cycle came out of training's cores (no idle core), whatever else loads the machine.
+   Process CPU seconds per step (all threads) are shown as well.
 Medians are reported, with the spread (min..max).
 
-Run: python benchmarks/checkpoint.py [--repeats 3] [--steps 70] [--every 20] [--batch 32]
+Run: python benchmarks/checkpoint.py [--repeats 3] [--steps 310] [--every 100] [--batch 32] [--sync]
 """
 from __future__ import annotations
 
@@ -169,6 +172,27 @@ def run(mode: str, args: argparse.Namespace, data: DataLoader, workdir: Path) ->
     return out
 
 
+def background_cpu(trainer: Any, workdir: Path, repeats: int) -> list[float]:
+    """CPU seconds the background part of one async checkpoint costs (host copy, serialise, hash, write).
+
+    Measured alone, with the training thread idle in ``wait_for_writes``, so the process CPU time that
+    passes is the helper and writer threads' work.
+    """
+    costs = []
+    cb = rt.ModelCheckpoint(dirpath=str(workdir / "bg"), save_top_k=-1)
+    cb.setup(trainer, trainer.lightning_module, "fit")
+    for i in range(repeats):
+        cb._write(trainer, [str(workdir / "bg" / f"warm{i}.ckpt")])  # allocates the reusable host buffers
+        cb.wait_for_writes()
+        start = cpu_seconds()
+        cb._write(trainer, [str(workdir / "bg" / f"x{i}.ckpt")])
+        cb.wait_for_writes()
+        costs.append(cpu_seconds() - start)
+    cb.teardown(trainer, trainer.lightning_module, "fit")
+    shutil.rmtree(workdir / "bg", ignore_errors=True)
+    return costs
+
+
 def sync_save_times(trainer: Any, workdir: Path, repeats: int) -> tuple[list[float], list[float], int]:
     """Seconds per plain torch.save and per durable storage.save of the run's checkpoint dict, and its size."""
     ckpt = dump_checkpoint(trainer)
@@ -197,8 +221,8 @@ def spread(values: list[float], fmt: str = "{:.1f}") -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=70)
-    parser.add_argument("--every", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=310)
+    parser.add_argument("--every", type=int, default=100)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--width", type=int, default=2048)
     parser.add_argument("--depth", type=int, default=6)
@@ -238,6 +262,7 @@ def main() -> None:
             print(line, flush=True)
 
     plain, durable, size = sync_save_times(results["none"][-1]["trainer"], workdir, args.repeats)
+    bg = background_cpu(results["async"][-1]["trainer"], workdir, args.repeats)
     print(f"\ncheckpoint file: {size / 1e6:.1f} MB, every {args.every} steps "
           f"(~{args.every / statistics.median(o['steps_per_s'] for o in results['none']):.0f} s of training here)")
     print("synchronous save, training blocked for the whole write (ms):")
@@ -260,6 +285,10 @@ def main() -> None:
         print(f"  b. end to end, {mode:5s} vs none, per repeat  {spread(losses)} %  "
               f"(steps/s: none {spread([o['steps_per_s'] for o in results['none']], '{:.3f}')}, "
               f"{mode} {spread([o['steps_per_s'] for o in results[mode]], '{:.3f}')})")
+    cpu_step = statistics.median(o["cpu_per_step"] for o in results["none"])
+    print(f"  c. CPU budget: background work per checkpoint {spread(bg, '{:.3f}')} CPU s, against "
+          f"{cpu_step * args.every:.2f} CPU s of training per interval ({cpu_step:.3f} per step x {args.every}): "
+          f"{statistics.median(bg) / (cpu_step * args.every):.1%} if it all came out of training's cores")
     print("process CPU seconds per step (all threads):")
     for mode in modes:
         cpu = [o["cpu_per_step"] for o in results[mode]]

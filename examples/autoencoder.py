@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 import torch
@@ -94,6 +95,20 @@ class LitAutoEncoder(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
 
 
+class KillOnce(pl.Callback):
+    """Fault-tolerance demo: rank 1 kills its own process (SIGKILL) once, at a given step."""
+
+    def __init__(self, step: int, root: str) -> None:
+        self.step, self.marker = step, os.path.join(root, ".killed-once")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: object,
+                           batch: object, batch_idx: int) -> None:
+        if trainer.global_rank == 1 and trainer.global_step == self.step and not os.path.exists(self.marker):
+            os.makedirs(os.path.dirname(self.marker), exist_ok=True)
+            open(self.marker, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _count(value: str) -> str | int:
     return value if ":" in value or "," in value or value in ("auto", "-1") else int(value)
 
@@ -118,6 +133,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_failures", type=int, default=0)
     p.add_argument("--deterministic", action="store_true")
     p.add_argument("--no_progress_bar", action="store_true")
+    p.add_argument("--kill_rank_at_step", type=int, default=None,
+                   help="demo of fault tolerance: rank 1 SIGKILLs itself once at this step (use with --max_failures)")
     return p.parse_args(argv)
 
 
@@ -130,6 +147,7 @@ def main(argv: list[str] | None = None) -> pl.Trainer:
         strategy=args.strategy, precision=args.precision, default_root_dir=args.default_root_dir,
         max_failures=args.max_failures, deterministic=args.deterministic or None,
         enable_progress_bar=not args.no_progress_bar, log_every_n_steps=5,
+        callbacks=[KillOnce(args.kill_rank_at_step, args.default_root_dir)] if args.kill_rank_at_step else None,
     )
     model = LitAutoEncoder(lr=args.lr)
     dm = DigitsDataModule(batch_size=args.batch_size, seed=args.seed)

@@ -1,4 +1,4 @@
-"""The ``raytrainer`` command: train a script here or on a Ray cluster, summarize and plot a run, export a model.
+"""The raytrainer command: train a script here or on a Ray cluster, summarize and plot a run, export a model.
 
     raytrainer fit SCRIPT.py [--address URL] [--num-nodes MIN:MAX] [--num-processes N] [-- SCRIPT ARGS]
     raytrainer status RUN_DIR_OR_URI [--json]
@@ -28,8 +28,7 @@ import shlex
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
 
@@ -463,7 +462,8 @@ def format_status(s: RunSummary) -> str:
         lines.append(f"world size  {history}")
     lines.append(f"failures    {len(s.failures)}" + (f", {s.restarts} restart(s)" if s.restarts else ""))
     for f in s.failures:
-        lines.append(f"  - {_clock(f.get('time'))} step {f.get('step')}{_where(f)}: {f.get('cause') or 'no cause recorded'}")
+        cause = f.get("cause") or "no cause recorded"
+        lines.append(f"  - {_clock(f.get('time'))} step {f.get('step')}{_where(f)}: {cause}")
     lines.append(f"resizes     {len(s.resizes)}")
     for r in s.resizes:
         lines.append(f"  - {_clock(r.get('time'))} step {r.get('step')}: {r.get('world_size_before')} -> "
@@ -961,6 +961,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     fit = sub.add_parser("fit", help="run a training script here or as a Ray job on a cluster",
+                         usage="raytrainer fit SCRIPT [options] [-- SCRIPT ARGS...]",
                          description="Run a training script locally, or on a Ray cluster with --address.",
                          epilog=_FIT_EXAMPLES, formatter_class=fmt)
     fit.add_argument("script", help="the training script, e.g. examples/autoencoder.py")

@@ -391,7 +391,8 @@ def test_every_command_has_help_with_examples(capsys: pytest.CaptureFixture) -> 
 def test_resume_command() -> None:
     assert cli.resume_command(["python", "train.py", "--ckpt_path", "none", "--lr", "1"]) == \
         ["python", "train.py", "--ckpt_path", "last", "--lr", "1"]
-    assert cli.resume_command(["python", "train.py", "--ckpt-path=x.ckpt"]) == ["python", "train.py", "--ckpt-path=last"]
+    assert cli.resume_command(["python", "train.py", "--ckpt-path=x.ckpt"]) == \
+        ["python", "train.py", "--ckpt-path=last"]
     assert cli.resume_command(["python", "train.py"]) == ["python", "train.py", "--ckpt_path", "last"]
     assert cli.resume_command(["raytrainer", "fit", "t.py"]) == ["raytrainer", "fit", "t.py", "--", "--ckpt_path",
                                                                  "last"]

@@ -81,6 +81,8 @@ class XLAPrecision(Precision):
 class XLAStrategy(Strategy):
     """One XLA device per rank. Collectives use XLA's (``xm.all_reduce``, ``xm.rendezvous``)."""
 
+    supports_inference_mode = False  # XLA tensors cannot be created under torch.inference_mode: loops use no_grad
+
     def __init__(self, device_index: int | None = None, ctx: RankContext | None = None) -> None:
         torch_xla, _, _ = import_xla()
         if device_index is None:
@@ -93,7 +95,7 @@ class XLAStrategy(Strategy):
                                  f"{len(devices)}.")
             device = devices[device_index]
         super().__init__(device, ctx)
-        self._agreement: Callable[[bool], bool] | None = None
+        self._agreement: Callable[[int], int] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
     def setup_environment(self) -> None:
@@ -160,13 +162,13 @@ class XLAStrategy(Strategy):
         votes = all_reduce(torch.tensor(int(bool(decision))), "sum", self.world_size, self.root_device)
         return bool(votes.item() == self.world_size) if all else bool(votes.item() > 0)
 
-    def stop_agreement(self) -> Callable[[bool], bool] | None:
-        """Agree on a stop flag at every step with an XLA all-reduce (MAX); None for one rank."""
+    def stop_agreement(self) -> Callable[[int], int] | None:
+        """Agree on a stop code at every step with an XLA all-reduce (MAX); None for one rank."""
         if not self.distributed:
             return None
         if self._agreement is None:
             device, world = self.root_device, self.world_size
-            self._agreement = lambda flag: bool(all_reduce(torch.tensor(int(flag)), "max", world, device).item())
+            self._agreement = lambda code: int(all_reduce(torch.tensor(int(code)), "max", world, device).item())
         return self._agreement
 
 

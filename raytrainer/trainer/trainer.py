@@ -251,6 +251,7 @@ class Trainer:
         self._epoch_segments: list[list[int]] = []
         self._events: Any = None       # EventLog (rank 0 of an in-process run) or a forwarder to the Ray driver
         self._events_forwarded = False  # True on Ray ranks: the driver writes start/finish itself
+        self._forward_start = False     # ... except the first start, which only rank 0 knows the step of
         self.saved_checkpoints: list[tuple[int, str]] = []
         self.last_run: Any = None   # RunResult / events of the last Ray run
 
@@ -550,8 +551,12 @@ class Trainer:
             from raytrainer.launchers.ray.events import EventLog
 
             events = self._events = EventLog(self.log_dir)
-        if events is not None and not self._events_forwarded:
-            events.emit("start", world_size=self.world_size, step=self.global_step, epoch=self.current_epoch)
+        if events is not None and (not self._events_forwarded or self._forward_start):
+            # after any restore, so a resumed run's start names the step it resumes at
+            from raytrainer.launchers.ray.events import command_fields
+
+            events.emit("start", world_size=self.world_size, step=self.global_step, epoch=self.current_epoch,
+                        **command_fields())
         if not self._events_forwarded:
             control.reset()  # a stop requested in an earlier fit of this process does not carry over
         previous = control.install_sigterm_handler()
@@ -564,7 +569,7 @@ class Trainer:
                 events.emit("finish", world_size=self.world_size, step=self.global_step, epoch=self.current_epoch)
             return None
         path = self._preemption_checkpoint()
-        if events is not None:
+        if events is not None and not self._events_forwarded:  # on Ray the driver records it
             events.emit("preemption", world_size=self.world_size, step=self.global_step, epoch=self.current_epoch,
                         cause="SIGTERM", path=path)
         message = (f"preempted (SIGTERM) at step {self.global_step}, epoch {self.current_epoch}; checkpoint written "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from typing import Any
 
@@ -60,6 +61,14 @@ class EventLog:
                        if r not in self.events[:-1]) + "".join(json.dumps(r, default=str) + "\n" for r in self.events)
         storage.makedirs(self.run_dir)
         storage.write_bytes_atomic(self.path, text.encode(), manifest=False)
+
+
+def command_fields() -> dict[str, Any]:
+    """How this run was started, so `raytrainer status` can print the command that resumes it."""
+    fields: dict[str, Any] = {"argv": list(sys.argv)}
+    if os.environ.get("RAYTRAINER_COMMAND"):
+        fields["command"] = json.loads(os.environ["RAYTRAINER_COMMAND"])
+    return fields
 
 
 def summarize(record: dict[str, Any]) -> str:

@@ -59,6 +59,7 @@ def rank_entry(info: Any, trainer: Any, fn: str, model: Any, kwargs: dict[str, A
     if bar is not None and rank0:
         bar.sink = lambda event: send_to_driver({"type": "progress", "event": event})
     trainer._events_forwarded = True
+    trainer._forward_start = bool(ctl.get("emit_start")) and rank0
     trainer._elastic = bool(ctl.get("elastic"))
     trainer._events = _ForwardEvents() if rank0 else None
     if fn == "fit":
@@ -102,7 +103,7 @@ class _ForwardEvents:
     def emit(self, event: str, **fields: Any) -> None:
         from raytrainer.launchers.ray.worker import send_to_driver
 
-        send_to_driver({"type": "event", "event": event, "fields": fields})
+        send_to_driver({"type": "event", "event": event, "fields": {**fields, "time": round(time.time(), 3)}})
 
 
 def _publish_snapshot(step: int, state: dict[str, Any]) -> None:
@@ -253,6 +254,10 @@ class _FitSupervisor:
                 log.warning("could not fetch the snapshot of step %s: %s", msg.get("step"), exc)
         elif kind == "event":
             fields = dict(msg["fields"])
+            if msg["event"] == "start":
+                from raytrainer.launchers.ray.events import command_fields
+
+                fields.update(command_fields())  # the driver's command line, not the rank actor's
             self.events.emit(msg["event"], **fields)
 
     def on_tick(self) -> None:
@@ -309,9 +314,10 @@ class _FitSupervisor:
                         self.world = max(self.plan.min_ranks, self.world - self._unit())
                         continue
                     raise
-                self.events.emit(kind, world_size=self.world, step=self.step, epoch=self.epoch, cause=cause)
+                if kind != "start":  # rank 0 reports the first start itself, once it knows the step it resumed at
+                    self.events.emit(kind, world_size=self.world, step=self.step, epoch=self.epoch, cause=cause)
                 ctl = {"rng": self.rng, "snapshot_every": trainer.snapshot_every_n_steps, "resume_step": resume_step,
-                       "elastic": self.plan.elastic}
+                       "elastic": self.plan.elastic, "emit_start": kind == "start"}
                 self.stop_sent, self.resize_to, self.last_beat = False, None, time.monotonic()
                 try:
                     results = self.group.run(
@@ -362,7 +368,7 @@ class _FitSupervisor:
     def _initial_world(self) -> int:
         if not self.plan.elastic:
             return self.plan.world_size
-        world = self.scaling.target(_free_slots(self.plan))
+        world = self.scaling.target(_free_slots(self.plan, capacity=True))
         if world < self.plan.min_ranks:
             world = self.plan.min_ranks  # wait for MIN in placement (bounded by placement_timeout_s)
         return world - world % self._unit() if self.plan.nodes_elastic else world
@@ -391,7 +397,7 @@ class _FitSupervisor:
             self.events.emit("finish", world_size=self.world, step=self.step, epoch=self.epoch, cause="failed")
             raise FailuresExhausted(self.failures.failures, self.trainer.max_failures) from err
         if self.plan.elastic:
-            self.world = self.scaling.after_failure(self.world, 1, _free_slots(self.plan))
+            self.world = self.scaling.after_failure(self.world, _free_slots(self.plan, capacity=True))
         if self.driver_snapshot is not None:
             step, state = self.driver_snapshot
             self.step = step
@@ -437,11 +443,12 @@ def _call_ranks(group: Any, fn: Any, *args: Any, timeout_s: float = 5.0) -> list
     return group.call(fn, *args, timeout_s=timeout_s) if getattr(group, "started", False) else []
 
 
-def _free_slots(plan: Plan) -> list[int]:
-    """Ranks each alive Ray node could host now (by its available CPUs/GPUs)."""
+def _free_slots(plan: Plan, capacity: bool = False) -> list[int]:
+    """Ranks each alive Ray node could host now (available CPUs/GPUs), or in all (capacity=True)."""
     import ray
 
-    per_node = ray._private.state.available_resources_per_node()
+    state = ray._private.state
+    per_node = state.total_resources_per_node() if capacity else state.available_resources_per_node()
     return free_slots(list(per_node.values()), 1, 1 if plan.accelerator == "cuda" else 0)
 
 

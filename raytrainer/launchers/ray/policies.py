@@ -85,13 +85,13 @@ class ScalingPolicy:
         step = self.ranks_per_node if self.nodes_elastic else 1
         return target if target >= world + step else None
 
-    def after_failure(self, world: int, lost_ranks: int, free_slots_per_node: list[int]) -> int:
-        """World size to restart at after losing ``lost_ranks`` (never below min; raises if it cannot fit)."""
-        target = self.target(free_slots_per_node, current=0)
-        if target < self.min_ranks:
-            raise RuntimeError(f"only {target} rank(s) fit on the cluster now, fewer than the minimum "
-                               f"{self.min_ranks}; add nodes or lower the range's MIN.")
-        return min(target, world if self.min_ranks == self.max_ranks else self.max_ranks)
+    def after_failure(self, world: int, capacity_slots_per_node: list[int]) -> int:
+        """World size to restart at, from what the alive nodes can hold: within [min, max]. Below MIN the
+        placement waits (bounded by placement_timeout_s) for nodes to come back."""
+        target = self.target(capacity_slots_per_node, current=0)
+        if self.nodes_elastic:
+            target -= target % self.ranks_per_node
+        return max(self.min_ranks, min(target, self.max_ranks))
 
     def layout(self, world: int) -> tuple[int, int]:
         """(num_nodes, ranks_per_node) for a world size."""

@@ -86,7 +86,8 @@ def test_sigterm_to_a_rank_checkpoints_and_rerun_resumes(local_ray, tmp_path):
         trainer.fit(Regression(), loader())
     assert info.value.code == PREEMPTED_EXIT_CODE
     stopped_at = trainer.global_step
-    assert 7 <= stopped_at <= 9  # agreed at the next step boundary
+    # Ray runs the signal handler when the actor's main thread next runs Python, then ranks agree a step later
+    assert 7 <= stopped_at <= 12
     assert info.value.checkpoint and os.path.exists(info.value.checkpoint)
     assert torch.load(info.value.checkpoint)["global_step"] == stopped_at
 

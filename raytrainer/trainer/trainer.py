@@ -667,15 +667,16 @@ class Trainer:
     def _prepare_loader(self, loader: Any, shuffle_default: bool, ordered: bool = False) -> Any:
         if not isinstance(loader, Iterable):
             raise TypeError(f"expected a DataLoader (or any iterable of batches), got {type(loader).__name__}.")
-        if self.strategy is not None and self.strategy.distributed and self.use_distributed_sampler:
-            from raytrainer.strategies.sampler import distributed_loader, elastic_loader
+        if self.strategy is None or not self.use_distributed_sampler:
+            return loader
+        from raytrainer.strategies.sampler import distributed_loader, elastic_loader
 
-            if self._elastic and shuffle_default:
-                batch = None
-                if self.elastic_batch_policy == "global" and getattr(loader, "batch_size", None):
-                    batch = max(1, loader.batch_size * self.plan.max_ranks // self.strategy.world_size)
-                return elastic_loader(loader, self.strategy.ctx, batch_size=batch)
-
+        if self._elastic and shuffle_default:  # even at world size 1: the epoch may continue another world's
+            batch = None
+            if self.elastic_batch_policy == "global" and getattr(loader, "batch_size", None):
+                batch = max(1, loader.batch_size * self.plan.max_ranks // self.strategy.world_size)
+            return elastic_loader(loader, self.strategy.ctx, batch_size=batch)
+        if self.strategy.distributed:
             return distributed_loader(loader, self.strategy.ctx, ordered=ordered)
         return loader
 

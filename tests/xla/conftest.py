@@ -15,6 +15,8 @@ pytest.importorskip("torch_xla", reason="torch_xla is not installed: run these t
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "xla_launch: starts ranks with torch_xla.launch; runs before in-process XLA")
+    # xm.rendezvous (our object collectives) calls torch_xla's own deprecated xla_device()
+    config.addinivalue_line("filterwarnings", "ignore:Use torch_xla.device instead:DeprecationWarning")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

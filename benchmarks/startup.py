@@ -6,6 +6,8 @@ rank, DDP over gloo, torch.set_num_threads(1) per rank, no checkpoints, no logge
 - Ray Train 2.60 (V2): ``TorchTrainer(train_loop_per_worker, ScalingConfig(num_workers=2))``; the loop
   uses ``prepare_model`` (DDP) and ``prepare_data_loader`` (DistributedSampler), does the same 50 steps
   and reports one final metric.
+- bare (the floor, for reference): two plain Ray actors that form a gloo process group and run the
+  same DDP loop; no framework at all.
 
 Two numbers per run, both measured from the ``fit`` call on the driver:
 - time to first step: until rank 0 finished its first optimizer step (every rank is up, the
@@ -14,8 +16,8 @@ Two numbers per run, both measured from the ``fit`` call on the driver:
 - total: until ``fit`` returned.
 
 Ray start-up is not the frameworks' work, so the main ("warm") numbers start one local Ray instance
-before both and time ``fit`` only, interleaving the frameworks (alternating which goes first) and
-taking medians. The "cold" numbers run each framework in a fresh Python process and include
+before all of them and time ``fit`` only, interleaving the contenders (rotating which goes first)
+after one untimed warm-up each, and taking medians. The "cold" numbers run each framework in a fresh Python process and include
 ``ray.init`` (the same explicit call for both), as a user's first run on a laptop would.
 
     python benchmarks/startup.py [--repeats 5] [--cold-repeats 2] [--profile]
@@ -165,8 +167,59 @@ def run_ray_train(stamp_path: str, storage: str) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------------------
+# the floor: two bare Ray actors with a gloo process group and DDP, no framework
+# ------------------------------------------------------------------------------------------------
+def run_bare(stamp_path: str) -> dict[str, float]:
+    import socket
+    from datetime import timedelta
+
+    import ray
+
+    @ray.remote(num_cpus=1)
+    class Rank:
+        def train(self, rank: int, addr: str, port: int) -> int:
+            import torch
+            import torch.distributed as dist
+            from torch import nn
+            from torch.utils.data import DataLoader, DistributedSampler
+
+            torch.set_num_threads(1)
+            torch.manual_seed(0)
+            dist.init_process_group("gloo", init_method=f"tcp://{addr}:{port}", rank=rank, world_size=WORLD,
+                                    timeout=timedelta(seconds=120))
+            model = nn.parallel.DistributedDataParallel(make_mlp())
+            data = make_dataset()
+            loader = DataLoader(data, batch_size=BATCH, sampler=DistributedSampler(data, WORLD, rank, shuffle=False))
+            opt = torch.optim.SGD(model.parameters(), lr=0.01)
+            steps = 0
+            for x, y in loader:
+                loss = nn.functional.mse_loss(model(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                steps += 1
+                if steps == 1 and rank == 0:
+                    stamp(stamp_path)
+            dist.destroy_process_group()
+            return steps
+
+    with socket.socket() as sock:  # one machine: the driver can pick rank 0's port
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    start = time.time()
+    actors = [Rank.remote() for _ in range(WORLD)]
+    steps = ray.get([a.train.remote(r, "127.0.0.1", port) for r, a in enumerate(actors)], timeout=300)
+    for a in actors:
+        ray.kill(a)
+    end = time.time()
+    assert steps == [STEPS] * WORLD, steps
+    return {"first_step_s": float(Path(stamp_path).read_text()) - start, "total_s": end - start}
+
+
+# ------------------------------------------------------------------------------------------------
 # driver
 # ------------------------------------------------------------------------------------------------
+KINDS = ("raytrainer", "ray_train", "bare")
 def init_ray() -> None:
     import logging
 
@@ -180,6 +233,8 @@ def measure(kind: str, workdir: str) -> dict[str, float]:
     stamp_path = os.path.join(workdir, f"{kind}-{time.time_ns()}.stamp")
     if kind == "raytrainer":
         return run_raytrainer(stamp_path)
+    if kind == "bare":
+        return run_bare(stamp_path)
     return run_ray_train(stamp_path, os.path.join(workdir, "ray_results"))
 
 
@@ -207,18 +262,26 @@ def cold_one(kind: str, workdir: str) -> None:
     print("RESULT " + json.dumps(r), flush=True)
 
 
+def order(i: int) -> tuple[str, ...]:
+    """Rotate which framework goes first, so none always runs right after another's teardown."""
+    return KINDS[i % len(KINDS):] + KINDS[:i % len(KINDS)]
+
+
 def summarize(label: str, runs: dict[str, list[dict[str, float]]]) -> dict[str, float]:
     med = {k: {m: statistics.median(r[m] for r in v) for m in ("first_step_s", "total_s")} for k, v in runs.items()}
-    rt, rtrain = med["raytrainer"], med["ray_train"]
+    rt, rtrain, bare = med["raytrainer"], med["ray_train"], med["bare"]
     print(f"\n{label}: medians of {len(runs['raytrainer'])} runs each")
-    print(f"  {'':<12}{'first step':>12}{'total':>10}")
-    for k in ("raytrainer", "ray_train"):
-        print(f"  {k:<12}{med[k]['first_step_s']:>11.2f}s{med[k]['total_s']:>9.2f}s")
-        print(f"  {'':<12}runs: " + ", ".join(f"{r['first_step_s']:.2f}/{r['total_s']:.2f}" for r in runs[k]))
+    print(f"  {'':<12}{'first step':>12}{'total':>10}   runs (first step/total)")
+    for k in KINDS:
+        runs_text = ", ".join(f"{r['first_step_s']:.2f}/{r['total_s']:.2f}" for r in runs[k])
+        print(f"  {k:<12}{med[k]['first_step_s']:>11.2f}s{med[k]['total_s']:>9.2f}s   {runs_text}")
     ratio_first = rt["first_step_s"] / rtrain["first_step_s"]
     ratio_total = rt["total_s"] / rtrain["total_s"]
-    print(f"  ratio raytrainer / Ray Train: first step {ratio_first:.3f}, total {ratio_total:.3f} "
-          f"(target <= 0.25)")
+    print(f"  raytrainer / Ray Train: first step {ratio_first:.3f}, total {ratio_total:.3f} (target <= 0.25)")
+    print(f"  bare actors / Ray Train: first step {bare['first_step_s'] / rtrain['first_step_s']:.3f}, "
+          f"total {bare['total_s'] / rtrain['total_s']:.3f} (the floor on this machine now)")
+    print(f"  raytrainer - bare actors: first step {rt['first_step_s'] - bare['first_step_s']:+.2f}s, "
+          f"total {rt['total_s'] - bare['total_s']:+.2f}s (raytrainer's own cost)")
     return {"first_step_ratio": ratio_first, "total_ratio": ratio_total}
 
 
@@ -240,19 +303,19 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="rt-startup-") as workdir:
         if args.cold_repeats:
-            cold_runs: dict[str, list[dict[str, float]]] = {"raytrainer": [], "ray_train": []}
+            cold_runs: dict[str, list[dict[str, float]]] = {k: [] for k in KINDS}
             for i in range(args.cold_repeats):
-                for kind in (("raytrainer", "ray_train") if i % 2 == 0 else ("ray_train", "raytrainer")):
+                for kind in order(i):
                     cold_runs[kind].append(cold(kind, workdir))
             summarize("cold (fresh process; includes ray.init)", cold_runs)
-            print("  ray.init: " + ", ".join(f"{r['ray_init_s']:.2f}s" for v in cold_runs.values() for r in v))
+            print("  ray.init: " + ", ".join(f"{k} {r['ray_init_s']:.2f}s" for k, v in cold_runs.items() for r in v))
 
         init_ray()
-        runs: dict[str, list[dict[str, float]]] = {"raytrainer": [], "ray_train": []}
-        measure("raytrainer", workdir)  # one untimed warm-up each: imports, first worker processes
-        measure("ray_train", workdir)
+        runs: dict[str, list[dict[str, float]]] = {k: [] for k in KINDS}
+        for kind in KINDS:  # one untimed warm-up each: driver-side imports, Ray's first worker processes
+            measure(kind, workdir)
         for i in range(args.repeats):
-            for kind in (("raytrainer", "ray_train") if i % 2 == 0 else ("ray_train", "raytrainer")):
+            for kind in order(i):
                 runs[kind].append(measure(kind, workdir))
         ratios = summarize("warm (Ray already running; fit only)", runs)
         if args.profile:

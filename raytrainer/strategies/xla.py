@@ -159,7 +159,8 @@ class XLAStrategy(Strategy):
     def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
         if not self.distributed:
             return decision
-        votes = all_reduce(torch.tensor(int(bool(decision))), "sum", self.world_size, self.root_device)
+        votes = all_reduce(torch.tensor(int(bool(decision)), dtype=torch.int32), "sum", self.world_size,
+                           self.root_device)
         return bool(votes.item() == self.world_size) if all else bool(votes.item() > 0)
 
     def stop_agreement(self) -> Callable[[int], int] | None:
@@ -168,7 +169,8 @@ class XLAStrategy(Strategy):
             return None
         if self._agreement is None:
             device, world = self.root_device, self.world_size
-            self._agreement = lambda code: int(all_reduce(torch.tensor(int(code)), "max", world, device).item())
+            self._agreement = lambda code: int(all_reduce(torch.tensor(int(code), dtype=torch.int32), "max", world,
+                                                          device).item())
         return self._agreement
 
 

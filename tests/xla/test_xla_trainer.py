@@ -206,7 +206,8 @@ def test_seed_reaches_the_xla_rng(tmp_path):
 def test_collective_helpers_on_one_device():
     device = torch_xla.device()
     assert all_reduce(torch.tensor([1.0, 3.0]), "mean", 1, device).tolist() == [1.0, 3.0]
-    assert all_reduce(torch.tensor(5), "max", 1, device).item() == 5
+    assert all_reduce(torch.tensor(5, dtype=torch.int32), "max", 1, device).item() == 5
+    assert all_reduce(torch.tensor(2), "sum", 1, device).item() == 2
     assert all_gather_objects({"a": [1, 2]}) == [{"a": [1, 2]}]
     assert broadcast_object(("x", 3), src=0, rank=0) == ("x", 3)
     strategy = XLAStrategy()

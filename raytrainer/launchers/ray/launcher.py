@@ -131,7 +131,8 @@ def _request_stop(info: Any, reason: str) -> int:
 
 
 def _state(obj: Any) -> dict[str, Any]:
-    return dict(obj.__getstate__() if hasattr(obj, "__getstate__") else obj.__dict__)
+    state = obj.__getstate__()  # Python 3.11: None for an object with an empty __dict__
+    return dict(state) if isinstance(state, dict) else dict(vars(obj))
 
 
 class RayLauncher:

@@ -112,8 +112,10 @@ class RankWorker:
     """One rank. ``WorkerGroup`` creates it as a Ray actor and calls these methods in order:
     ``node_info`` -> (rank 0) ``open_rendezvous`` -> ``setup`` -> ``run``... -> ``teardown``."""
 
-    def __init__(self, run_name: str, driver_sys_path: list[str]) -> None:
+    def __init__(self, run_name: str, driver_sys_path: list[str], env: dict[str, str] | None = None) -> None:
         global _BUFFER
+        # The driver's forwarded variables (object store credentials, seeds), set before anything reads them.
+        os.environ.update(env or {})
         # Let the worker import what the driver can (test modules, scripts next to the driver)
         # without shadowing anything installed: append, and only directories that exist here.
         for path in driver_sys_path:

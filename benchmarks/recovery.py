@@ -148,6 +148,7 @@ def run_ray_train(out: str) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--only-throughput", action="store_true", help="skip the recovery runs")
     args = p.parse_args()
     import logging
     import warnings
@@ -163,7 +164,8 @@ def main() -> None:
     root = tempfile.mkdtemp(prefix="recovery-")
     try:
         for i in range(args.repeats):
-            for name, fn in (("raytrainer", lambda o: run_raytrainer(o, kill=True)), ("ray_train", run_ray_train)):
+            for name, fn in () if args.only_throughput else (
+                    ("raytrainer", lambda o: run_raytrainer(o, kill=True)), ("ray_train", run_ray_train)):
                 out = os.path.join(root, f"{name}-{i}")
                 os.makedirs(out)
                 fn(out)
@@ -180,11 +182,14 @@ def main() -> None:
     finally:
         shutil.rmtree(root, ignore_errors=True)
         ray.shutdown()
+    on, off = statistics.median(tput["snapshots on"]), statistics.median(tput["snapshots off"])
+    if args.only_throughput:
+        print(f"\nsteady-state throughput: snapshots on {on:.1f} steps/s, off {off:.1f} steps/s, ratio {on / off:.3f}")
+        return
     rt_rec = statistics.median(r["recovery_s"] for r in results["raytrainer"])
     rt_lost = statistics.median(r["steps_lost"] for r in results["raytrainer"])
     ray_rec = statistics.median(r["recovery_s"] for r in results["ray_train"])
     ray_lost = statistics.median(r["steps_lost"] for r in results["ray_train"])
-    on, off = statistics.median(tput["snapshots on"]), statistics.median(tput["snapshots off"])
     print(f"\n2 ranks, CPU, kill at step {KILL_STEP}; Ray Train reports a checkpoint every {REPORT_EVERY} steps; "
           f"medians of {args.repeats}; load average {os.getloadavg()[0]:.1f}")
     print("| | recovery (s) | optimizer steps lost |")

@@ -185,7 +185,7 @@ class Trainer:
         self.collective_timeout_s = float(collective_timeout_s)
         if snapshot_every_n_steps is not None and snapshot_every_n_steps < 0:
             raise ValueError(f"snapshot_every_n_steps={snapshot_every_n_steps!r}: use an int >= 1, 0 to turn "
-                             "in-memory snapshots off, or None to snapshot every step while that costs under 2% "
+                             "in-memory snapshots off, or None to snapshot every step while that costs under 1% "
                              "of the step time.")
         for name, value in (("heartbeat_timeout_s", heartbeat_timeout_s),
                             ("scale_check_interval_s", scale_check_interval_s),

@@ -10,7 +10,7 @@ import os
 import pytest
 
 os.environ.setdefault("PJRT_DEVICE", "CPU")  # before torch_xla starts its runtime
-pytest.importorskip("torch_xla", reason="torch_xla is not installed: run these tests with `make test-xla`")
+NO_XLA = "torch_xla is not installed here: run these tests with `make test-xla`"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -26,8 +26,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture
 def fresh_runtime() -> None:
     """Fail clearly (instead of in torch_xla) when an earlier test already initialised the XLA runtime here."""
-    import torch_xla
-
+    torch_xla = pytest.importorskip("torch_xla", reason=NO_XLA)
     if torch_xla._XLAC._xla_runtime_is_initialized():
         pytest.fail("the XLA runtime of this pytest process is already initialised, so torch_xla.launch cannot "
                     "start ranks; mark the test @pytest.mark.xla_launch so it runs before in-process XLA tests")

@@ -14,11 +14,14 @@ import sys
 import time
 
 import pytest
-import torch
 
-import rankfns
-from raytrainer.launchers.ray.launcher import _merge_predictions
-from raytrainer.launchers.xla import run_on_devices
+pytest.importorskip("torch_xla", reason="torch_xla is not installed here: run these tests with `make test-xla`")
+
+import torch  # noqa: E402
+
+import rankfns  # noqa: E402
+from raytrainer.launchers.ray.launcher import _merge_predictions  # noqa: E402
+from raytrainer.launchers.xla import run_on_devices  # noqa: E402
 
 pytestmark = [pytest.mark.xla_launch, pytest.mark.usefixtures("fresh_runtime")]
 CPU_BACKEND = os.environ.get("PJRT_DEVICE", "CPU").upper() == "CPU"

@@ -8,12 +8,16 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
-import torch_xla
 
-import raytrainer as pl
-from raytrainer.export import verify_export
-from raytrainer.strategies.xla import XLAPrecision, XLAStrategy, all_gather_objects, all_reduce, broadcast_object
+torch_xla = pytest.importorskip("torch_xla", reason="torch_xla is not installed here: run these tests with "
+                                "`make test-xla`")
+
+import torch  # noqa: E402
+
+import raytrainer as pl  # noqa: E402
+from raytrainer.export import verify_export  # noqa: E402
+from raytrainer.strategies.xla import (XLAPrecision, XLAStrategy, all_gather_objects, all_reduce,  # noqa: E402
+                                       broadcast_object)
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "examples"))

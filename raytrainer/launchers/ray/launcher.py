@@ -461,13 +461,21 @@ class _Discard:
 
 
 def _check_sendable(trainer: Any, model: Any, kwargs: dict[str, Any]) -> None:
-    """Raise TypeError naming the attribute (e.g. ``model.log_file``) that cannot be sent to the ranks."""
+    """Raise TypeError naming the attribute (e.g. ``model.log_file``) that cannot be sent to the ranks.
+
+    Runs before Ray or any actor starts. Tensors always pickle, so they are skipped: the check costs
+    the same for a large model as for a small one.
+    """
     import cloudpickle
 
     from raytrainer.launchers.ray.group import check_picklable
 
+    class SkipTensors(cloudpickle.CloudPickler):
+        def persistent_id(self, obj: Any) -> Any:
+            return 0 if isinstance(obj, torch.Tensor) else None
+
     try:
-        cloudpickle.dump((trainer, model, kwargs), _Discard())
+        SkipTensors(_Discard(), protocol=cloudpickle.DEFAULT_PROTOCOL).dump((trainer, model, kwargs))
     except Exception as err:  # noqa: BLE001 - find and name the culprit
         names = {"train": "train_dataloaders", "val": "val_dataloaders"}
         check_picklable(model, "model")

@@ -1,0 +1,61 @@
+"""The plain-PyTorch side of ddp_throughput.py: the same model, data and steps under torchrun.
+
+    torchrun --nproc_per_node 2 benchmarks/_torchrun_ddp.py --warmup 20 --steps 200
+
+torchrun sets RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT; this joins a gloo process group, wraps the
+model in DistributedDataParallel, shards the data with a DistributedSampler and trains. Rank 0
+times the steps after the warm-up and prints one ``RESULT {...}`` line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ddp_throughput import BATCH, LR, make_dataset, make_model  # noqa: E402 - the shared definitions
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--warmup", type=int, required=True)
+    p.add_argument("--steps", type=int, required=True)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=timedelta(seconds=300))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    total = args.warmup + args.steps
+    torch.manual_seed(0)
+    model = nn.parallel.DistributedDataParallel(make_model())
+    data = make_dataset(total * BATCH * world)
+    loader = DataLoader(data, batch_size=BATCH, sampler=DistributedSampler(data, world, rank, shuffle=False))
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    marks: dict[int, float] = {}
+    model.train()
+    for step, (x, y) in enumerate(loader):
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step + 1 in (args.warmup, total):
+            marks[step + 1] = time.perf_counter()
+        if step + 1 == total:
+            break
+    seconds = marks[total] - marks[args.warmup]
+    if rank == 0:
+        print("RESULT " + json.dumps({"seconds": seconds, "samples": args.steps * BATCH * world,
+                                      "samples_per_s": args.steps * BATCH * world / seconds,
+                                      "loss": float(loss)}), flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

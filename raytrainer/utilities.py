@@ -106,6 +106,7 @@ def set_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+
 def _plain(obj: Any) -> Any:
     if isinstance(obj, tuple):
         return [_plain(x) for x in obj]

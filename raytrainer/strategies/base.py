@@ -31,6 +31,7 @@ class Strategy:
     """Base strategy: one process, one device. Subclasses override the collectives."""
 
     wraps_model = False  # True when setup_module wraps the module (DDP): steps must go through the wrapper
+    supports_inference_mode = True  # False where evaluation must use no_grad instead (XLA)
 
     def __init__(self, device: torch.device | str = "cpu", ctx: RankContext | None = None) -> None:
         self.root_device = torch.device(device)

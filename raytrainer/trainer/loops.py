@@ -336,7 +336,7 @@ def evaluation_loop(trainer: "Trainer", stage: str, dataloaders: list[Any], limi
     getattr(module, f"on_{prefix}_model_eval")()
     trainer._call_hook(f"on_{prefix}_start")
     per_loader: list[dict] = []
-    with torch.inference_mode() if stage == "test" or not trainer._val_needs_grad else torch.no_grad():
+    with _no_grad(trainer):
         results.reset_epoch()
         trainer._call_hook(f"on_{prefix}_epoch_start")
         for dl_idx, loader in enumerate(dataloaders):
@@ -387,6 +387,14 @@ def _restore_modes(module: Any, modes: list[tuple[torch.nn.Module, bool]], hook:
         m.training = training
 
 
+def _no_grad(trainer: "Trainer") -> Any:
+    """inference_mode, or no_grad when asked (Trainer(inference_mode=False)) or where the device cannot run
+    under it (XLA, as in Lightning)."""
+    if trainer.inference_mode and trainer.strategy.supports_inference_mode:
+        return torch.inference_mode()
+    return torch.no_grad()
+
+
 def _accepts_dataloader_idx(fn: Any) -> bool:
     try:
         params = inspect.signature(fn).parameters
@@ -406,7 +414,7 @@ def predict_loop(trainer: "Trainer", dataloaders: list[Any], return_predictions:
     modes = _capture_modes(module)
     module.on_predict_model_eval()
     all_preds: list[list[Any]] = []
-    with torch.inference_mode():
+    with _no_grad(trainer):
         trainer._call_hook("on_predict_start")
         trainer._call_hook("on_predict_epoch_start")
         for dl_idx, loader in enumerate(dataloaders):

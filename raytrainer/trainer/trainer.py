@@ -174,6 +174,7 @@ class Trainer:
         self.deterministic = deterministic
         self.benchmark = benchmark
         self.use_distributed_sampler = use_distributed_sampler
+        self.inference_mode = bool(inference_mode)
         self._detect_anomaly = detect_anomaly
         self.default_root_dir = str(default_root_dir) if default_root_dir is not None else os.getcwd()
         self.enable_progress_bar = True if enable_progress_bar is None else bool(enable_progress_bar)
@@ -242,7 +243,6 @@ class Trainer:
         self._val_check_batches: int | None = None
         self._to_device: Callable[[Any], Any] | None = None
         self._closure_optimizer = False
-        self._val_needs_grad = False
         self._step_model: nn.Module | None = None
         self._module_optimizer_step: Callable[..., Any] | None = None
         self._module_lr_scheduler_step: Callable[..., Any] | None = None
@@ -662,7 +662,6 @@ class Trainer:
                 raise ValueError(f"Trainer.{fn} found no data: {hook}() returned nothing.")
             self._val_dataloaders = [self._prepare_loader(v, shuffle_default=False,
                                                           ordered=fn == "predict") for v in items]
-        self._val_needs_grad = False
 
     def _prepare_loader(self, loader: Any, shuffle_default: bool, ordered: bool = False) -> Any:
         if not isinstance(loader, Iterable):

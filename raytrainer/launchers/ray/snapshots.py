@@ -50,7 +50,8 @@ class Snapshotter:
         self.publish_every_s = publish_every_s
         self._last_step = -1
         self._last_publish = 0.0
-        self._step_clock = time.perf_counter()
+        self._step_clock = 0.0
+        self._clock_started = False
         self._step_time = 0.0
         self.cost_s = 0.0
         self.taken = 0
@@ -67,9 +68,12 @@ class Snapshotter:
             self._last_beat = now
             self.heartbeat(step, trainer.current_epoch)
         if step != self._last_step:
-            # time per optimizer step, smoothed (only used to size the automatic interval)
-            dt = now - self._step_clock
-            self._step_time = dt if self._step_time == 0 else 0.9 * self._step_time + 0.1 * dt
+            # time per optimizer step, smoothed (only used to size the automatic interval); the clock starts at
+            # the first step boundary, so setup and the first step's warm-up do not count
+            if self._clock_started:
+                dt = now - self._step_clock
+                self._step_time = dt if self._step_time == 0 else 0.8 * self._step_time + 0.2 * dt
+            self._clock_started = True
             self._step_clock = now
         if not self.enabled or step == self._last_step or step % self.every != 0:
             return

@@ -136,6 +136,19 @@ def test_eight_ranks_on_a_two_core_machine(tmp_path):
     assert steps == {t.global_step}  # every rank stepped the same number of times
 
 
+def test_strategy_ray_with_one_rank_still_runs_on_an_actor(tmp_path):
+    """strategy="ray" with one rank: the driver does not train (useful to run on a remote cluster)."""
+    model = Regression()
+    t = trainer(strategy="ray", max_epochs=1, callbacks=[RankProbe(tmp_path)])
+    t.fit(model, loader(regression_data(32), 8))
+    probes = read_probes(tmp_path, "fit")
+    assert len(probes) == 1 and probes[0]["rank"] == 0 and probes[0]["world_size"] == 1
+    assert probes[0]["pid"] != os.getpid()
+    assert t.world_size == 1 and t.global_step == 4
+    ranked = torch.load(tmp_path / "params-rank-0.pt")["state_dict"]
+    assert_close(ranked, model.state_dict(), atol=0)
+
+
 def test_driver_sees_metrics_step_epoch_and_checkpoint_and_only_rank0_writes(tmp_path):
     data = regression_data(128)
     root_ref, root = tmp_path / "ref", tmp_path / "ray"

@@ -122,6 +122,13 @@ def _latest_snapshot(info: Any) -> tuple[int, dict[str, Any]] | None:
     return snapshots.latest()
 
 
+def _queued_messages(info: Any) -> list[Any]:
+    """(any rank) Messages for the driver that were not polled yet."""
+    from raytrainer.launchers.ray.worker import _drain
+
+    return _drain()
+
+
 def _request_stop(info: Any, reason: str) -> int:
     """(any rank) Stop at the next agreed step boundary, for "preempt" or "resize"."""
     from raytrainer.launchers.ray import control
@@ -281,7 +288,11 @@ class _FitSupervisor:
         _call_ranks(self.group, _request_stop, reason)
 
     def _collect_survivor_snapshots(self, err: BaseException) -> None:
-        """Before the group is torn down: take the newest snapshot any surviving rank holds."""
+        """Before the group is torn down: deliver what ranks still had queued for the driver (events,
+        snapshots), then take the newest snapshot any surviving rank holds."""
+        for rank, queued in enumerate(_call_ranks(self.group, _queued_messages)):
+            for msg in queued or []:
+                self.on_message(rank, msg)
         for outcome in _call_ranks(self.group, _latest_snapshot):
             if outcome is not None and (self.driver_snapshot is None or outcome[0] > self.driver_snapshot[0]):
                 self.driver_snapshot = outcome

@@ -34,7 +34,8 @@ def test_killed_rank_recovers_bitwise(local_ray, tmp_path, alive_actors):
 
     pl.seed_everything(0)
     model = Regression()
-    trainer = _trainer(tmp_path / "ft", max_failures=2, callbacks=[SignalAt(11, str(tmp_path / "marker"))])
+    trainer = _trainer(tmp_path / "ft", max_failures=2, callbacks=[SignalAt(11, str(tmp_path / "marker"))],
+                       snapshot_every_n_steps=1)
     trainer.fit(model, loader())
     assert trainer.global_step == 16
     assert torch.equal(params(model), params(ref_model)), "recovery changed the result"

@@ -149,7 +149,7 @@ def main() -> None:
     ray.shutdown()
     med = {k: statistics.median(r["samples_per_s"] for r in v) for k, v in runs.items()}
     ratio = med["raytrainer"] / med["torchrun"]
-    cpu = {k: statistics.median(r["cpu_seconds"] for r in v) for k, v in runs.items()}
+    cpu_med = {k: statistics.median(r["cpu_seconds"] for r in v) for k, v in runs.items()}
     print(f"\nmedian of {args.repeats} runs, {args.steps} steps after {args.warmup} warm-up steps, "
           f"{WORLD} ranks x batch {BATCH}:")
     for k in runs:
@@ -158,10 +158,10 @@ def main() -> None:
         print(f"  {k:<10} {med[k]:8.0f} samples/s ({BATCH * WORLD / med[k] * 1000:.1f} ms/step; best run "
               f"{best:.0f} samples/s; rank 0 process CPU {cpu:.1f} ms/step, all threads)")
     print(f"  raytrainer / torchrun: {ratio:.3f} (target >= 0.95)")
-    print(f"  per-step CPU cost, torchrun / raytrainer: {cpu['torchrun'] / cpu['raytrainer']:.3f} "
+    print(f"  per-step CPU cost, torchrun / raytrainer: {cpu_med['torchrun'] / cpu_med['raytrainer']:.3f} "
           "(the load-insensitive view of the same ratio)")
     print(f"load average after: {os.getloadavg()}")
-    print("RATIO " + json.dumps({"throughput_ratio": ratio, "cpu_ratio": cpu["torchrun"] / cpu["raytrainer"]}))
+    print("RATIO " + json.dumps({"throughput_ratio": ratio, "cpu_ratio": cpu_med["torchrun"] / cpu_med["raytrainer"]}))
 
 
 if __name__ == "__main__":

@@ -209,6 +209,11 @@ def train_epoch(trainer: "Trainer", module: Any, deadline: float | None) -> bool
     trainer._batches_done_in_epoch = 0
     trainer._epoch_done = False
     trainer.training = False
+    if hasattr(batch_sampler, "resume_from"):
+        # Elastic run: this epoch may have been the remainder of an earlier world's; the next one is whole.
+        trainer._epoch_segments = []
+        batch_sampler.resume_from([])
+        trainer.num_training_batches = trainer._limit(loader, "train")
     return True
 
 

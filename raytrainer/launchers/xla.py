@@ -69,7 +69,7 @@ class XLALauncher:
 def _rank_main(payload: bytes, fn: str, world_size: int, rng: dict[str, Any], workdir: str) -> Any:
     """One rank: unpack its own copy of the run, train/evaluate on its device, return its share."""
     from raytrainer.launchers.ray import control
-    from raytrainer.launchers.ray.launcher import RunResult, _state
+    from raytrainer.launchers.ray.launcher import RunResult
     from raytrainer.checkpoint.storage import to_cpu
 
     ctx = _rank_context(world_size)
@@ -89,16 +89,7 @@ def _rank_main(payload: bytes, fn: str, world_size: int, rng: dict[str, Any], wo
         return len(trainer._val_dataloaders), _to_host(out)
     if not rank0:
         return None
-    return RunResult(
-        output=to_cpu(out), status="finished",
-        state_dict=to_cpu(model.state_dict()) if fn == "fit" else None,
-        global_step=trainer.global_step, current_epoch=trainer.current_epoch, world_size=ctx.world_size,
-        callback_metrics=to_cpu(dict(trainer._callback_metrics)),
-        logged_metrics=dict(trainer._logged_metrics), progress_bar_metrics=dict(trainer._progress_bar_metrics),
-        callback_states=[to_cpu(_state(cb)) for cb in trainer.callbacks],
-        logger_states=[_state(lg) for lg in trainer.loggers], batches_that_stepped=trainer._batches_that_stepped,
-        saved_checkpoints=list(trainer.saved_checkpoints), log_dir=trainer.log_dir,
-    )
+    return RunResult.from_trainer(trainer, model, fn, to_cpu(out), ctx.world_size)
 
 
 def _rank_context(world_size: int) -> RankContext:

@@ -33,6 +33,23 @@ class RunResult:
     callback_states: list[dict[str, Any]] = field(default_factory=list)
     logger_states: list[dict[str, Any]] = field(default_factory=list)
     batches_that_stepped: int = 0
+
+    @classmethod
+    def from_trainer(cls, trainer: Any, model: Any, fn: str, output: Any, world_size: int,
+                     status: str = "finished", snapshot: dict[str, Any] | None = None) -> "RunResult":
+        """Rank 0's state after a run, copied to host memory (any launcher that runs ranks elsewhere)."""
+        from raytrainer.checkpoint.storage import to_cpu
+
+        return cls(
+            output=output, status=status, snapshot=snapshot,
+            state_dict=to_cpu(model.state_dict()) if fn == "fit" else None,
+            global_step=trainer.global_step, current_epoch=trainer.current_epoch, world_size=world_size,
+            callback_metrics=to_cpu(dict(trainer._callback_metrics)),
+            logged_metrics=dict(trainer._logged_metrics), progress_bar_metrics=dict(trainer._progress_bar_metrics),
+            callback_states=[to_cpu(_state(cb)) for cb in trainer.callbacks],
+            logger_states=[_state(lg) for lg in trainer.loggers], batches_that_stepped=trainer._batches_that_stepped,
+            saved_checkpoints=list(trainer.saved_checkpoints), log_dir=trainer.log_dir,
+        )
     saved_checkpoints: list[tuple[int, str]] = field(default_factory=list)
     log_dir: str | None = None
 
@@ -85,16 +102,7 @@ def rank_entry(info: Any, trainer: Any, fn: str, model: Any, kwargs: dict[str, A
         snapshot = trainer._snapshotter.take(trainer) if rank0 else None
     if not rank0:
         return None
-    return RunResult(
-        output=out, status=status, snapshot=snapshot,
-        state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()} if fn == "fit" else None,
-        global_step=trainer.global_step, current_epoch=trainer.current_epoch, world_size=info.world_size,
-        callback_metrics={k: v.detach().cpu() for k, v in trainer._callback_metrics.items()},
-        logged_metrics=dict(trainer._logged_metrics), progress_bar_metrics=dict(trainer._progress_bar_metrics),
-        callback_states=[_state(cb) for cb in trainer.callbacks],
-        logger_states=[_state(lg) for lg in trainer.loggers], batches_that_stepped=trainer._batches_that_stepped,
-        saved_checkpoints=list(trainer.saved_checkpoints), log_dir=trainer.log_dir,
-    )
+    return RunResult.from_trainer(trainer, model, fn, out, info.world_size, status=status, snapshot=snapshot)
 
 
 class _ForwardEvents:

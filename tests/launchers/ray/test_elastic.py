@@ -66,7 +66,7 @@ def test_node_removed_run_completes_and_every_sample_is_used_once_per_epoch(clus
     n = 240
     trainer = pl.Trainer(num_nodes="1:2", num_processes=1, max_epochs=4, max_failures=2,
                          default_root_dir=str(tmp_path), enable_progress_bar=False, enable_model_summary=False,
-                         scale_check_interval_s=1.0, placement_timeout_s=30)
+                         scale_check_interval_s=1.0, placement_timeout_s=30, snapshot_every_n_steps=1)
     thread, box = _fit_in_background(trainer, Regression(ids_path=str(tmp_path / "ids"), sleep_s=0.03),
                                      loader(n, batch_size=10))
     assert _wait_for(lambda: any(e["event"] == "checkpoint" for e in events(str(tmp_path))), 120)

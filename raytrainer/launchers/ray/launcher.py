@@ -251,6 +251,7 @@ class _FitSupervisor:
         self.stop_sent = False
         self.rng = rng_states()
         self.bar = trainer.progress_bar_callback
+        self.start_logged = False
 
     # ------------------------------------------------------------------ messages from rank 0, ticks
     def on_message(self, rank: int, msg: Any) -> None:
@@ -271,6 +272,9 @@ class _FitSupervisor:
         elif kind == "event":
             fields = dict(msg["fields"])
             if msg["event"] == "start":
+                if self.start_logged:
+                    return  # already recorded by the driver when this message came too late
+                self.start_logged = True
                 from raytrainer.launchers.ray.events import command_fields
 
                 fields.update(command_fields())  # the driver's command line, not the rank actor's
@@ -410,6 +414,11 @@ class _FitSupervisor:
         # preemption, which does not count against max_failures. Only a death's own message is looked at.
         preempted = died and "preempted" in getattr(err, "traceback", "").lower()
         short = _short_cause(err)
+        if not self.start_logged:  # rank 0's own start event was lost with the group: record it here
+            from raytrainer.launchers.ray.events import command_fields
+
+            self.start_logged = True
+            self.events.emit("start", world_size=self.world, step=0, epoch=0, **command_fields())
         failure = Failure(time.time(), rank, node, short, self.step, preempted=preempted)
         self.events.emit("failure", world_size=self.world, step=self.step, epoch=self.epoch, cause=short,
                          rank=rank, node=node)

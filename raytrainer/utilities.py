@@ -79,8 +79,9 @@ def worker_init_fn(worker_id: int) -> None:
 def rng_states() -> dict[str, Any]:
     """Capture python, numpy, torch (and CUDA) RNG states as plain types and tensors."""
     np_state = np.random.get_state()
+    version, internal, gauss = random.getstate()
     states: dict[str, Any] = {
-        "python": _plain(random.getstate()),
+        "python": [version, list(internal), gauss],  # lists, not tuples: torch.load(weights_only=True) reads them
         # int64, not uint32: pickling a uint32 tensor fails in torch (Ray ships these states to ranks)
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
                   float(np_state[4])],
@@ -105,12 +106,6 @@ def set_rng_states(states: dict[str, Any]) -> None:
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
 
-
-
-def _plain(obj: Any) -> Any:
-    if isinstance(obj, tuple):
-        return [_plain(x) for x in obj]
-    return obj
 
 
 def closest(name: str, options: list[str]) -> str | None:

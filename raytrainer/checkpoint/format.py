@@ -207,8 +207,10 @@ def check_loadable(obj: Any, where: str = "checkpoint") -> None:
                     "its fields) and rebuild it when loading.")
 
 
-def dump_checkpoint(trainer: "Trainer", weights_only: bool = False) -> dict[str, Any]:
+def dump_checkpoint(trainer: "Trainer", weights_only: bool = False, check: bool = True) -> dict[str, Any]:
     """Build the checkpoint dict for the trainer's current state (every rank may call it).
+
+    ``check=False`` skips the weights_only loadability walk: for in-memory snapshots that never become files.
 
     Tensors are the live ones (no copies); ``storage.AsyncCheckpointWriter.submit`` or ``storage.save``
     copy or serialise them before training changes them.
@@ -271,7 +273,8 @@ def dump_checkpoint(trainer: "Trainer", weights_only: bool = False) -> dict[str,
     to_host = getattr(trainer.strategy, "checkpoint_to_host", None)
     if to_host is not None:  # XLA: device tensors become CPU copies, so the file loads without torch_xla
         ckpt = to_host(ckpt)
-    check_loadable(ckpt)
+    if check:
+        check_loadable(ckpt)
     return ckpt
 
 

@@ -1,41 +1,129 @@
 """In-memory snapshots: the full training state at a step boundary, for recovery in seconds.
 
-Every rank keeps its newest snapshot in its own memory (an actor method hands it out even while the
-rank is stuck in a collective). Rank 0 also publishes one to the Ray object store every ten
-seconds; the driver fetches it, so a copy lives on the driver's node as well, and the loss of any
-single node never destroys the only copy. Recovery prefers the newest snapshot a survivor holds,
-then the driver's copy, then the newest valid durable checkpoint.
+DDP keeps the same parameters and optimizer state on every rank, so a surviving rank already holds
+the newest model: a snapshot does not copy it every step. At each step boundary a rank records the
+small, fast-changing part of the state (loop counters, RNGs, data position, buffers, metrics,
+scheduler and callback states) and keeps *references* to its live parameters and optimizer
+tensors, with their in-place version counters and an optimizer-step count. When a peer fails, the
+survivor hands out that snapshot with the tensors copied then, but only if nothing changed them
+since the boundary (no optimizer step, no in-place write); otherwise it hands out its last full copy.
+
+Rank 0 also makes a full copy every ten seconds (or less often when copying is slow) and publishes
+it to the Ray object store; the driver fetches it, so a copy lives on the driver's node as well and
+the loss of every rank's node never destroys the only copy. Recovery prefers the newest snapshot a
+survivor holds, then the driver's copy, then the newest valid durable checkpoint.
 """
 from __future__ import annotations
 
+import copy
 import math
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
+
+import torch
 
 from raytrainer.utilities import log
 
-# The newest snapshot of this process (a rank actor): (global_step, state). Read by RankWorker methods.
-_LATEST: tuple[int, dict[str, Any]] | None = None
-_LOCK = threading.Lock()
+AUTO_MAX_OVERHEAD = 0.03  # automatic interval: snapshots may cost at most 3% of training time
+FULL_COPY_MAX_OVERHEAD = 0.01  # rank 0's published full copies: at most 1% of training time
 
-AUTO_MAX_OVERHEAD = 0.01  # auto interval: snapshots may cost at most 1% of training time
+
+@dataclass
+class _Snapshot:
+    """One step boundary's state: light parts copied, heavy tensors (parameters, optimizer state) live."""
+
+    step: int
+    state: dict[str, Any]
+    heavy: list[torch.Tensor]
+    versions: list[int]
+    optimizer_steps: int
+    counter: "Callable[[], int]"
+
+    def unchanged(self) -> bool:
+        """True while no optimizer step ran and no heavy tensor was written in place since the boundary."""
+        return self.counter() == self.optimizer_steps and \
+            all(t._version == v for t, v in zip(self.heavy, self.versions))
+
+    def copy(self) -> dict[str, Any] | None:
+        """A detached CPU copy of the state at the boundary, or None if training has moved on since."""
+        from raytrainer.checkpoint.storage import to_cpu
+
+        if not self.unchanged():
+            return None
+        state = to_cpu(self.state)
+        return state if self.unchanged() else None  # a write that began during the copy is caught here
+
+
+# This process's newest snapshots (a rank actor): the light one of the last boundary, and the last full copy.
+_LIGHT: _Snapshot | None = None
+_FULL: tuple[int, dict[str, Any]] | None = None
+_LOCK = threading.Lock()
 
 
 def latest() -> tuple[int, dict[str, Any]] | None:
-    """This process's newest snapshot, or None."""
+    """This process's newest consistent snapshot as (step, detached CPU state), or None.
+
+    Safe to call from another thread while training is stuck or stopped: the live tensors are only
+    used when their version counters show they still hold the boundary's values.
+    """
     with _LOCK:
-        return _LATEST
+        light, full = _LIGHT, _FULL
+    if light is not None and (full is None or light.step > full[0]):
+        state = light.copy()
+        if state is not None:
+            return light.step, state
+        log.info("the snapshot of step %d is stale (training moved on before the failure); using the last full "
+                 "copy%s", light.step, f" (step {full[0]})" if full else " (none)")
+    return full
 
 
 def clear() -> None:
-    global _LATEST
+    global _LIGHT, _FULL
     with _LOCK:
-        _LATEST = None
+        _LIGHT = _FULL = None
+
+
+def _heavy_tensors(trainer: Any) -> list[torch.Tensor]:
+    """The tensors a snapshot keeps by reference: parameters and optimizer state."""
+    heavy = [p for p in trainer.lightning_module.parameters()]
+    for opt in trainer.optimizers:
+        for per_param in opt.state.values():
+            heavy.extend(v for v in per_param.values() if isinstance(v, torch.Tensor))
+    return heavy
+
+
+_ATOMS = (int, float, str, bool, bytes, type(None))
+# Parts of dump_checkpoint's dict that it builds afresh from counters, RNG draws and cloned accumulators:
+# nothing in them is shared with training, so a snapshot keeps them without copying.
+_FRESH_KEYS = frozenset({"epoch", "global_step", "pytorch-lightning_version", "loops", "raytrainer"})
+
+
+def _keep_heavy(obj: Any, heavy: set[tuple[int, tuple[int, ...]]], memo: dict[int, Any]) -> Any:
+    """Copy containers and light tensors; keep tensors that view a heavy tensor's memory as they are."""
+    if isinstance(obj, torch.Tensor):
+        if obj.data_ptr() and (obj.data_ptr(), tuple(obj.shape)) in heavy:
+            return obj
+        found = memo.get(id(obj))
+        if found is None:
+            found = memo[id(obj)] = obj.detach().clone()
+        return found
+    if isinstance(obj, dict):
+        new = obj.copy() if type(obj) is dict else copy.copy(obj)  # copy.copy keeps a state_dict's _metadata
+        for k, v in obj.items():
+            if type(v) not in _ATOMS:
+                new[k] = _keep_heavy(v, heavy, memo)
+        return new
+    if isinstance(obj, list):
+        return [v if type(v) in _ATOMS else _keep_heavy(v, heavy, memo) for v in obj]
+    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+        return tuple(v if type(v) in _ATOMS else _keep_heavy(v, heavy, memo) for v in obj)
+    return copy.deepcopy(obj) if isinstance(obj, set) else obj
 
 
 class Snapshotter:
-    """Takes snapshots every ``every_n_steps`` optimizer steps (None: as often as costs <= 1% of a step)."""
+    """Snapshots every ``every_n_steps`` optimizer steps (None: every step while that costs <= 3% of a step)."""
 
     def __init__(self, every_n_steps: int | None, publish: Callable[[int, dict[str, Any]], None] | None = None,
                  publish_every_s: float = 10.0, heartbeat: Callable[[int, int], None] | None = None,
@@ -49,16 +137,25 @@ class Snapshotter:
         self.publish = publish
         self.publish_every_s = publish_every_s
         self._last_step = -1
-        self._last_publish = 0.0
+        self._last_publish = 0.0  # the first snapshot is published at once
         self._step_clock = 0.0
         self._clock_started = False
         self._step_time = 0.0
         self.cost_s = 0.0
+        self.full_cost_s = 0.0
         self.taken = 0
         self._publisher: threading.Thread | None = None
         self.heartbeat = heartbeat
         self.heartbeat_every_s = heartbeat_every_s
         self._last_beat = 0.0
+        self._optimizer_steps = 0
+        self._hooked: set[int] = set()
+        self._heavy_shape: Any = None
+        self._heavy: list[torch.Tensor] = []
+        self._heavy_keys: set[tuple[int, tuple[int, ...]]] = set()
+
+    def _count_step(self, *args: Any, **kwargs: Any) -> None:
+        self._optimizer_steps += 1
 
     def maybe_take(self, trainer: Any) -> None:
         """Called at each step boundary; snapshots when the interval has passed."""
@@ -77,32 +174,71 @@ class Snapshotter:
             self._step_clock = now
         if not self.enabled or step == self._last_step or step % self.every != 0:
             return
-        self.take(trainer)
+        self._take_light(trainer)
+        if self.publish is not None:
+            self._maybe_publish()
         cost = time.perf_counter() - now
         self.cost_s = cost if self.cost_s == 0 else 0.8 * self.cost_s + 0.2 * cost
         self._step_clock += cost  # do not count the snapshot as step time
         if self.fixed is None and self._step_time > 0:
             self.every = max(1, math.ceil(self.cost_s / (AUTO_MAX_OVERHEAD * self._step_time)))
 
-    def take(self, trainer: Any) -> dict[str, Any]:
-        """Stage the whole training state on the host now (the copy no later step can change)."""
-        global _LATEST
+    def _take_light(self, trainer: Any) -> _Snapshot:
+        """Record this boundary: light state copied, parameters and optimizer state by reference."""
+        global _LIGHT
         from raytrainer.checkpoint.format import dump_checkpoint
-        from raytrainer.checkpoint.storage import to_cpu
 
-        state = to_cpu(dump_checkpoint(trainer, weights_only=False))
-        step = trainer.global_step
+        for opt in trainer.optimizers:
+            if id(opt) not in self._hooked:  # counts completed optimizer steps, however the step was written
+                opt.register_step_post_hook(self._count_step)
+                self._hooked.add(id(opt))
+        # The heavy tensors change identity only when optimizer state appears (first step) or the module changes.
+        shape = (id(trainer.lightning_module), tuple(len(o.state) for o in trainer.optimizers))
+        if shape != self._heavy_shape:
+            self._heavy_shape = shape
+            self._heavy = _heavy_tensors(trainer)
+            self._heavy_keys = {(t.data_ptr(), tuple(t.shape)) for t in self._heavy if t.data_ptr()}
+        heavy, memo = self._heavy, {}
+        ckpt = dump_checkpoint(trainer, weights_only=False, check=False)
+        state = {k: v if k in _FRESH_KEYS else _keep_heavy(v, self._heavy_keys, memo) for k, v in ckpt.items()}
+        snap = _Snapshot(trainer.global_step, state, heavy, [t._version for t in heavy], self._optimizer_steps,
+                         lambda: self._optimizer_steps)
         with _LOCK:
-            _LATEST = (step, state)
-        self._last_step = step
+            _LIGHT = snap
+        self._last_step = snap.step
         self.taken += 1
-        if self.publish is not None and time.monotonic() - self._last_publish >= self.publish_every_s \
-                and (self._publisher is None or not self._publisher.is_alive()):
-            self._last_publish = time.monotonic()
-            self._publisher = threading.Thread(target=self._publish, args=(step, state), daemon=True,
-                                               name="raytrainer-snapshot-publisher")
-            self._publisher.start()
+        return snap
+
+    def take(self, trainer: Any) -> dict[str, Any]:
+        """A full, detached copy of the training state now (at a step boundary), kept as the last full copy."""
+        global _FULL
+        snap = self._take_light(trainer)
+        state = snap.copy()
+        assert state is not None, "the state changed while the training thread was copying it"
+        with _LOCK:
+            _FULL = (snap.step, state)
         return state
+
+    def _maybe_publish(self) -> None:
+        """(rank 0) Every publish interval, a full copy goes to the driver from a background thread."""
+        global _FULL
+        interval = max(self.publish_every_s, self.full_cost_s / FULL_COPY_MAX_OVERHEAD)
+        if time.monotonic() - self._last_publish < interval or \
+                (self._publisher is not None and self._publisher.is_alive()):
+            return
+        started = time.perf_counter()
+        with _LOCK:
+            light = _LIGHT
+        state = light.copy() if light is not None else None
+        if light is None or state is None:
+            return
+        with _LOCK:
+            _FULL = (light.step, state)
+        self.full_cost_s = time.perf_counter() - started
+        self._last_publish = time.monotonic()
+        self._publisher = threading.Thread(target=self._publish, args=(light.step, state), daemon=True,
+                                           name="raytrainer-snapshot-publisher")
+        self._publisher.start()
 
     def _publish(self, step: int, state: dict[str, Any]) -> None:
         try:

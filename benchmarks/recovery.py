@@ -22,6 +22,7 @@ import statistics
 import sys
 import tempfile
 import time
+import uuid
 
 import torch
 from torch import nn
@@ -42,9 +43,9 @@ def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(64, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, 1))
 
 
-def _record(out: str, rank: int, step: int) -> None:
+def _record(out: str, rank: int, step: int, attempt: str) -> None:
     with open(os.path.join(out, f"steps.{rank}"), "a") as f:
-        f.write(json.dumps({"step": step, "t": time.time(), "pid": os.getpid()}) + "\n")
+        f.write(json.dumps({"step": step, "t": time.time(), "attempt": attempt}) + "\n")
 
 
 def _maybe_kill(out: str, rank: int, step: int) -> None:
@@ -58,8 +59,9 @@ def _maybe_kill(out: str, rank: int, step: int) -> None:
 def analyse(out: str) -> dict[str, float]:
     kill = json.load(open(os.path.join(out, "killed")))
     rows = [json.loads(line) for line in open(os.path.join(out, "steps.0"))]
-    after = [r for r in rows if r["t"] > kill["t"] and r["pid"] != rows[0]["pid"]] or \
-        [r for r in rows if r["t"] > kill["t"]]
+    # Rank 0 may keep its process across the recovery: the attempt id (new for each run of the training
+    # function) tells the resumed run's steps from steps the first run finished just after the kill.
+    after = [r for r in rows if r["t"] > kill["t"] and r["attempt"] != rows[0]["attempt"]]
     first_after = min(after, key=lambda r: r["t"])
     resumed_from = first_after["step"] - 1
     return {"recovery_s": first_after["t"] - kill["t"], "steps_lost": kill["step"] - resumed_from}
@@ -75,8 +77,11 @@ def run_raytrainer(out: str, kill: bool, snapshot_every: int | None = None) -> N
     import raytrainer as rt
 
     class Recorder(rt.Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.attempt = uuid.uuid4().hex
+
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            _record(out, trainer.global_rank, trainer.global_step)
+            _record(out, trainer.global_rank, trainer.global_step, self.attempt)
             if kill:
                 _maybe_kill(out, trainer.global_rank, trainer.global_step)
 
@@ -108,6 +113,7 @@ def run_ray_train(out: str) -> None:
     def loop(config: dict) -> None:
         torch.set_num_threads(1)
         rank = ray.train.get_context().get_world_rank()
+        attempt = uuid.uuid4().hex
         model = ray.train.torch.prepare_model(mlp())
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         start = 0
@@ -127,7 +133,7 @@ def run_ray_train(out: str) -> None:
                 loss.backward()
                 opt.step()
                 step += 1
-                _record(config["out"], rank, step)
+                _record(config["out"], rank, step, attempt)
                 if step % REPORT_EVERY == 0:
                     with tempfile.TemporaryDirectory() as d:
                         if rank == 0:

@@ -105,6 +105,7 @@ class Trainer:
         elastic_batch_policy: str = "rank",
         scale_check_interval_s: float = 5.0,
         ray_address: str | None = None,
+        spare_ranks_per_node: int | None = None,
         **unknown: Any,
     ) -> None:
         if unknown:
@@ -186,8 +187,14 @@ class Trainer:
         self.collective_timeout_s = float(collective_timeout_s)
         if snapshot_every_n_steps is not None and snapshot_every_n_steps < 0:
             raise ValueError(f"snapshot_every_n_steps={snapshot_every_n_steps!r}: use an int >= 1, 0 to turn "
-                             "in-memory snapshots off, or None to snapshot every step while that costs under 1% "
+                             "in-memory snapshots off, or None to snapshot every step while that costs under 3% "
                              "of the step time.")
+        if spare_ranks_per_node is not None and (not isinstance(spare_ranks_per_node, int)
+                                                 or isinstance(spare_ranks_per_node, bool) or spare_ranks_per_node < 0):
+            raise ValueError(f"spare_ranks_per_node={spare_ranks_per_node!r}: use an int >= 0 (warm spare processes "
+                             "per node that replace a dead rank at once), or None for 1 when max_failures > 0.")
+        self.spare_ranks_per_node = (1 if max_failures > 0 else 0) if spare_ranks_per_node is None \
+            else spare_ranks_per_node
         for name, value in (("heartbeat_timeout_s", heartbeat_timeout_s),
                             ("scale_check_interval_s", scale_check_interval_s),
                             ("placement_timeout_s", placement_timeout_s),

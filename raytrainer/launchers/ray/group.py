@@ -57,6 +57,7 @@ class RankError(RuntimeError):
         self.traceback = traceback
         self.died = died              # the process died (killed, OOM, node lost) vs. raised
         self.exception = exception    # the rank's exception object, when it could be sent back
+        self.failed: dict[int, bool] = {rank: died}  # every rank that failed -> whether its process died
 
 
 class GroupTimeoutError(TimeoutError):
@@ -293,7 +294,8 @@ class WorkerGroup:
                  cpus_per_rank: float = 1, gpus_per_rank: float = 0,
                  placement_timeout_s: float = 60, collective_timeout_s: float = 300,
                  env: dict[str, str] | None = None, start_timeout_s: float = 120,
-                 poll_interval_s: float = 0.2, ray_address: str | None = None) -> None:
+                 poll_interval_s: float = 0.2, ray_address: str | None = None,
+                 spares_per_node: int = 0) -> None:
         if not isinstance(run_name, str) or not run_name.strip():
             raise ValueError(f"run_name must be a non-empty string, got {run_name!r}")
         for label, value in (("num_nodes", num_nodes), ("ranks_per_node", ranks_per_node)):
@@ -311,7 +313,12 @@ class WorkerGroup:
                              ("poll_interval_s", poll_interval_s)):
             if not value > 0:
                 raise ValueError(f"{label} must be > 0 seconds, got {value!r}")
+        if not isinstance(spares_per_node, int) or isinstance(spares_per_node, bool) or spares_per_node < 0:
+            raise ValueError(f"spares_per_node must be an integer >= 0, got {spares_per_node!r}")
         self.run_name = run_name
+        # Warm spare actors (process started, torch imported, no resources reserved) that replace a dead rank
+        # in well under a second; only on CPU, where a rank needs nothing a 0-resource actor lacks.
+        self.spares_per_node = spares_per_node if gpus_per_rank == 0 else 0
         self.num_nodes = num_nodes
         self.ranks_per_node = ranks_per_node
         self.cpus_per_rank = cpus_per_rank
@@ -329,6 +336,10 @@ class WorkerGroup:
         self._actors: list[Any] = []
         self._pg = None
         self._lock = threading.Lock()
+        self._bundles: list[int] = []            # placement group bundle index of each rank
+        self._spares: dict[str, list[Any]] = {}  # node id -> warm spare actors on that node
+        self._spare_count = 0
+        self._inflight: dict[int, Any] = {}      # rank -> its run() call still going when another rank failed
 
     # -- properties ----------------------------------------------------------------------------
     @property
@@ -377,7 +388,97 @@ class WorkerGroup:
                         "start_s": t_end - t0}
         log.info("worker group %s: %d ranks ready in %.2fs", self.run_name, self.world_size,
                  t_end - t0)
+        for node_id in dict.fromkeys(r.node_id for r in self.ranks):
+            self._add_spares(node_id)
         return self.ranks
+
+    # -- spares and repair ---------------------------------------------------------------------
+    def _add_spares(self, node_id: str) -> None:
+        """Top up the warm spares on a node; they start in the background (nothing waits for them here)."""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        spares = self._spares.setdefault(node_id, [])
+        while len(spares) < self.spares_per_node:
+            self._spare_count += 1
+            try:
+                actor = self._new_actor(f"{self._name_prefix()}-spare-{self._spare_count}",
+                                        NodeAffinitySchedulingStrategy(node_id, soft=False), reserve=False)
+                actor.warm.remote()  # imports what a rank needs while training goes on
+            except Exception as err:  # noqa: BLE001 - a run without a spare still recovers, only slower
+                log.warning("could not start a spare rank actor on node %s: %s", node_id[:12], err)
+                return
+            spares.append(actor)
+
+    def settle(self, failed: dict[int, bool], timeout_s: float = 5.0) -> bool:
+        """After a ``keep_on_failure`` RankError: stop the failed ranks and wait for the others' calls to end.
+
+        Ranks that raised leave the process group, so peers blocked in a collective with them get an
+        error instead of waiting for the collective timeout. True when every surviving rank's call ended
+        within ``timeout_s`` (they can then re-form the group); False means the group should be shut down.
+        """
+        alive = [r for r, died in failed.items() if not died]
+        if alive:
+            refs = [self._actors[r].leave.remote() for r in alive]
+            ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        inflight, self._inflight = self._inflight, {}
+        if inflight:
+            done, _ = ray.wait(list(inflight.values()), num_returns=len(inflight), timeout=timeout_s)
+            if len(done) < len(inflight):
+                log.info("rank(s) %s did not stop within %gs of the failure", sorted(
+                    r for r, ref in inflight.items() if ref not in done), timeout_s)
+                return False
+            for rank, ref in inflight.items():
+                try:
+                    ray.get(ref, timeout=1)
+                except (RayActorError, GetTimeoutError, RayError):
+                    failed[rank] = True  # died too, after the first failure
+        for rank, died in failed.items():
+            if died:
+                _quietly(ray.kill, self._actors[rank], no_restart=True)
+        return True
+
+    def reform(self, dead: list[int], timeout_s: float = 30.0) -> bool:
+        """Replace dead ranks (a warm spare on the same node, else a new actor in the rank's reserved
+        bundle), then re-form the process group with the survivors. False if that cannot be done here
+        (the node is gone, an actor did not answer): shut the group down and start a new one instead."""
+        started = time.perf_counter()
+        try:
+            for rank in dead:
+                old = self.ranks[rank]
+                actor = self._replacement(old.node_id, rank)
+                info = ray.get(actor.node_info.remote(), timeout=timeout_s)
+                if info["node_id"] != old.node_id:
+                    _quietly(ray.kill, actor, no_restart=True)
+                    return False
+                self._actors[rank] = actor
+                self.ranks[rank] = replace(old, pid=info["pid"], gpu_ids=tuple(info["gpu_ids"]))
+            refs = [a.teardown.remote() for a in self._actors]
+            self._gather(refs, timeout_s, "leaving the failed process group")
+            self._form_process_group()
+        except (RankError, GroupTimeoutError, RayError, GetTimeoutError) as err:
+            log.info("could not re-form run %r in place: %s", self.run_name, str(err).splitlines()[0])
+            return False
+        for node_id in {self.ranks[r].node_id for r in dead}:
+            self._add_spares(node_id)
+        self.timings = {"reform_s": time.perf_counter() - started}
+        log.info("worker group %s: rank(s) %s replaced, %d ranks re-formed in %.2fs", self.run_name, dead,
+                 self.world_size, self.timings["reform_s"])
+        return True
+
+    def _replacement(self, node_id: str, rank: int) -> Any:
+        """A warm spare on ``node_id`` if one answers, else a new actor in the rank's reserved bundle."""
+        spares = self._spares.get(node_id, [])
+        while spares:
+            spare = spares.pop(0)
+            try:
+                ray.get(spare.ping.remote(), timeout=self.start_timeout_s)
+                return spare
+            except (RayError, GetTimeoutError) as err:
+                log.info("spare actor on node %s is unusable: %s", node_id[:12], err)
+                _quietly(ray.kill, spare, no_restart=True)
+        self._spare_count += 1
+        return self._new_actor(f"{self.actor_name(rank)}-r{self._spare_count}",
+                               self._bundle_strategy(self._bundles[rank]))
 
     def _check_name_free(self) -> None:
         name = self.actor_name(0)
@@ -458,31 +559,32 @@ class WorkerGroup:
                 "Fix: ask for fewer nodes or devices, lower the CPUs/GPUs per rank, add nodes, "
                 "or raise the placement timeout if the cluster is still scaling up.")
 
-    def _start_actors(self, plan: list[tuple[int, str | None]]) -> None:
-        """Start one actor per rank and learn where each one really runs."""
-        per_rank = self._rank_resources()
-        driver_path = [p for p in sys.path if p]
-        options: dict[str, Any] = dict(num_cpus=per_rank.get("CPU", 0),
-                                       num_gpus=per_rank.get("GPU", 0),
-                                       max_concurrency=8, max_restarts=0)
+    def _new_actor(self, name: str, strategy: Any, reserve: bool = True) -> Any:
+        """Start one rank actor process (``reserve=False``: a spare that holds no CPU or GPU)."""
+        per_rank = self._rank_resources() if reserve else {}
         # The environment goes to the actor's constructor rather than a Ray runtime_env: a
         # runtime_env forces a fresh worker process set up by the runtime-env agent (about a
         # second more per start) instead of one of Ray's ready idle workers.
+        try:
+            return _RemoteRankWorker.options(
+                name=name, scheduling_strategy=strategy, num_cpus=per_rank.get("CPU", 0),
+                num_gpus=per_rank.get("GPU", 0), max_concurrency=8, max_restarts=0,
+            ).remote(self.run_name, [p for p in sys.path if p], dict(self.env))
+        except ValueError as err:
+            raise RuntimeError(self._clash_message(name) + f" ({err})") from err
+
+    def _bundle_strategy(self, bundle_index: int) -> PlacementGroupSchedulingStrategy:
+        return PlacementGroupSchedulingStrategy(placement_group=self._pg, placement_group_bundle_index=bundle_index,
+                                                placement_group_capture_child_tasks=False)
+
+    def _start_actors(self, plan: list[tuple[int, str | None]]) -> None:
+        """Start one actor per rank and learn where each one really runs."""
         for rank, (bundle_index, _) in enumerate(plan):
-            name = self.actor_name(rank)
-            strategy = PlacementGroupSchedulingStrategy(
-                placement_group=self._pg, placement_group_bundle_index=bundle_index,
-                placement_group_capture_child_tasks=False)
-            try:
-                actor = _RemoteRankWorker.options(name=name, scheduling_strategy=strategy,
-                                                  **options).remote(self.run_name, driver_path,
-                                                                    dict(self.env))
-            except ValueError as err:
-                raise RuntimeError(self._clash_message(name) + f" ({err})") from err
-            self._actors.append(actor)
+            self._actors.append(self._new_actor(self.actor_name(rank), self._bundle_strategy(bundle_index)))
         infos = self._gather([a.node_info.remote() for a in self._actors], self.start_timeout_s,
                              "starting the rank actors")
         self.ranks = self._assign_ranks(plan, infos)
+        self._bundles = [b for b, _ in plan]
 
     def _assign_ranks(self, plan: list[tuple[int, str | None]],
                       infos: list[dict[str, Any]]) -> list[RankInfo]:
@@ -540,7 +642,8 @@ class WorkerGroup:
             on_message: MessageHandler | None = None,
             arg_names: Sequence[str] | None = None,
             on_tick: Callable[[], None] | None = None,
-            before_shutdown: Callable[[BaseException], None] | None = None) -> list[Any]:
+            before_shutdown: Callable[[BaseException], None] | None = None,
+            keep_on_failure: bool = False) -> list[Any]:
         """Call ``fn(rank_info, *args)`` on every rank at once; results come back by rank.
 
         Starts the group first if needed (after checking everything pickles). ``on_message(rank,
@@ -549,6 +652,7 @@ class WorkerGroup:
         passing ``timeout_s`` bounds the whole call (``GroupTimeoutError``). ``on_tick()`` runs
         every poll interval on the driver (an exception from it aborts the run);
         ``before_shutdown(err)`` runs on a failure while the surviving actors still answer.
+        With ``keep_on_failure`` a ``RankError`` leaves the group up, for ``settle`` and ``reform``.
         """
         payload = self._pickle_call(fn, args, arg_names)
         if not self.started:
@@ -556,8 +660,11 @@ class WorkerGroup:
         try:
             payload_ref = ray.put(payload)
             refs = [a.run.remote(payload_ref) for a in self._actors]
-            outcomes: list[RankOutcome] = self._gather(refs, timeout_s, "running", on_message, on_tick)
+            outcomes: list[RankOutcome] = self._gather(refs, timeout_s, "running", on_message, on_tick,
+                                                       keep=keep_on_failure)
         except BaseException as err:  # a rank failed, time ran out, Ctrl-C, or on_message raised
+            if keep_on_failure and isinstance(err, RankError):
+                raise  # the caller settles and re-forms the group, or shuts it down
             if before_shutdown is not None and not isinstance(err, KeyboardInterrupt):
                 _quietly(before_shutdown, err)
             self.shutdown(graceful=False)
@@ -619,8 +726,10 @@ class WorkerGroup:
     # -- waiting -------------------------------------------------------------------------------
     def _gather(self, refs: list[Any], timeout_s: float | None, what: str,
                 on_message: MessageHandler | None = None,
-                on_tick: Callable[[], None] | None = None) -> list[Any]:
-        """Wait for one call per rank, noticing a failed or dead rank within a poll interval."""
+                on_tick: Callable[[], None] | None = None, keep: bool = False) -> list[Any]:
+        """Wait for one call per rank, noticing a failed or dead rank within a poll interval.
+
+        On a failure the calls still running are remembered (``keep``: the caller may re-form the group)."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         pending = {ref: rank for rank, ref in enumerate(refs)}
         results: dict[int, Any] = {}
@@ -653,7 +762,8 @@ class WorkerGroup:
                 more, _ = ray.wait(list(pending), num_returns=len(pending), timeout=FAILURE_GRACE_S)
                 for ref in more:
                     self._collect(ref, pending.pop(ref), results, failures)
-            raise self._rank_error(failures, results, what)
+            self._inflight = {rank: ref for ref, rank in pending.items()}
+            raise self._rank_error(failures, results, what, stopped=not keep)
         return [results[r] for r in range(len(refs))]
 
     def _collect(self, ref: Any, rank: int, results: dict[int, Any],
@@ -682,7 +792,7 @@ class WorkerGroup:
                 on_message(0, msg)
 
     def _rank_error(self, failures: dict[int, tuple[str, bool]], results: dict[int, Any],
-                    what: str) -> RankError:
+                    what: str, stopped: bool = True) -> RankError:
         # A rank that died is the likeliest root cause; otherwise the lowest failing rank.
         rank = min(failures, key=lambda r: (not failures[r][1], r))
         text, died = failures[rank]
@@ -703,9 +813,11 @@ class WorkerGroup:
                 original = cloudpickle.loads(outcome.exception)
             except Exception:  # noqa: BLE001 - e.g. the exception class only exists on the rank
                 original = None
-        return RankError(head + ":" + body + tail + "\nAll ranks were stopped.", rank=rank,
-                         node_ip=info.node_ip, node_id=info.node_id, traceback=text, died=died,
-                         exception=original)
+        err = RankError(head + ":" + body + tail + ("\nAll ranks were stopped." if stopped else ""), rank=rank,
+                        node_ip=info.node_ip, node_id=info.node_id, traceback=text, died=died,
+                        exception=original)
+        err.failed = {r: d for r, (_, d) in failures.items()}
+        return err
 
     # -- shutdown ------------------------------------------------------------------------------
     def shutdown(self, graceful: bool = True, timeout_s: float = 10) -> None:
@@ -716,12 +828,15 @@ class WorkerGroup:
         """
         with self._lock:
             actors, self._actors = self._actors, []
+            spares, self._spares = [a for node in self._spares.values() for a in node], {}
             pg, self._pg = self._pg, None
+            self._inflight = {}
         if not ray.is_initialized():
             return
         if actors and graceful:
             refs = [a.teardown.remote() for a in actors]
             ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        actors = actors + spares
         for actor in actors:
             _quietly(ray.kill, actor, no_restart=True)
         if actors:

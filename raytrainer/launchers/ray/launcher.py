@@ -161,7 +161,7 @@ class RayLauncher:
         self.plan = plan
 
     # ------------------------------------------------------------------ groups
-    def _new_group(self, trainer: Any, world: int) -> Any:
+    def _new_group(self, trainer: Any, world: int, spares: bool = False) -> Any:
         from raytrainer.launchers.ray.group import WorkerGroup
 
         nodes, per_node = self._scaling(trainer).layout(world) if self.plan.elastic else \
@@ -171,6 +171,7 @@ class RayLauncher:
             ranks_per_node=per_node, cpus_per_rank=1, gpus_per_rank=1 if self.plan.accelerator == "cuda" else 0,
             placement_timeout_s=trainer.placement_timeout_s, collective_timeout_s=trainer.collective_timeout_s,
             ray_address=trainer.ray_address, env=_forwarded_env(),
+            spares_per_node=trainer.spare_ranks_per_node if spares else 0,
         )
         atexit.register(group.shutdown)
         return group
@@ -327,17 +328,20 @@ class _FitSupervisor:
             import signal
 
             signal.signal(signal.SIGTERM, self._on_sigterm)
+        reuse = False  # True after a failure was repaired in place: the same group runs again
         try:
             while True:
-                self.group = self.launcher._new_group(trainer, self.world)
-                trainer.__dict__["_worker_group"] = self.group
-                try:
-                    self.group.start()
-                except PlacementError:
-                    if self.plan.elastic and self.world > self.plan.min_ranks:
-                        self.world = max(self.plan.min_ranks, self.world - self._unit())
-                        continue
-                    raise
+                if not reuse:
+                    self.group = self.launcher._new_group(trainer, self.world, spares=True)
+                    trainer.__dict__["_worker_group"] = self.group
+                    try:
+                        self.group.start()
+                    except PlacementError:
+                        if self.plan.elastic and self.world > self.plan.min_ranks:
+                            self.world = max(self.plan.min_ranks, self.world - self._unit())
+                            continue
+                        raise
+                reuse = False
                 if kind != "start":  # rank 0 reports the first start itself, once it knows the step it resumed at
                     self.events.emit(kind, world_size=self.world, step=self.step, epoch=self.epoch, cause=cause)
                 ctl = {"rng": self.rng, "snapshot_every": trainer.snapshot_every_n_steps, "resume_step": resume_step,
@@ -348,10 +352,20 @@ class _FitSupervisor:
                         rank_entry, trainer, "fit", self.model, dict(self.kwargs, ckpt_path=resume), ctl,
                         on_message=self.on_message, on_tick=self.on_tick,
                         before_shutdown=self._collect_survivor_snapshots,
-                        arg_names=["trainer", "fn", "model", "kwargs", "ctl"])
+                        arg_names=["trainer", "fn", "model", "kwargs", "ctl"],
+                        keep_on_failure=trainer.max_failures > 0)
                 except (RankError, _Hung) as err:
+                    kept = self._settle(err)
+                    world = self.world
                     resume, resume_step = self._after_failure(err)
                     kind, cause = "restart", f"{type(err).__name__}"
+                    if kept:
+                        dead = sorted(r for r, died in err.failed.items() if died)
+                        reuse = self.world == world and self.group.reform(dead)
+                        if reuse:
+                            cause += f": rank(s) {dead} replaced, survivors kept" if dead else ": ranks kept"
+                        else:
+                            self.group.shutdown(graceful=False)
                     continue
                 finally:
                     if self.bar is not None:
@@ -382,6 +396,23 @@ class _FitSupervisor:
             control.restore_sigterm_handler(previous)
             if self.group is not None:
                 self.group.shutdown(graceful=False)  # idempotent; frees the placement group on any exit
+
+    def _settle(self, err: BaseException) -> bool:
+        """After a failure with the group kept up: let the survivors stop, gather their snapshots.
+
+        True when the survivors can re-form the group in place; otherwise the group is shut down (a
+        survivor stuck past SETTLE_TIMEOUT_S, an error that will not be retried, a hang).
+        """
+        from raytrainer.launchers.ray.group import RankError
+
+        if not getattr(self.group, "started", False):
+            return False  # run() already shut it down (max_failures=0, a hang, Ctrl-C)
+        ok = isinstance(err, RankError) and _retryable(err, err.died) and \
+            self.group.settle(err.failed, timeout_s=SETTLE_TIMEOUT_S)
+        self._collect_survivor_snapshots(err)
+        if not ok:
+            self.group.shutdown(graceful=False)
+        return ok
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         self.sigterm = True
@@ -429,11 +460,14 @@ class _FitSupervisor:
             self.world = self.scaling.after_failure(self.world, _free_slots(self.plan, capacity=True))
         if self.driver_snapshot is not None:
             step, state = self.driver_snapshot
-            self.step = step
+            self.step, self.epoch = step, int(state.get("epoch", self.epoch))
             return state, step
         self.events.emit("snapshot_fallback", world_size=self.world, step=self.step, epoch=self.epoch,
                          cause="no snapshot survived; resuming from the newest valid checkpoint")
         return "last", None
+
+
+SETTLE_TIMEOUT_S = 5.0  # survivors of a failure must leave their collectives within this to be kept
 
 
 class _Hung(RuntimeError):

@@ -178,8 +178,10 @@ class Snapshotter:
         if self.publish is not None:
             self._maybe_publish()
         cost = time.perf_counter() - now
-        self.cost_s = cost if self.cost_s == 0 else 0.8 * self.cost_s + 0.2 * cost
         self._step_clock += cost  # do not count the snapshot as step time
+        if self.taken == 1:
+            return  # the first snapshot pays one-time costs (imports, hooks): it would stretch the interval for long
+        self.cost_s = cost if self.cost_s == 0 else 0.8 * self.cost_s + 0.2 * cost
         if self.fixed is None and self._step_time > 0:
             self.every = max(1, math.ceil(self.cost_s / (AUTO_MAX_OVERHEAD * self._step_time)))
 

@@ -213,6 +213,17 @@ class RankWorker:
         """Messages sent with send_to_driver() since the last poll."""
         return _drain()
 
+    def warm(self) -> int:
+        """(a spare) Import what a rank runs, so taking over a dead rank costs no import time; returns the pid."""
+        import raytrainer.launchers.ray.launcher  # noqa: F401 - rank_entry, snapshots, control
+        import raytrainer.strategies.ddp  # noqa: F401
+        import raytrainer.trainer.trainer  # noqa: F401
+        return os.getpid()
+
+    def leave(self) -> bool:
+        """Leave the process group (peers blocked in a collective with this rank get an error), keep the rest."""
+        return rendezvous.destroy_process_group()
+
     def teardown(self) -> bool:
         """Leave the process group and close the store; True if a process group was destroyed."""
         global _CURRENT

@@ -82,3 +82,21 @@ def events(root: str) -> list[dict]:
     for p in sorted(paths):
         out += [json.loads(line) for line in open(p) if line.strip()]
     return out
+
+
+class KillThenCollectiveAt(pl.Callback):
+    """At ``step`` (after its optimizer step, before the step's snapshot): rank 1 dies, once, and every rank
+    enters an all-reduce; rank 0 fails there with parameters one step newer than its last snapshot."""
+
+    def __init__(self, step: int, marker: str) -> None:
+        self.step, self.marker = step, marker
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step != self.step:
+            return
+        if trainer.global_rank == 1 and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
+        import torch.distributed as dist
+
+        dist.all_reduce(torch.zeros(1))

@@ -15,7 +15,7 @@ import raytrainer as pl
 from raytrainer.launchers.ray.control import PREEMPTED_EXIT_CODE, Preempted
 from raytrainer.launchers.ray.policies import FailuresExhausted
 
-from ft_models import FailingRegression, Regression, SignalAt, events, loader, params
+from ft_models import FailingRegression, KillThenCollectiveAt, Regression, SignalAt, events, loader, params
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -47,6 +47,24 @@ def test_killed_rank_recovers_bitwise(local_ray, tmp_path, alive_actors):
     assert failure["rank"] == 1 and "died" in failure["cause"]
     assert restart["step"] >= 10, "recovery should resume from the newest snapshot, not from scratch"
     assert alive_actors() == []
+
+
+def test_failure_after_an_optimizer_step_never_resumes_from_moved_on_parameters(local_ray, tmp_path):
+    # Rank 0 fails in a collective after step 11's optimizer step but before step 11's snapshot: its live
+    # parameters are newer than its last snapshot (step 10), so that snapshot must not be used with them.
+    pl.seed_everything(0)
+    ref_model = Regression()
+    (tmp_path / "ref-marker").touch()  # the reference run is never killed
+    _trainer(tmp_path / "ref", callbacks=[KillThenCollectiveAt(11, str(tmp_path / "ref-marker"))],
+             enable_checkpointing=False).fit(ref_model, loader())
+    pl.seed_everything(0)
+    model = Regression()
+    trainer = _trainer(tmp_path / "ft", max_failures=1, snapshot_every_n_steps=1, enable_checkpointing=False,
+                       callbacks=[KillThenCollectiveAt(11, str(tmp_path / "marker"))])
+    trainer.fit(model, loader())
+    assert torch.equal(params(model), params(ref_model)), "resumed from a snapshot mixed with newer parameters"
+    restart = next(e for e in events(str(tmp_path / "ft")) if e["event"] == "restart")
+    assert restart["step"] < 11
 
 
 def test_exhausted_budget_is_clear_and_releases_everything(local_ray, tmp_path, alive_actors):

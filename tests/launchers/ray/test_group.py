@@ -197,6 +197,56 @@ def test_killed_rank_is_detected_quickly(local_ray, alive_actors, tmp_path):
     assert alive_actors("raytrainer-killed-") == []
 
 
+def pid_and_sum(ctx: RankInfo) -> tuple[int, float]:
+    t = torch.tensor([float(ctx.global_rank + 1)])
+    dist.all_reduce(t)
+    return os.getpid(), t.item()
+
+
+def test_dead_rank_replaced_by_warm_spare_and_survivor_kept(local_ray, alive_actors, tmp_path):
+    group = WorkerGroup("repair", ranks_per_node=2, spares_per_node=1)
+    try:
+        group.start()
+        pids = [pid for pid, _ in group.run(pid_and_sum)]
+        spare = group._spares[group.ranks[1].node_id][0]
+        spare_pid = ray.get(spare.warm.remote(), timeout=60)
+        with pytest.raises(RankError) as info:
+            group.run(kill_rank_one, str(tmp_path / "stamp"), keep_on_failure=True)
+        err = info.value
+        # rank 1 died; rank 0 may also be listed, as raising (its barrier broke), never as dead
+        assert err.rank == 1 and err.failed[1] and not err.failed.get(0, False)
+        assert group.started and "All ranks were stopped" not in str(err)
+        assert group.settle(err.failed, timeout_s=10), "rank 0 should leave its broken barrier at once"
+        assert group.reform([1])
+        after = group.run(pid_and_sum)
+        assert [s for _, s in after] == [3.0, 3.0]           # a working 2-rank process group again
+        assert after[0][0] == pids[0]                         # the survivor kept its process
+        assert after[1][0] == spare_pid != pids[1]            # the spare took over rank 1
+        assert group.ranks[1].pid == spare_pid
+        assert len(group._spares[group.ranks[1].node_id]) == 1  # and a new spare is on its way
+    finally:
+        group.shutdown()
+    assert alive_actors("raytrainer-repair-") == []
+
+
+def test_rank_that_raised_leaves_so_its_peer_is_not_stuck(local_ray, alive_actors):
+    group = WorkerGroup("raised-kept", ranks_per_node=2)
+    try:
+        group.start()
+        pids = [pid for pid, _ in group.run(pid_and_sum)]
+        start = time.monotonic()
+        with pytest.raises(RankError) as info:
+            group.run(raise_on_rank_one, keep_on_failure=True)
+        assert info.value.rank == 1 and info.value.failed[1] is False
+        assert group.settle(info.value.failed, timeout_s=10)  # rank 0's barrier breaks when rank 1 leaves
+        assert time.monotonic() - start < 10
+        assert group.reform([])
+        assert group.run(pid_and_sum) == [(pids[0], 3.0), (pids[1], 3.0)]  # same processes, new group
+    finally:
+        group.shutdown()
+    assert alive_actors("raytrainer-raised-kept-") == []
+
+
 def test_messages_reach_driver_while_running(pair):
     received: list[tuple[float, int, object]] = []
     start = time.monotonic()

@@ -31,11 +31,12 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 KILL_STEP, STEPS, BATCH, REPORT_EVERY, HIDDEN = 60, 160, 64, 20, 512
+TPUT_STEPS, TPUT_SKIP = 600, 100  # throughput runs: long enough that start-up (and a spare's imports) is skipped
 
 
 def data() -> TensorDataset:
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(STEPS * BATCH * 2, 64, generator=g)
+    x = torch.randn(TPUT_STEPS * BATCH, 64, generator=g)
     return TensorDataset(x, x[:, :1] * 3)
 
 
@@ -67,13 +68,13 @@ def analyse(out: str) -> dict[str, float]:
     return {"recovery_s": first_after["t"] - kill["t"], "steps_lost": kill["step"] - resumed_from}
 
 
-def throughput(out: str, skip: int = 20) -> float:
+def throughput(out: str, skip: int = TPUT_SKIP) -> float:
     rows = [json.loads(line) for line in open(os.path.join(out, "steps.0"))][skip:]
     return (rows[-1]["step"] - rows[0]["step"]) / (rows[-1]["t"] - rows[0]["t"])
 
 
 # ------------------------------------------------------------------------------------------- raytrainer
-def run_raytrainer(out: str, kill: bool, snapshot_every: int | None = None) -> None:
+def run_raytrainer(out: str, kill: bool, snapshot_every: int | None = None, steps: int = STEPS) -> None:
     import raytrainer as rt
 
     class Recorder(rt.Callback):
@@ -84,6 +85,12 @@ def run_raytrainer(out: str, kill: bool, snapshot_every: int | None = None) -> N
             _record(out, trainer.global_rank, trainer.global_step, self.attempt)
             if kill:
                 _maybe_kill(out, trainer.global_rank, trainer.global_step)
+
+        def on_train_end(self, trainer, pl_module):
+            snap = trainer._snapshotter
+            if trainer.global_rank == 0 and snap is not None and snap.enabled:
+                with open(os.path.join(out, "snapshots.json"), "w") as f:
+                    json.dump({"every": snap.every, "cost_s": snap.cost_s, "step_s": snap._step_time}, f)
 
     class Model(rt.LightningModule):
         def __init__(self) -> None:
@@ -98,7 +105,7 @@ def run_raytrainer(out: str, kill: bool, snapshot_every: int | None = None) -> N
         def configure_optimizers(self):
             return torch.optim.Adam(self.parameters(), lr=1e-3)
 
-    trainer = rt.Trainer(num_processes=2, max_steps=STEPS, max_failures=1, callbacks=[Recorder()],
+    trainer = rt.Trainer(num_processes=2, max_steps=steps, max_failures=1, callbacks=[Recorder()],
                          default_root_dir=out, enable_progress_bar=False, enable_model_summary=False,
                          enable_checkpointing=False, logger=False, snapshot_every_n_steps=snapshot_every)
     trainer.fit(Model(), DataLoader(data(), batch_size=BATCH, shuffle=True))
@@ -183,9 +190,14 @@ def main() -> None:
             for label, every in pairs if i % 2 == 0 else pairs[::-1]:  # alternate the order against drift
                 out = os.path.join(root, f"tput-{label.replace(' ', '')}-{i}")
                 os.makedirs(out)
-                run_raytrainer(out, kill=False, snapshot_every=every)
+                run_raytrainer(out, kill=False, snapshot_every=every, steps=TPUT_STEPS)
                 tput[label].append(throughput(out))
-                print(f"run {i + 1} throughput {label}: {tput[label][-1]:.1f} steps/s", flush=True)
+                extra = ""
+                if os.path.exists(os.path.join(out, "snapshots.json")):
+                    snap = json.load(open(os.path.join(out, "snapshots.json")))
+                    extra = (f" (automatic interval {snap['every']} step(s); a snapshot costs {snap['cost_s'] * 1e3:.2f} ms"
+                             f" = {snap['cost_s'] / snap['step_s']:.1%} of a {snap['step_s'] * 1e3:.1f} ms step)")
+                print(f"run {i + 1} throughput {label}: {tput[label][-1]:.1f} steps/s{extra}", flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
         ray.shutdown()

@@ -187,7 +187,7 @@ class Trainer:
         self.collective_timeout_s = float(collective_timeout_s)
         if snapshot_every_n_steps is not None and snapshot_every_n_steps < 0:
             raise ValueError(f"snapshot_every_n_steps={snapshot_every_n_steps!r}: use an int >= 1, 0 to turn "
-                             "in-memory snapshots off, or None to snapshot every step while that costs under 3% "
+                             "in-memory snapshots off, or None to snapshot every step while that costs under 5% "
                              "of the step time.")
         if spare_ranks_per_node is not None and (not isinstance(spare_ranks_per_node, int)
                                                  or isinstance(spare_ranks_per_node, bool) or spare_ranks_per_node < 0):

@@ -443,6 +443,9 @@ class WorkerGroup:
         (the node is gone, an actor did not answer): shut the group down and start a new one instead."""
         started = time.perf_counter()
         try:
+            alive_nodes = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+            if any(self.ranks[r].node_id not in alive_nodes for r in dead):
+                return False  # a node is gone: a new placement must find room elsewhere
             for rank in dead:
                 old = self.ranks[rank]
                 actor = self._replacement(old.node_id, rank)

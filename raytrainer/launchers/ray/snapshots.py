@@ -26,7 +26,7 @@ import torch
 
 from raytrainer.utilities import log
 
-AUTO_MAX_OVERHEAD = 0.03  # automatic interval: snapshots may cost at most 3% of training time
+AUTO_MAX_OVERHEAD = 0.05  # automatic interval: snapshots may cost at most 5% of training time
 FULL_COPY_MAX_OVERHEAD = 0.01  # rank 0's published full copies: at most 1% of training time
 
 
@@ -97,7 +97,8 @@ def _heavy_tensors(trainer: Any) -> list[torch.Tensor]:
 _ATOMS = (int, float, str, bool, bytes, type(None))
 # Parts of dump_checkpoint's dict that it builds afresh from counters, RNG draws and cloned accumulators:
 # nothing in them is shared with training, so a snapshot keeps them without copying.
-_FRESH_KEYS = frozenset({"epoch", "global_step", "pytorch-lightning_version", "loops", "raytrainer"})
+_FRESH_KEYS = frozenset({"epoch", "global_step", "pytorch-lightning_version", "loops", "raytrainer",
+                         "hyper_parameters", "hparams_name", "hparams_type"})
 
 
 def _keep_heavy(obj: Any, heavy: set[tuple[int, tuple[int, ...]]], memo: dict[int, Any]) -> Any:
@@ -123,7 +124,7 @@ def _keep_heavy(obj: Any, heavy: set[tuple[int, tuple[int, ...]]], memo: dict[in
 
 
 class Snapshotter:
-    """Snapshots every ``every_n_steps`` optimizer steps (None: every step while that costs <= 3% of a step)."""
+    """Snapshots every ``every_n_steps`` optimizer steps (None: every step while that costs <= 5% of a step)."""
 
     def __init__(self, every_n_steps: int | None, publish: Callable[[int, dict[str, Any]], None] | None = None,
                  publish_every_s: float = 10.0, heartbeat: Callable[[int, int], None] | None = None,

@@ -28,15 +28,16 @@ def _trainer(root, **kw):
     return pl.Trainer(**base)
 
 
-def test_killed_rank_recovers_bitwise(local_ray, tmp_path, alive_actors):
+@pytest.mark.parametrize("killed", [1, 0], ids=["rank1", "rank0"])
+def test_killed_rank_recovers_bitwise(local_ray, tmp_path, alive_actors, killed):
     pl.seed_everything(0)
     ref_model = Regression()
     _trainer(tmp_path / "ref").fit(ref_model, loader())
 
     pl.seed_everything(0)
     model = Regression()
-    trainer = _trainer(tmp_path / "ft", max_failures=2, callbacks=[SignalAt(11, str(tmp_path / "marker"))],
-                       snapshot_every_n_steps=1)
+    trainer = _trainer(tmp_path / "ft", max_failures=2, snapshot_every_n_steps=1,
+                       callbacks=[SignalAt(11, str(tmp_path / "marker"), rank=killed)])
     trainer.fit(model, loader())
     assert trainer.global_step == 16
     assert torch.equal(params(model), params(ref_model)), "recovery changed the result"
@@ -44,8 +45,9 @@ def test_killed_rank_recovers_bitwise(local_ray, tmp_path, alive_actors):
     assert kinds[0] == "start" and "failure" in kinds and "restart" in kinds and kinds[-1] == "finish"
     failure = next(e for e in events(str(tmp_path / "ft")) if e["event"] == "failure")
     restart = next(e for e in events(str(tmp_path / "ft")) if e["event"] == "restart")
-    assert failure["rank"] == 1 and "died" in failure["cause"]
+    assert failure["rank"] == killed and "died" in failure["cause"]
     assert restart["step"] >= 10, "recovery should resume from the newest snapshot, not from scratch"
+    assert "replaced, survivors kept" in restart["cause"], "the survivor should have been kept"
     assert alive_actors() == []
 
 

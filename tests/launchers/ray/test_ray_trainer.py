@@ -292,8 +292,9 @@ def test_exception_on_rank_one_reaches_the_driver_with_rank_node_and_traceback()
 
 
 CTRL_C_DRIVER = textwrap.dedent("""
-    import json, sys, time
+    import faulthandler, json, signal, sys, time
     sys.path[:0] = [{here!r}, {repo!r}]
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for stacks if this hangs
     import ray
     import raytrainer as pl
     from trainer_models import Regression, RankProbe, loader, regression_data
@@ -337,7 +338,14 @@ def test_ctrl_c_stops_every_rank_and_releases_the_placement_group(tmp_path):
         pids = [int(m.read_text()) for m in markers]
         assert all(_pid_alive(p) for p in pids)
         proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=60)
+        try:
+            out, _ = proc.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGUSR1)  # every thread's stack, to see where it hangs
+            time.sleep(3)
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate(timeout=30)
+            pytest.fail(f"the driver did not exit within 90 s of Ctrl-C:\n{out[-8000:]}")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -210,6 +210,8 @@ def test_fractional_limit_on_a_loader_without_length():
     (dict(fast_dev_run=-1), r"fast_dev_run=-1 must be a bool or a non-negative int"),
     (dict(max_steps=-2), r"max_steps=-2 must be -1 \(no limit\) or a non-negative int"),
     (dict(max_failures=-1), r"max_failures=-1 must be >= 0"),
+    (dict(spare_ranks_per_node=-1), r"spare_ranks_per_node=-1: use an int >= 0"),
+    (dict(spare_ranks_per_node=True), r"spare_ranks_per_node=True: use an int >= 0"),
 ])
 def test_bad_trainer_values(kwargs, message):
     with pytest.raises(ValueError, match=message):

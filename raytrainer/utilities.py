@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import sys
 from typing import Any
 
 import numpy as np
@@ -76,20 +77,66 @@ def worker_init_fn(worker_id: int) -> None:
     random.seed(seed)
 
 
-def rng_states() -> dict[str, Any]:
-    """Capture python, numpy, torch (and CUDA) RNG states as plain types and tensors."""
-    np_state = np.random.get_state()
-    version, internal, gauss = random.getstate()
-    states: dict[str, Any] = {
-        "python": [version, list(internal), gauss],  # lists, not tuples: torch.load(weights_only=True) reads them
+def rng_states(plain: bool = True) -> dict[str, Any]:
+    """Capture python, numpy, torch (and CUDA) RNG states.
+
+    ``plain`` (for files): lists and tensors that ``torch.load(weights_only=True)`` reads. Without it
+    (in-memory snapshots, taken every step) the states stay as Python and numpy return them, uncopied.
+    """
+    np_state = np.random.get_state() if plain else _NUMPY_STATE.get()
+    python = random.getstate()
+    states: dict[str, Any] = {"python": python, "numpy": np_state, "torch": torch.get_rng_state()}
+    if plain:
+        version, internal, gauss = python
+        states["python"] = [version, list(internal), gauss]
         # int64, not uint32: pickling a uint32 tensor fails in torch (Ray ships these states to ranks)
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
-                  float(np_state[4])],
-        "torch": torch.get_rng_state(),
-    }
+        states["numpy"] = [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
+                           int(np_state[3]), float(np_state[4])]
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
+
+
+class _NumpyStateCache:
+    """numpy's global RNG state, read cheaply when it has not moved since the last read.
+
+    ``np.random.get_state()`` copies the 624-word Mersenne Twister key in a Python-level loop (about
+    50 us), too slow for a snapshot every step. The raw generator state (key and position) is read
+    through numpy's public ctypes view of the bit generator instead (well under a microsecond); if it
+    is unchanged and no cached Gaussian was pending, the previous state is still exact: only a draw,
+    which moves the generator, can set the cached Gaussian. The layout is checked against
+    ``get_state()`` once; if it does not match, every read takes the slow path.
+    """
+
+    _RAW_BYTES = 624 * 4 + 4  # uint32 key[624]; int pos
+
+    def __init__(self) -> None:
+        self._raw: bytes | None = None
+        self._state: Any = None
+        self._usable: bool | None = None
+
+    def _read_raw(self) -> bytes:
+        import ctypes
+
+        return ctypes.string_at(np.random.mtrand._rand._bit_generator.ctypes.state_address, self._RAW_BYTES)
+
+    def get(self) -> Any:
+        if self._usable is None:
+            try:
+                raw, state = self._read_raw(), np.random.get_state()
+                self._usable = state[0] == "MT19937" and raw[:-4] == state[1].astype("<u4").tobytes() and \
+                    int.from_bytes(raw[-4:], sys.byteorder, signed=True) == state[2]
+            except Exception:  # noqa: BLE001 - another numpy: always read the state the slow way
+                self._usable = False
+        if not self._usable:
+            return np.random.get_state()
+        raw = self._read_raw()
+        if raw != self._raw or self._state is None or self._state[3]:
+            self._state, self._raw = np.random.get_state(), raw
+        return self._state
+
+
+_NUMPY_STATE = _NumpyStateCache()
 
 
 def set_rng_states(states: dict[str, Any]) -> None:

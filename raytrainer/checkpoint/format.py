@@ -244,7 +244,7 @@ def dump_checkpoint(trainer: "Trainer", weights_only: bool = False, check: bool 
         train_results = trainer._results.get("train") if trainer.state_fn == "fit" else None
         ckpt["raytrainer"] = {
             "format": FORMAT_VERSION,
-            "rng": rng_states(),
+            "rng": rng_states(plain=check),
             "position": {
                 "epoch": trainer.current_epoch + 1 if epoch_done else trainer.current_epoch,
                 "batch_idx": trainer._batches_done_in_epoch if mid else 0,

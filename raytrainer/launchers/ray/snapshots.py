@@ -15,8 +15,10 @@ survivor holds, then the driver's copy, then the newest valid durable checkpoint
 """
 from __future__ import annotations
 
+import collections
 import copy
 import math
+import statistics
 import threading
 import time
 from dataclasses import dataclass
@@ -143,6 +145,7 @@ class Snapshotter:
         self._clock_started = False
         self._step_time = 0.0
         self.cost_s = 0.0
+        self._costs: collections.deque[float] = collections.deque(maxlen=15)
         self.full_cost_s = 0.0
         self.taken = 0
         self._publisher: threading.Thread | None = None
@@ -182,7 +185,8 @@ class Snapshotter:
         self._step_clock += cost  # do not count the snapshot as step time
         if self.taken == 1:
             return  # the first snapshot pays one-time costs (imports, hooks): it would stretch the interval for long
-        self.cost_s = cost if self.cost_s == 0 else 0.8 * self.cost_s + 0.2 * cost
+        self._costs.append(cost)
+        self.cost_s = statistics.median(self._costs)  # typical cost: a garbage collection now and then is not
         if self.fixed is None and self._step_time > 0:
             self.every = max(1, math.ceil(self.cost_s / (AUTO_MAX_OVERHEAD * self._step_time)))
 

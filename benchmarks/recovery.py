@@ -68,6 +68,18 @@ def analyse(out: str) -> dict[str, float]:
     return {"recovery_s": first_after["t"] - kill["t"], "steps_lost": kill["step"] - resumed_from}
 
 
+def wait_quiet(timeout_s: float = 30.0) -> None:
+    """Wait (bounded) until no actor of an earlier run is alive, then a moment for its processes to exit:
+    Ray Train's controller and workers wind down after fit() returns, and would slow the next run."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and any(
+            a.get("State") == "ALIVE" for a in ray._private.state.actors().values()):
+        time.sleep(0.2)
+    time.sleep(2.0)
+
+
 def throughput(out: str, skip: int = TPUT_SKIP) -> float:
     rows = [json.loads(line) for line in open(os.path.join(out, "steps.0"))][skip:]
     return (rows[-1]["step"] - rows[0]["step"]) / (rows[-1]["t"] - rows[0]["t"])
@@ -190,6 +202,7 @@ def main() -> None:
             for label, every in pairs if i % 2 == 0 else pairs[::-1]:  # alternate the order against drift
                 out = os.path.join(root, f"tput-{label.replace(' ', '')}-{i}")
                 os.makedirs(out)
+                wait_quiet()
                 run_raytrainer(out, kill=False, snapshot_every=every, steps=TPUT_STEPS)
                 tput[label].append(throughput(out))
                 extra = ""

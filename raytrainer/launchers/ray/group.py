@@ -7,21 +7,19 @@ failing rank comes back as a ``RankError`` that names the rank, its node and its
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import io
 import logging
 import math
 import os
 import re
-import signal
 import socket
 import sys
 import threading
 import time
 import types
 from dataclasses import replace
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import cloudpickle
 import ray
@@ -665,9 +663,8 @@ class WorkerGroup:
         try:
             payload_ref = ray.put(payload)
             refs = [a.run.remote(payload_ref) for a in self._actors]
-            with _remember_ctrl_c() as interrupted:
-                outcomes: list[RankOutcome] = self._gather(refs, timeout_s, "running", on_message, on_tick,
-                                                           keep=keep_on_failure, interrupted=interrupted)
+            outcomes: list[RankOutcome] = self._gather(refs, timeout_s, "running", on_message, on_tick,
+                                                       keep=keep_on_failure)
         except BaseException as err:  # a rank failed, time ran out, Ctrl-C, or on_message raised
             if keep_on_failure and isinstance(err, RankError):
                 raise  # the caller settles and re-forms the group, or shuts it down
@@ -732,8 +729,7 @@ class WorkerGroup:
     # -- waiting -------------------------------------------------------------------------------
     def _gather(self, refs: list[Any], timeout_s: float | None, what: str,
                 on_message: MessageHandler | None = None,
-                on_tick: Callable[[], None] | None = None, keep: bool = False,
-                interrupted: Callable[[], bool] | None = None) -> list[Any]:
+                on_tick: Callable[[], None] | None = None, keep: bool = False) -> list[Any]:
         """Wait for one call per rank, noticing a failed or dead rank within a poll interval.
 
         On a failure the calls still running are remembered (``keep``: the caller may re-form the group)."""
@@ -756,8 +752,6 @@ class WorkerGroup:
                 break
             if on_tick is not None:
                 on_tick()
-            if interrupted is not None and interrupted():
-                raise KeyboardInterrupt  # Ctrl-C whose KeyboardInterrupt a blocking Ray call swallowed
             if deadline is not None and time.monotonic() > deadline:
                 slow = sorted(pending.values())
                 raise GroupTimeoutError(
@@ -868,31 +862,6 @@ class WorkerGroup:
 
     def __exit__(self, *exc: Any) -> None:
         self.shutdown(graceful=exc[0] is None)
-
-
-@contextlib.contextmanager
-def _remember_ctrl_c() -> Iterator[Callable[[], bool] | None]:
-    """While the driver waits on its ranks, remember that Ctrl-C was pressed.
-
-    Ray's blocking calls run Python's signal handlers while they wait, and on a rare path the
-    KeyboardInterrupt raised there is lost: the driver would then train on after Ctrl-C. With the
-    flag the wait loop raises it itself. Only the default handler, on the main thread, is wrapped.
-    """
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        yield None
-        return
-    seen = [False]
-
-    def handler(signum: int, frame: Any) -> None:
-        seen[0] = True
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield lambda: seen[0]
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def _quietly(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:

@@ -295,6 +295,9 @@ CTRL_C_DRIVER = textwrap.dedent("""
     import faulthandler, json, signal, sys, time
     sys.path[:0] = [{here!r}, {repo!r}]
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for stacks if this hangs
+    # As in a terminal: Ctrl-C raises KeyboardInterrupt (whatever this process inherited from pytest)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {{signal.SIGINT}})
     import ray
     import raytrainer as pl
     from trainer_models import Regression, RankProbe, loader, regression_data
@@ -314,6 +317,19 @@ CTRL_C_DRIVER = textwrap.dedent("""
               flush=True)
         sys.exit(130)
 """)
+
+
+def _signal_masks(pid: int) -> str:
+    """Each thread's blocked/ignored/caught/pending signal masks, from /proc (for a hang report)."""
+    lines = []
+    for task in sorted(os.listdir(f"/proc/{pid}/task")):
+        try:
+            status = open(f"/proc/{pid}/task/{task}/status").read().splitlines()
+        except OSError:
+            continue
+        fields = [line for line in status if line.startswith(("Name", "SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt"))]
+        lines.append(f"thread {task}: " + " ".join(f.replace("\t", "") for f in fields))
+    return "\n".join(lines)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -343,9 +359,10 @@ def test_ctrl_c_stops_every_rank_and_releases_the_placement_group(tmp_path):
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGUSR1)  # every thread's stack, to see where it hangs
             time.sleep(3)
+            masks = _signal_masks(proc.pid)
             os.killpg(proc.pid, signal.SIGKILL)
             out, _ = proc.communicate(timeout=30)
-            pytest.fail(f"the driver did not exit within 90 s of Ctrl-C:\n{out[-8000:]}")
+            pytest.fail(f"the driver did not exit within 90 s of Ctrl-C:\n{masks}\n{out[-8000:]}")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -153,7 +153,7 @@ def main() -> None:
     print(f"\nmedian of {args.repeats} runs, {args.steps} steps after {args.warmup} warm-up steps, "
           f"{WORLD} ranks x batch {BATCH}:")
     for k in runs:
-        cpu = statistics.median(r["cpu_seconds"] for r in runs[k]) * 1000 / args.steps
+        cpu = cpu_med[k] * 1000 / args.steps
         best = max(r["samples_per_s"] for r in runs[k])
         print(f"  {k:<10} {med[k]:8.0f} samples/s ({BATCH * WORLD / med[k] * 1000:.1f} ms/step; best run "
               f"{best:.0f} samples/s; rank 0 process CPU {cpu:.1f} ms/step, all threads)")

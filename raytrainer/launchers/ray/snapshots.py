@@ -178,9 +178,9 @@ class Snapshotter:
             self._step_clock = now
         if not self.enabled or step == self._last_step or step % self.every != 0:
             return
-        self._take_light(trainer)
+        snap = self._take_light(trainer)
         if self.publish is not None:
-            self._maybe_publish()
+            self._maybe_publish(snap)
         cost = time.perf_counter() - now
         self._step_clock += cost  # do not count the snapshot as step time
         if self.taken == 1:
@@ -226,18 +226,17 @@ class Snapshotter:
             _FULL = (snap.step, state)
         return state
 
-    def _maybe_publish(self) -> None:
-        """(rank 0) Every publish interval, a full copy goes to the driver from a background thread."""
+    def _maybe_publish(self, light: _Snapshot) -> None:
+        """(rank 0, at the boundary ``light`` was taken) Every publish interval, a full copy of it goes to the
+        driver from a background thread."""
         global _FULL
         interval = max(self.publish_every_s, self.full_cost_s / FULL_COPY_MAX_OVERHEAD)
         if time.monotonic() - self._last_publish < interval or \
                 (self._publisher is not None and self._publisher.is_alive()):
             return
         started = time.perf_counter()
-        with _LOCK:
-            light = _LIGHT
-        state = light.copy() if light is not None else None
-        if light is None or state is None:
+        state = light.copy()
+        if state is None:
             return
         with _LOCK:
             _FULL = (light.step, state)

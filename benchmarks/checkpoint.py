@@ -56,7 +56,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import raytrainer as rt  # noqa: E402
-from raytrainer.checkpoint import storage  # noqa: E402
+from raytrainer.io import storage  # noqa: E402
 from raytrainer.checkpoint.format import dump_checkpoint  # noqa: E402
 
 

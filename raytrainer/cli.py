@@ -8,7 +8,7 @@
 A run directory is what a Trainer writes: ``<default_root_dir>/lightning_logs/version_N`` with
 ``events.jsonl``, ``metrics.csv``, ``hparams.yaml`` and ``checkpoints/``. ``status`` and ``report``
 also take the ``default_root_dir`` itself (its newest version is used), and any URI that
-``raytrainer.checkpoint.storage`` reads (``s3://``, ``gs://``, ``file://``...).
+``raytrainer.io.storage`` reads (``s3://``, ``gs://``, ``file://``...).
 
 Exit status: 0 on success; 1 when the work failed (a failed job, an export that does not verify);
 2 for bad input (a missing or unreadable run directory, a malformed argument). ``fit`` returns the
@@ -114,7 +114,7 @@ class Spinner:
 
 
 def _storage() -> Any:
-    from raytrainer.checkpoint import storage
+    from raytrainer.io import storage
 
     return storage
 
@@ -228,7 +228,7 @@ class RunSummary:
 
 def _read_events(run_dir: str) -> list[dict[str, Any]]:
     """The run's events oldest first; [] when it has no events log, CLIError when the log is unreadable."""
-    from raytrainer.launchers.ray.events import read_events
+    from raytrainer.core.events import read_events
 
     try:
         events = read_events(run_dir, missing_ok=True)

@@ -146,7 +146,7 @@ def _scripting_flag(module: nn.Module) -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------- file locations
-# Paths and URIs resolve through raytrainer.checkpoint.storage, so exports honour the same S3
+# Paths and URIs resolve through raytrainer.io.storage, so exports honour the same S3
 # endpoint variables and registered filesystems as checkpoints, and land atomically.
 
 
@@ -158,7 +158,7 @@ def _writable(path: str | os.PathLike[str]) -> Iterator[str]:
     """
     import pyarrow.fs as pafs
 
-    from raytrainer.checkpoint import storage
+    from raytrainer.io import storage
 
     uri = os.fspath(path)
     fs, target = storage.resolve(uri)
@@ -188,7 +188,7 @@ def _readable(path: str | os.PathLike[str]) -> Iterator[str]:
     """Yield a local path to read; a remote file (with an ONNX .data sidecar) is downloaded first."""
     import pyarrow.fs as pafs
 
-    from raytrainer.checkpoint import storage
+    from raytrainer.io import storage
 
     uri = os.fspath(path)
     fs, source = storage.resolve(uri)

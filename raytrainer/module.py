@@ -14,7 +14,7 @@ from torch import nn
 from raytrainer.utilities import AttributeDict, check_plain_hparams
 
 if TYPE_CHECKING:
-    from raytrainer.trainer.optimization import LightningOptimizer
+    from raytrainer.core.optimization import LightningOptimizer
     from raytrainer.trainer.trainer import Trainer
 
 _TRAINER_ONLY = "is only available while a Trainer runs this module (attach it with trainer.fit/validate/...)"
@@ -320,7 +320,7 @@ class LightningModule(nn.Module):
     def clip_gradients(self, optimizer: Any, gradient_clip_val: float | None = None,
                        gradient_clip_algorithm: str | None = None) -> None:
         """Clip the gradients of an optimizer's parameters by norm (default) or by value."""
-        from raytrainer.trainer.optimization import clip_gradients
+        from raytrainer.core.optimization import clip_gradients
 
         t = self.__dict__["_trainer"]
         clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm,

@@ -2,7 +2,7 @@
 
 A real example run (examples/autoencoder.py through `raytrainer fit`) makes the run directory that
 `status`, `report` and `export` read; failure, resize and preemption cases add hand-written events
-to a copy of it, in the format raytrainer/launchers/ray/events.py writes.
+to a copy of it, in the format raytrainer/core/events.py writes.
 """
 from __future__ import annotations
 

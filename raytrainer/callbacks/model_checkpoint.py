@@ -126,7 +126,7 @@ class ModelCheckpoint(Callback):
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         """Pick the directory (``<log_dir>/checkpoints`` unless dirpath was given) and create it."""
-        from raytrainer.checkpoint import storage
+        from raytrainer.io import storage
 
         if self.dirpath is None:
             base = trainer.log_dir if trainer.loggers else trainer.default_root_dir
@@ -293,7 +293,7 @@ class ModelCheckpoint(Callback):
         return path, worst
 
     def _last_path(self) -> str:
-        from raytrainer.checkpoint import storage
+        from raytrainer.io import storage
 
         return storage.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
 
@@ -304,7 +304,7 @@ class ModelCheckpoint(Callback):
 
     def _free_name(self, trainer: Any, metrics: dict[str, Any], replacing: str | None) -> str:
         """The formatted name, with -v1, -v2, ... when another file of that name exists (Lightning's counter)."""
-        from raytrainer.checkpoint import storage
+        from raytrainer.io import storage
 
         path = self.format_checkpoint_name(metrics)
         if not self.enable_version_counter:
@@ -319,7 +319,7 @@ class ModelCheckpoint(Callback):
     def _write(self, trainer: Any, paths: list[str]) -> None:
         """Stage the state on the host (partly now, partly while the next step computes); serialise and write
         it to every path in the background (rank 0 only)."""
-        from raytrainer.checkpoint import storage
+        from raytrainer.io import storage
         from raytrainer.checkpoint.format import dump_checkpoint
 
         ckpt = dump_checkpoint(trainer, self.save_weights_only)
@@ -399,7 +399,7 @@ class ModelCheckpoint(Callback):
         As in Lightning, ``{val_loss:.2f}`` becomes ``val_loss=0.12`` (just ``0.12`` with
         ``auto_insert_metric_name=False``), and a name that was not logged yet is filled with 0.
         """
-        from raytrainer.checkpoint import storage
+        from raytrainer.io import storage
 
         template = filename or self.filename or "{epoch}" + self.CHECKPOINT_JOIN_CHAR + "{step}"
         names = re.findall(r"\{([^{}:]+)(?::[^{}]*)?\}", template)
@@ -428,7 +428,7 @@ class ModelCheckpoint(Callback):
         """Checkpoints a rerun may resume from: the given dirpath, else every logger version's checkpoints."""
         from pyarrow import fs as pafs
 
-        from raytrainer.checkpoint import storage
+        from raytrainer.io import storage
 
         dirs = []
         if self._dirpath_given and self.dirpath is not None:
@@ -618,7 +618,7 @@ class _Snapshot:
 
 def _remove_all(paths: list[str]) -> None:
     """Delete checkpoint files (with manifests); a failure is logged, never raised: the file is only surplus."""
-    from raytrainer.checkpoint import storage
+    from raytrainer.io import storage
 
     for path in paths:
         try:
@@ -631,7 +631,7 @@ def _is_file(uri: str) -> bool:
     """True when a complete file is at ``uri`` (writes become visible only when complete)."""
     from pyarrow import fs as pafs
 
-    from raytrainer.checkpoint import storage
+    from raytrainer.io import storage
 
     fs, path = storage.resolve(uri)
     return fs.get_file_info(path).type == pafs.FileType.File

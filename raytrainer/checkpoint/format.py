@@ -24,7 +24,7 @@ from raytrainer.utilities import log, rng_states
 
 if TYPE_CHECKING:
     from raytrainer.module import LightningModule
-    from raytrainer.trainer.results import Results
+    from raytrainer.core.results import Results
     from raytrainer.trainer.trainer import Trainer
 
 # The Lightning release whose checkpoint layout we write (and test reading back with pytorch_lightning).
@@ -134,7 +134,7 @@ def results_state(results: "Results") -> dict[str, Any]:
 
 def load_results_state(results: "Results", state: dict[str, Any]) -> None:
     """Put accumulators saved by ``results_state`` back, so epoch means cover the whole epoch."""
-    from raytrainer.trainer.results import _Accum, _Meta
+    from raytrainer.core.results import _Accum, _Meta
 
     init_args = set(inspect.signature(_Meta.__init__).parameters) - {"self"}
     for name, item in state.items():
@@ -281,7 +281,7 @@ def dump_checkpoint(trainer: "Trainer", weights_only: bool = False, check: bool 
 # ------------------------------------------------------------------------------------------- loading
 def read_checkpoint(path: str, map_location: Any = None, weights_only: bool = True) -> dict[str, Any]:
     """Load and verify a checkpoint file; clear errors for missing, damaged and non-checkpoint files."""
-    from raytrainer.checkpoint import storage
+    from raytrainer.io import storage
 
     ckpt = storage.load(str(path), map_location=map_location, weights_only=weights_only)
     if "state_dict" not in ckpt:
@@ -292,7 +292,7 @@ def read_checkpoint(path: str, map_location: Any = None, weights_only: bool = Tr
 
 def resolve_ckpt_path(trainer: "Trainer", ckpt_path: str, fn: str) -> str | None:
     """Turn "last"/"best"/a path into a file, or None for "last" when nothing was saved yet."""
-    from raytrainer.checkpoint import storage
+    from raytrainer.io import storage
 
     ckpt_path = str(ckpt_path)
     cb = trainer.checkpoint_callback

@@ -68,9 +68,9 @@ class XLALauncher:
 # ---------------------------------------------------------------------------------- on each rank
 def _rank_main(payload: bytes, fn: str, world_size: int, rng: dict[str, Any], workdir: str) -> Any:
     """One rank: unpack its own copy of the run, train/evaluate on its device, return its share."""
-    from raytrainer.launchers.ray import control
+    from raytrainer.core import control
     from raytrainer.launchers.ray.launcher import RunResult
-    from raytrainer.checkpoint.storage import to_cpu
+    from raytrainer.io.storage import to_cpu
 
     ctx = _rank_context(world_size)
     trainer, model, kwargs = pickle.loads(payload)  # this rank's own copy (ranks may be threads of one process)
@@ -266,7 +266,7 @@ def _dumps(obj: Any, what: str) -> bytes:
 
 def _to_host(obj: Any) -> Any:
     """Predictions and other outputs on CPU (``storage.to_cpu`` copies every tensor in nested containers)."""
-    from raytrainer.checkpoint.storage import to_cpu
+    from raytrainer.io.storage import to_cpu
 
     if obj is None:
         return None

@@ -50,7 +50,7 @@ class CSVLogger(Logger):
         return _join(self.root_dir, v if isinstance(v, str) else f"version_{v}")
 
     def _next_version(self) -> int:
-        from raytrainer.checkpoint import storage
+        from raytrainer.io import storage
 
         fs, path = storage.resolve(self.root_dir)
         from pyarrow import fs as pafs
@@ -79,7 +79,7 @@ class CSVLogger(Logger):
     def log_hyperparams(self, params: dict[str, Any]) -> None:
         import yaml
 
-        from raytrainer.checkpoint import storage
+        from raytrainer.io import storage
 
         text = yaml.safe_dump(_yaml_safe(dict(params)), sort_keys=False) if params else "{}\n"
         storage.makedirs(self.log_dir)
@@ -87,7 +87,7 @@ class CSVLogger(Logger):
 
     def save(self) -> None:
         """Rewrite metrics.csv with every row so far (columns may have grown)."""
-        from raytrainer.checkpoint import storage
+        from raytrainer.io import storage
 
         if not self._rows:
             return
@@ -102,7 +102,7 @@ class CSVLogger(Logger):
 
     def resume_from_step(self, step: int) -> None:
         """Continue this run's metrics.csv after a restart: keep rows up to ``step``, drop the lost ones."""
-        from raytrainer.checkpoint import storage
+        from raytrainer.io import storage
 
         path = _join(self.log_dir, "metrics.csv")
         if not storage.exists(path):

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from raytrainer.strategies.base import REDUCE_OPS, RankContext, Strategy, move_to_device
-from raytrainer.trainer.precision import Precision
+from raytrainer.core.precision import Precision
 
 INSTALL_HINT = 'pip install "raytrainer[tpu]"'
 XLA_PRECISIONS = ("32-true", "bf16-mixed")
@@ -127,7 +127,7 @@ class XLAStrategy(Strategy):
     # -- checkpoints ------------------------------------------------------------------------------
     def checkpoint_to_host(self, checkpoint: dict[str, Any]) -> dict[str, Any]:
         """A CPU copy of ``checkpoint``, so it loads with plain torch on machines without torch_xla."""
-        from raytrainer.checkpoint.storage import to_cpu
+        from raytrainer.io.storage import to_cpu
 
         torch_xla, _, _ = import_xla()
         torch_xla.sync()  # one execution for everything pending, then plain transfers

@@ -17,14 +17,14 @@ from raytrainer.callbacks.callback import Callback, overrides
 from raytrainer.datamodule import LightningDataModule
 from raytrainer.loggers.base import Logger
 from raytrainer.module import LightningModule
-from raytrainer.trainer import loops
-from raytrainer.trainer.optimization import (AutomaticStepOptimizer, LightningOptimizer, LRSchedulerConfig,
+from raytrainer.core import loops
+from raytrainer.core.optimization import (AutomaticStepOptimizer, LightningOptimizer, LRSchedulerConfig,
                                              parse_optimizers)
 from raytrainer.trainer.plan import Env, Plan, as_sequence
-from raytrainer.trainer.precision import Precision, make_precision
-from raytrainer.trainer.results import Results, to_float
-from raytrainer.launchers.ray import control
-from raytrainer.launchers.ray.control import Preempted
+from raytrainer.core.precision import Precision, make_precision
+from raytrainer.core.results import Results, to_float
+from raytrainer.core import control
+from raytrainer.core.control import Preempted
 from raytrainer.utilities import closest, log, set_rng_states
 
 HOT_HOOKS = ("on_train_batch_start", "on_train_batch_end", "on_before_backward", "on_after_backward",
@@ -555,12 +555,12 @@ class Trainer:
         """Run the fit loop with SIGTERM turned into a stop at the next step and a durable checkpoint."""
         events = self._events
         if events is None and self.is_global_zero:
-            from raytrainer.launchers.ray.events import EventLog
+            from raytrainer.core.events import EventLog
 
             events = self._events = EventLog(self.log_dir)
         if events is not None and (not self._events_forwarded or self._forward_start):
             # after any restore, so a resumed run's start names the step it resumes at
-            from raytrainer.launchers.ray.events import command_fields
+            from raytrainer.core.events import command_fields
 
             events.emit("start", world_size=self.world_size, step=self.global_step, epoch=self.current_epoch,
                         **command_fields())
@@ -588,7 +588,7 @@ class Trainer:
 
     def _preemption_checkpoint(self) -> str:
         """The durable checkpoint of a preempted run: last.ckpt where ckpt_path="last" will find it."""
-        from raytrainer.checkpoint import storage
+        from raytrainer.io import storage
 
         cb = self.checkpoint_callback
         if cb is not None:
@@ -1015,7 +1015,7 @@ class Trainer:
     def save_checkpoint(self, filepath: str, weights_only: bool = False, storage_options: Any = None) -> None:
         """Write a Lightning-compatible checkpoint of the running (or just finished) fit."""
         from raytrainer.checkpoint.format import dump_checkpoint
-        from raytrainer.checkpoint import storage
+        from raytrainer.io import storage
 
         if self.lightning_module is None:
             raise RuntimeError("save_checkpoint needs a model: call it after (or during) trainer.fit.")

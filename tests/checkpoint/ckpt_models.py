@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import raytrainer as rt
-from raytrainer.checkpoint import storage
+from raytrainer.io import storage
 
 N_SAMPLES, BATCH = 40, 4  # 10 training batches per epoch
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import raytrainer as rt
-from raytrainer.checkpoint import storage
+from raytrainer.io import storage
 
 _TRAIN = r"""
 import sys, torch

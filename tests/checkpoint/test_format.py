@@ -10,7 +10,7 @@ import torch
 
 import raytrainer as rt
 from raytrainer.checkpoint import format as ckpt_format
-from raytrainer.checkpoint import storage
+from raytrainer.io import storage
 
 from ckpt_models import Regressor, assert_bitwise_equal, loaders, params, trainer
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import raytrainer as rt
-from raytrainer.checkpoint import storage
+from raytrainer.io import storage
 
 from ckpt_models import Regressor, assert_bitwise_equal, loaders, metric_rows, params, trainer
 

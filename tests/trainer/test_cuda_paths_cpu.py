@@ -17,7 +17,7 @@ import raytrainer as pl
 from raytrainer.launchers.base import make_launcher
 from raytrainer.strategies.single_device import single_device
 from raytrainer.trainer.plan import Env, Plan
-from raytrainer.trainer.precision import MixedPrecision, make_precision
+from raytrainer.core.precision import MixedPrecision, make_precision
 
 REPO = Path(__file__).resolve().parents[2]
 FOUR_GPUS = Env(cuda_device_count=4)

@@ -7,7 +7,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import raytrainer as pl
 from raytrainer.checkpoint.format import dump_checkpoint
-from raytrainer.checkpoint.storage import to_cpu
+from raytrainer.io.storage import to_cpu
 
 
 class Tiny(pl.LightningModule):

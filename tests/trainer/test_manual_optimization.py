@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import raytrainer
-from raytrainer.trainer.optimization import LightningOptimizer
+from raytrainer.core.optimization import LightningOptimizer
 
 # every fit here is a few batches on CPU; a miscounted global_step must fail, not spin on max_steps
 pytestmark = pytest.mark.timeout(120)

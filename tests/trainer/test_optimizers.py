@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import raytrainer as pl
-from raytrainer.trainer.optimization import ACCEPTED_FORMS, parse_optimizers
+from raytrainer.core.optimization import ACCEPTED_FORMS, parse_optimizers
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning", "ignore::FutureWarning",
                                         "ignore::RuntimeWarning")
@@ -344,7 +344,7 @@ def test_trainer_rejects_bad_optimization_arguments():
 
 def test_fp16_scaler_skips_a_window_with_no_gradients():
     """16-mixed: a window where every training_step returned None has nothing to unscale or step."""
-    from raytrainer.trainer.precision import MixedPrecision
+    from raytrainer.core.precision import MixedPrecision
 
     precision = MixedPrecision("cpu", torch.float16)
     precision.scaler = torch.amp.GradScaler("cpu", init_scale=8.0)  # the CUDA code path, run on CPU

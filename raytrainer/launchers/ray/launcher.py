@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from raytrainer.launchers.ray.events import EventLog
+from raytrainer.core.events import EventLog
 from raytrainer.launchers.ray.policies import Failure, FailurePolicy, FailuresExhausted, ScalingPolicy, free_slots
 from raytrainer.trainer.plan import Plan
 from raytrainer.utilities import log, rng_states
@@ -38,7 +38,7 @@ class RunResult:
     def from_trainer(cls, trainer: Any, model: Any, fn: str, output: Any, world_size: int,
                      status: str = "finished", snapshot: dict[str, Any] | None = None) -> "RunResult":
         """Rank 0's state after a run, copied to host memory (any launcher that runs ranks elsewhere)."""
-        from raytrainer.checkpoint.storage import to_cpu
+        from raytrainer.io.storage import to_cpu
 
         return cls(
             output=output, status=status, snapshot=snapshot,
@@ -57,7 +57,7 @@ class RunResult:
 def rank_entry(info: Any, trainer: Any, fn: str, model: Any, kwargs: dict[str, Any],
                ctl: dict[str, Any] | None = None) -> RunResult | Any:
     """Runs on every rank: build the DDP strategy, run the loops, return this rank's share of the result."""
-    from raytrainer.launchers.ray import control, snapshots
+    from raytrainer.core import control, snapshots
     from raytrainer.launchers.ray.worker import send_to_driver
     from raytrainer.strategies.ddp import DDPStrategy
     from raytrainer.utilities import set_rng_states
@@ -139,7 +139,7 @@ def _queued_messages(info: Any) -> list[Any]:
 
 def _request_stop(info: Any, reason: str) -> int:
     """(any rank) Stop at the next agreed step boundary, for "preempt" or "resize"."""
-    from raytrainer.launchers.ray import control
+    from raytrainer.core import control
 
     control.request_stop(reason)
     return info.global_rank
@@ -276,7 +276,7 @@ class _FitSupervisor:
                 if self.start_logged:
                     return  # already recorded by the driver when this message came too late
                 self.start_logged = True
-                from raytrainer.launchers.ray.events import command_fields
+                from raytrainer.core.events import command_fields
 
                 fields.update(command_fields())  # the driver's command line, not the rank actor's
             self.events.emit(msg["event"], **fields)
@@ -314,7 +314,7 @@ class _FitSupervisor:
     def run(self) -> Any:
         import ray
 
-        from raytrainer.launchers.ray import control
+        from raytrainer.core import control
         from raytrainer.launchers.ray.group import PlacementError, RankError, ensure_ray
 
         trainer = self.trainer
@@ -430,7 +430,7 @@ class _FitSupervisor:
 
     def _after_failure(self, err: BaseException) -> tuple[Any, int | None]:
         """Record the failure, decide to retry or give up, and pick the state to resume from."""
-        from raytrainer.launchers.ray.control import PREEMPTED_EXIT_CODE  # noqa: F401 - documented exit code
+        from raytrainer.core.control import PREEMPTED_EXIT_CODE  # noqa: F401 - documented exit code
 
         if not _retryable(err, getattr(err, "died", False)):
             self.events.emit("finish", world_size=self.world, step=self.step, epoch=self.epoch,
@@ -446,7 +446,7 @@ class _FitSupervisor:
         preempted = died and "preempted" in getattr(err, "traceback", "").lower()
         short = _short_cause(err)
         if not self.start_logged:  # rank 0's own start event was lost with the group: record it here
-            from raytrainer.launchers.ray.events import command_fields
+            from raytrainer.core.events import command_fields
 
             self.start_logged = True
             self.events.emit("start", world_size=self.world, step=0, epoch=0, **command_fields())

@@ -50,7 +50,7 @@ class _Snapshot:
 
     def copy(self) -> dict[str, Any] | None:
         """A detached CPU copy of the state at the boundary, or None if training has moved on since."""
-        from raytrainer.checkpoint.storage import to_cpu
+        from raytrainer.io.storage import to_cpu
 
         if not self.unchanged():
             return None

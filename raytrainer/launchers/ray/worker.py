@@ -18,7 +18,7 @@ from typing import Any
 import cloudpickle
 import torch
 
-from raytrainer.launchers.ray import control, rendezvous
+from raytrainer.core import control, rendezvous
 from raytrainer.strategies.base import RankContext
 
 MESSAGE_BUFFER_SIZE = 10_000  # oldest messages are dropped beyond this; progress updates are lossy

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import raytrainer as pl
-from raytrainer.launchers.ray.control import PREEMPTED_EXIT_CODE, Preempted
+from raytrainer.core.control import PREEMPTED_EXIT_CODE, Preempted
 from raytrainer.launchers.ray.policies import FailuresExhausted
 
 from ft_models import FailingRegression, KillThenCollectiveAt, Regression, SignalAt, events, loader, params

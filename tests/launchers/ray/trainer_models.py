@@ -139,7 +139,7 @@ class WriteAudit(pl.Callback):
     """Records, per rank, every path raytrainer's storage layer writes or creates.
 
     Checkpoints, ``metrics.csv`` and ``hparams.yaml`` all go through
-    ``raytrainer.checkpoint.storage``; this wraps its write functions in each rank process (still
+    ``raytrainer.io.storage``; this wraps its write functions in each rank process (still
     calling the real ones) and appends each path to ``<out>/writes-rank-<r>.txt``. The first line,
     ``installed``, proves the audit ran on that rank.
     """
@@ -149,7 +149,7 @@ class WriteAudit(pl.Callback):
         self._originals: dict[str, Any] = {}
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        from raytrainer.checkpoint import storage
+        from raytrainer.io import storage
 
         record = Path(self.out_dir) / f"writes-rank-{trainer.global_rank}.txt"
         with open(record, "a") as f:
@@ -168,7 +168,7 @@ class WriteAudit(pl.Callback):
             setattr(storage, name, spy(name, real))
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        from raytrainer.checkpoint import storage
+        from raytrainer.io import storage
 
         for name, real in self._originals.items():
             setattr(storage, name, real)

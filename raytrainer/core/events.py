@@ -30,7 +30,7 @@ class EventLog:
 
     @property
     def path(self) -> str:
-        from raytrainer.checkpoint import storage
+        from raytrainer.io import storage
 
         return storage.join(self.run_dir, FILENAME)
 
@@ -48,7 +48,7 @@ class EventLog:
         return record
 
     def _write(self, record: dict[str, Any]) -> None:
-        from raytrainer.checkpoint import storage
+        from raytrainer.io import storage
 
         line = json.dumps(record, default=str) + "\n"
         if "://" not in self.run_dir or self.run_dir.startswith("file://"):
@@ -85,7 +85,7 @@ def summarize(record: dict[str, Any]) -> str:
 
 def read_events(run_dir: str, missing_ok: bool = False) -> list[dict[str, Any]]:
     """All events of a run directory (local path or URI), oldest first."""
-    from raytrainer.checkpoint import storage
+    from raytrainer.io import storage
 
     path = storage.join(run_dir, FILENAME)
     if not storage.exists(path):

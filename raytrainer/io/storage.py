@@ -521,7 +521,7 @@ def write_bytes_atomic(uri: str, data: bytes, *, manifest: bool = True,
         kind_of_parent = "is not a directory" if os.path.exists(directory) else "does not exist"
         error = NotADirectoryError if os.path.exists(directory) else FileNotFoundError
         raise error(f"cannot write {uri}: its parent {directory} {kind_of_parent}; "
-                    "create it first (raytrainer.checkpoint.storage.makedirs)")
+                    "create it first (raytrainer.io.storage.makedirs)")
 
     manifest_path = path + MANIFEST_SUFFIX
     if not manifest:

@@ -1,4 +1,4 @@
-"""Fixtures for checkpoint tests: a real S3-compatible server (moto) on a free local port."""
+"""Shared fixtures: a real S3-compatible server (moto) on a free local port."""
 from __future__ import annotations
 
 import logging

@@ -1,4 +1,4 @@
-"""Tests for raytrainer.checkpoint.storage on the real local filesystem and a real (moto) S3 server."""
+"""Tests for raytrainer.io.storage on the real local filesystem and a real (moto) S3 server."""
 from __future__ import annotations
 
 import collections
@@ -19,8 +19,8 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 
-from raytrainer.checkpoint import storage
-from raytrainer.checkpoint.storage import AsyncCheckpointWriter, CheckpointCorruptError
+from raytrainer.io import storage
+from raytrainer.io.storage import AsyncCheckpointWriter, CheckpointCorruptError
 
 
 def _ckpt(version: int, n: int = 1000) -> dict:
@@ -259,7 +259,7 @@ def test_crash_during_first_write_leaves_no_checkpoint(tmp_path, die_at, message
 
 _BIG_SAVER = r"""
 import sys, time, torch
-from raytrainer.checkpoint import storage
+from raytrainer.io import storage
 path = sys.argv[1]
 write = storage.write_bytes_atomic
 
@@ -554,7 +554,7 @@ def test_async_writer_surfaces_background_errors(tmp_path):
 
 _EXIT_WITHOUT_CLOSE = r"""
 import sys, torch
-from raytrainer.checkpoint import storage
+from raytrainer.io import storage
 writer = storage.AsyncCheckpointWriter()
 writer.submit({"version": 7, "weights": torch.arange(2_000_000)}, sys.argv[1])
 # no wait() or close(): the interpreter must still finish the write before it exits

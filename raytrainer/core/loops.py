@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 
-from raytrainer.trainer.optimization import clip_gradients
+from raytrainer.core.optimization import clip_gradients
 
 if TYPE_CHECKING:
     from raytrainer.trainer.trainer import Trainer

@@ -57,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import raytrainer as rt  # noqa: E402
 from raytrainer.io import storage  # noqa: E402
-from raytrainer.checkpoint.format import dump_checkpoint  # noqa: E402
+from raytrainer.checkpoint.bridge import capture  # noqa: E402
 
 
 class BigMLP(rt.LightningModule):
@@ -195,7 +195,7 @@ def background_cpu(trainer: Any, workdir: Path, repeats: int) -> list[float]:
 
 def sync_save_times(trainer: Any, workdir: Path, repeats: int) -> tuple[list[float], list[float], int]:
     """Seconds per plain torch.save and per durable storage.save of the run's checkpoint dict, and its size."""
-    ckpt = dump_checkpoint(trainer)
+    ckpt = capture(trainer.session)
     plain, durable = [], []
     path = workdir / "sync.ckpt"
     for _ in range(repeats):

@@ -99,7 +99,7 @@ def run_raytrainer(out: str, kill: bool, snapshot_every: int | None = None, step
                 _maybe_kill(out, trainer.global_rank, trainer.global_step)
 
         def on_train_end(self, trainer, pl_module):
-            snap = trainer._snapshotter
+            snap = trainer.session.snapshotter
             if trainer.global_rank == 0 and snap is not None and snap.enabled:
                 with open(os.path.join(out, "snapshots.json"), "w") as f:
                     json.dump({"every": snap.every, "cost_s": snap.cost_s, "step_s": snap._step_time}, f)

@@ -111,7 +111,7 @@ def run_raytrainer(stamp_path: str) -> dict[str, float]:
     end = time.time()
     assert trainer.global_step == STEPS, trainer.global_step
     out = {"first_step_s": float(Path(stamp_path).read_text()) - start, "total_s": end - start}
-    group = trainer.__dict__.get("_worker_group")
+    group = trainer.session.worker_group
     if group is not None and getattr(group, "timings", None):
         out.update({f"group_{k}": v for k, v in group.timings.items()})
     return out

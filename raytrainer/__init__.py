@@ -7,7 +7,7 @@ from raytrainer.callbacks import (Callback, EarlyStopping, LearningRateMonitor, 
 from raytrainer.datamodule import LightningDataModule
 from raytrainer.loggers import CSVLogger, Logger
 from raytrainer.module import LightningModule
-from raytrainer.trainer.plan import Plan
+from raytrainer.plan import Plan
 from raytrainer.trainer.trainer import Trainer
 from raytrainer.utilities import seed_everything
 from raytrainer import callbacks, loggers

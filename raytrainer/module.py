@@ -14,7 +14,7 @@ from torch import nn
 from raytrainer.utilities import AttributeDict, check_plain_hparams
 
 if TYPE_CHECKING:
-    from raytrainer.core.optimization import LightningOptimizer
+    from raytrainer.core.step import LightningOptimizer
     from raytrainer.trainer.trainer import Trainer
 
 _TRAINER_ONLY = "is only available while a Trainer runs this module (attach it with trainer.fit/validate/...)"
@@ -37,7 +37,6 @@ class LightningModule(nn.Module):
         super().__init__(*args, **kwargs)
         d = self.__dict__
         d["_trainer"] = None
-        d["_results"] = None          # the running stage's Results; set by the loops
         d["_automatic_optimization"] = True
         d["_example_input_array"] = None
         d["_hparams"] = AttributeDict()
@@ -225,8 +224,10 @@ class LightningModule(nn.Module):
             add_dataloader_idx: bool = True, batch_size: int | None = None,
             metric_attribute: str | None = None, rank_zero_only: bool = False) -> None:
         """Record a scalar for the progress bar, loggers and callbacks (see Lightning's self.log)."""
-        results = self.__dict__["_results"]
-        if results is None and self.__dict__["_trainer"] is not None and self.__dict__["_trainer"].state_fn:
+        trainer = self.__dict__["_trainer"]
+        session = trainer.session if trainer is not None else None
+        results = session.active_results if session is not None else None
+        if results is None and session is not None and session.fn:
             raise RuntimeError(f"self.log({name!r}) was called outside the training, validation and test loops "
                                "(in predict, configure_optimizers, setup or after the run), where logging is not "
                                "supported. Log from training/validation/test steps or their batch/epoch hooks.")
@@ -259,7 +260,7 @@ class LightningModule(nn.Module):
     def optimizers(self, use_pl_optimizer: bool = True) -> "LightningOptimizer | list[Any] | Any":
         """The optimizers from configure_optimizers: one object when there is one, else a list."""
         t = self.trainer
-        opts = t._lightning_optimizers if use_pl_optimizer else t.optimizers
+        opts = t.session.lightning_optimizers if use_pl_optimizer else t.optimizers
         if not opts:
             raise RuntimeError("self.optimizers() found no optimizer: configure_optimizers returned None, or "
                                "has not run yet (it runs when trainer.fit starts; call self.optimizers() from "
@@ -281,11 +282,11 @@ class LightningModule(nn.Module):
             raise RuntimeError("manual_backward is for manual optimization: set "
                                "`self.automatic_optimization = False` in __init__, or return the loss "
                                "from training_step and let the Trainer call backward.")
-        t._run_backward(loss, None, *args, **kwargs)
+        t.session.manual_backward(loss, *args, **kwargs)
 
     def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
         """How the Trainer runs backward; override for custom backward calls."""
-        self.trainer._precision.backward(loss, *args, **kwargs)
+        self.trainer.precision_plugin.backward(loss, *args, **kwargs)
 
     def toggle_optimizer(self, optimizer: Any) -> None:
         """Freeze every parameter that belongs only to other optimizers (requires_grad=False)."""
@@ -320,11 +321,11 @@ class LightningModule(nn.Module):
     def clip_gradients(self, optimizer: Any, gradient_clip_val: float | None = None,
                        gradient_clip_algorithm: str | None = None) -> None:
         """Clip the gradients of an optimizer's parameters by norm (default) or by value."""
-        from raytrainer.core.optimization import clip_gradients
+        from raytrainer.utilities import clip_gradients
 
         t = self.__dict__["_trainer"]
         clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm,
-                       t._precision if t is not None else None)
+                       t.precision_plugin if t is not None else None)
 
     # ------------------------------------------------------------------ hyper-parameters
     def save_hyperparameters(self, *args: Any, ignore: Sequence[str] | str | None = None,
@@ -371,7 +372,7 @@ class LightningModule(nn.Module):
     def load_from_checkpoint(cls, checkpoint_path: str, map_location: Any = None, hparams_file: Any = None,
                              strict: bool = True, weights_only: bool = True, **kwargs: Any) -> "LightningModule":
         """Rebuild the module from a checkpoint's hyper_parameters (overridable) and load its weights."""
-        from raytrainer.checkpoint.format import load_module
+        from raytrainer.checkpoint.resolve import load_module
 
         return load_module(cls, checkpoint_path, map_location=map_location, strict=strict,
                            weights_only=weights_only, overrides=kwargs)
@@ -394,7 +395,6 @@ class LightningModule(nn.Module):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_trainer"] = None
-        state["_results"] = None
         return state
 
 
@@ -422,3 +422,8 @@ def _collect_init_args(frame: Any, cls: type) -> dict[str, Any]:
     for k in [k for k in collected if k in ("__class__",)]:
         del collected[k]
     return collected
+
+
+def logs_hyperparameters(obj: Any) -> bool:
+    """Whether save_hyperparameters(logger=True) ran on ``obj`` (a LightningModule or LightningDataModule)."""
+    return bool(getattr(obj, "__dict__", {}).get("_log_hyperparams", False))

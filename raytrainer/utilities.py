@@ -161,3 +161,24 @@ def closest(name: str, options: list[str]) -> str | None:
 
     match = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
     return match[0] if match else None
+
+
+def clip_gradients(optimizer: Any, clip_val: float | None, algorithm: str | None, precision: Any) -> None:
+    """Clip one optimizer's gradients in place (unscaling first under 16-mixed)."""
+    if clip_val is None or clip_val == 0:
+        return
+    optimizer = getattr(optimizer, "optimizer", optimizer)
+    algorithm = algorithm or "norm"
+    if algorithm not in ("norm", "value"):
+        raise ValueError(f"gradient_clip_algorithm={algorithm!r}: use 'norm' or 'value'.")
+    if clip_val < 0:
+        raise ValueError(f"gradient_clip_val={clip_val}: must be >= 0.")
+    if precision is not None:
+        precision.unscale_gradients(optimizer)
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    if not params:
+        return
+    if algorithm == "norm":
+        torch.nn.utils.clip_grad_norm_(params, clip_val)
+    else:
+        torch.nn.utils.clip_grad_value_(params, clip_val)

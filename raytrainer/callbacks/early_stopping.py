@@ -56,7 +56,7 @@ class EarlyStopping(Callback):
         not every epoch; then check after each validation. Lightning's default."""
         if self.check_on_train_epoch_end is not None:
             return self.check_on_train_epoch_end
-        if not trainer._val_dataloaders:
+        if not trainer.session.val_dataloaders:
             return True
         return trainer.val_check_interval in (None, 1.0) and trainer.check_val_every_n_epoch == 1
 

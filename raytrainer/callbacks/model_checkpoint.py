@@ -3,14 +3,14 @@
 Writes are crash-safe (``checkpoint.storage``: temporary name + atomic rename, or upload + manifest)
 and, by default, asynchronous. The training thread copies to host memory only what the next forward
 could change (buffers, RNG states); a helper thread copies the parameters and optimizer state while
-the next step computes, and the next optimizer step waits for that copy (``_Snapshot``); the
-storage.AsyncCheckpointWriter thread serialises, hashes and writes. ``fit`` waits for all of it
-before it returns. A checkpoint rotated out by ``save_top_k`` is deleted only once its replacement
-is completely on storage, so rotation never removes the only valid one.
+the next step computes, and the next optimizer step waits for that copy (``_Snapshot``, built on
+``checkpoint.host_copy.HostCopy``); the ``checkpoint.writer.AsyncCheckpointWriter`` thread
+serialises, hashes and writes. ``fit`` waits for all of it before it returns. A checkpoint rotated
+out by ``save_top_k`` is deleted only once its replacement is completely on storage, so rotation
+never removes the only valid one.
 """
 from __future__ import annotations
 
-import copy
 import math
 import re
 import threading
@@ -18,10 +18,10 @@ import time
 from datetime import timedelta
 from typing import Any
 
-import numpy as np
 import torch
 
 from raytrainer.callbacks.callback import Callback
+from raytrainer.checkpoint.host_copy import HostCopy, view_key
 from raytrainer.utilities import log
 
 _MODES = {"min": (torch.tensor(math.inf), torch.lt), "max": (torch.tensor(-math.inf), torch.gt)}
@@ -115,6 +115,8 @@ class ModelCheckpoint(Callback):
         self.best_model_score = state_dict.get("best_model_score")
         self.best_model_path = state_dict.get("best_model_path", "")
         self.current_score = state_dict.get("current_score")
+        if self.dirpath is None:  # not set up in this process (the driver after a run on Ray ranks): adopt it
+            self.dirpath = state_dict.get("dirpath")
         if state_dict.get("dirpath") == self.dirpath:
             self.best_k_models = dict(state_dict.get("best_k_models", {}))
             self.kth_best_model_path = state_dict.get("kth_best_model_path", "")
@@ -171,7 +173,7 @@ class ModelCheckpoint(Callback):
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         """Make a run stopped mid-epoch (max_steps, max_time, preemption) resumable, then wait for writes."""
-        if self.save_last is not False and trainer._batches_done_in_epoch \
+        if self.save_last is not False and trainer.session.state.batches_done_in_epoch \
                 and trainer.global_step != self._last_global_step_saved:
             self._save_last(trainer)
         self.wait_for_writes()
@@ -207,7 +209,7 @@ class ModelCheckpoint(Callback):
         """True when epoch-end saving happens in on_train_epoch_end rather than after each validation."""
         if self.save_on_train_epoch_end is not None:
             return self.save_on_train_epoch_end
-        if not trainer._val_dataloaders:
+        if not trainer.session.val_dataloaders:
             return True
         if trainer.check_val_every_n_epoch != 1:
             return False
@@ -262,7 +264,7 @@ class ModelCheckpoint(Callback):
                        f"{trainer.current_epoch}, step {trainer.global_step}. Logged: "
                        f"{sorted(k for k in metrics if k not in ('epoch', 'step'))}. Log it with self.log, "
                        "or change monitor.")
-            if self._val_ran or not trainer._val_dataloaders:
+            if self._val_ran or not trainer.session.val_dataloaders:
                 raise RuntimeError(message)
             if self.monitor not in self._warned_missing:  # e.g. a val metric before the first validation
                 self._warned_missing.add(self.monitor)
@@ -320,9 +322,9 @@ class ModelCheckpoint(Callback):
         """Stage the state on the host (partly now, partly while the next step computes); serialise and write
         it to every path in the background (rank 0 only)."""
         from raytrainer.io import storage
-        from raytrainer.checkpoint.format import dump_checkpoint
+        from raytrainer.checkpoint.bridge import capture
 
-        ckpt = dump_checkpoint(trainer, self.save_weights_only)
+        ckpt = capture(trainer.session, self.save_weights_only)
         self._last_global_step_saved = trainer.global_step
         if not trainer.is_global_zero:
             return
@@ -330,7 +332,9 @@ class ModelCheckpoint(Callback):
         if self.async_save:
             self._join_snapshot()  # the previous snapshot is copied and queued (normally long done)
             if self._writer is None:
-                self._writer = storage.AsyncCheckpointWriter()
+                from raytrainer.checkpoint.writer import AsyncCheckpointWriter
+
+                self._writer = AsyncCheckpointWriter()
             idle = self._writer.pending == 0
             removals = self._due_removals() if idle else []  # their replacements have landed meanwhile
             lazy = _optimizer_owned(trainer) if _can_pipeline(trainer) else set()
@@ -342,7 +346,7 @@ class ModelCheckpoint(Callback):
             for path in paths:
                 storage.save(ckpt, path)
         for path in paths:
-            trainer._on_checkpoint_saved(path)
+            trainer.session.on_checkpoint_saved(path)
 
     def _join_snapshot(self) -> None:
         """Wait until the running snapshot is copied and handed to the writer; re-raise its error."""
@@ -424,31 +428,16 @@ class ModelCheckpoint(Callback):
             text += f"{self.CHECKPOINT_JOIN_CHAR}v{ver}"
         return storage.join(self.dirpath, text + self.FILE_EXTENSION)
 
+    @property
+    def saved_at_step(self) -> int:
+        """The global step of the newest checkpoint this callback wrote (0 before any)."""
+        return self._last_global_step_saved
+
     def find_last_candidates(self, trainer: Any) -> list[str]:
         """Checkpoints a rerun may resume from: the given dirpath, else every logger version's checkpoints."""
-        from pyarrow import fs as pafs
+        from raytrainer.checkpoint.resolve import last_candidates
 
-        from raytrainer.io import storage
-
-        dirs = []
-        if self._dirpath_given and self.dirpath is not None:
-            dirs.append(self.dirpath)
-        else:
-            lg = trainer.logger
-            root = getattr(lg, "root_dir", None) if lg is not None else None
-            if root:
-                fs, path = storage.resolve(root)
-                for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
-                    if info.type == pafs.FileType.Directory:
-                        dirs.append(storage.join(root, info.base_name, "checkpoints"))
-            else:
-                dirs.append(storage.join(trainer.default_root_dir, "checkpoints"))
-            if self.dirpath is not None:
-                dirs.append(self.dirpath)
-        files: list[str] = []
-        for d in dict.fromkeys(dirs):
-            files += [f for f in storage.listdir(d, missing_ok=True) if f.endswith(self.FILE_EXTENSION)]
-        return files
+        return last_candidates(trainer, self.dirpath, self._dirpath_given, self.FILE_EXTENSION)
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickle without the writer thread (the callback travels to Ray workers)."""
@@ -462,18 +451,9 @@ class ModelCheckpoint(Callback):
 _STAGING_TIMEOUT_S = 600.0
 
 
-def _key(t: torch.Tensor) -> tuple:
-    """Identity of the memory a tensor views (a parameter and its detached state_dict entry share it)."""
-    try:
-        ptr = t.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError):  # sparse and other storage-less layouts
-        return ("id", id(t))
-    return (ptr, t.device, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
-
-
 def _can_pipeline(trainer: Any) -> bool:
     """Whether every optimizer step passes on_before_optimizer_step first (the fence a pipelined copy needs)."""
-    return bool(trainer.optimizers) and not trainer._closure_optimizer
+    return bool(trainer.optimizers) and not trainer.session.closure_optimizer
 
 
 def _optimizer_owned(trainer: Any) -> set[tuple]:
@@ -481,9 +461,9 @@ def _optimizer_owned(trainer: Any) -> set[tuple]:
     owned: set[tuple] = set()
     for opt in trainer.optimizers:
         for group in opt.param_groups:
-            owned.update(_key(p) for p in group["params"])
+            owned.update(view_key(p) for p in group["params"])
         for state in opt.state.values():
-            owned.update(_key(v) for v in state.values() if isinstance(v, torch.Tensor))
+            owned.update(view_key(v) for v in state.values() if isinstance(v, torch.Tensor))
     return owned
 
 
@@ -496,7 +476,8 @@ class _Snapshot:
     backward run; ``on_before_optimizer_step`` waits for that copy. The helper then hands the complete
     copy to the AsyncCheckpointWriter, which serialises and writes it. An in-place change to a
     parameter outside the optimizer step while it is being copied is detected (tensor version
-    counters) and fails the checkpoint instead of writing a mix of two states.
+    counters) and fails the checkpoint instead of writing a mix of two states. ``host_copy.HostCopy``
+    does the copying; this class runs the helper thread and hands the copy over.
     """
 
     def __init__(self, ckpt: dict[str, Any], paths: list[str], lazy: set[tuple],
@@ -506,58 +487,14 @@ class _Snapshot:
         self.paths = paths
         self.path = paths[0]
         self._removals = removals
-        self.pool: dict[tuple, torch.Tensor] = {}
-        self._old_pool = pool
-        self._jobs: list[tuple[torch.Tensor, torch.Tensor, str]] = []
-        self._memo: dict[tuple, torch.Tensor] = {}
-        self._lazy = lazy
-        self.staged = self._stage(ckpt, "checkpoint")
-        self._versions = [src._version for _, src, _ in self._jobs]
-        # GPU tensors: the copy runs on a side stream that first waits for the work queued so far (the step)
-        cuda = next((src.device for _, src, _ in self._jobs if src.is_cuda), None)
-        self._ready = None
-        if cuda is not None:
-            self._ready = torch.cuda.Event()
-            self._ready.record(torch.cuda.current_stream(cuda))
+        self._host = HostCopy(ckpt, defer=lazy, pool=pool, name="checkpoint")
+        self.staged = self._host.result
+        self.pool: dict[tuple, torch.Tensor] = self._host.pool
         self._writer = writer
         self._error: BaseException | None = None
         self._copied = threading.Event()
         self._thread = threading.Thread(target=self._run, name="raytrainer-checkpoint-stager", daemon=False)
         self._thread.start()
-
-    def _stage(self, obj: Any, where: str) -> Any:
-        """Copy ``obj``'s tensors to host memory now, or allocate their buffers and queue a copy job."""
-        if isinstance(obj, torch.Tensor):
-            key = _key(obj)
-            done = self._memo.get(key)
-            if done is not None:
-                return done  # tied weights stay one tensor
-            if key in self._lazy and obj.layout == torch.strided and not obj.requires_grad:
-                buf = self._old_pool.get(key) if self._old_pool is not None else None
-                if buf is None:
-                    buf = torch.empty(obj.shape, dtype=obj.dtype,
-                                      pin_memory=obj.is_cuda and torch.cuda.is_available())
-                self.pool[key] = buf
-                self._jobs.append((buf, obj, where))
-                out = buf
-            else:
-                out = obj.detach().to("cpu", copy=True)
-            self._memo[key] = out
-            return out
-        if isinstance(obj, np.ndarray):
-            return obj.copy()
-        if isinstance(obj, dict):
-            new = copy.copy(obj)  # keeps OrderedDict and a state_dict's _metadata
-            for k, v in obj.items():
-                new[k] = self._stage(v, f"{where}[{k!r}]")
-            return new
-        if isinstance(obj, list):
-            if all(isinstance(v, (int, float, str, bool, type(None))) for v in obj):
-                return list(obj)  # e.g. the python RNG state: 625 ints
-            return [self._stage(v, f"{where}[{i}]") for i, v in enumerate(obj)]
-        if type(obj) is tuple:
-            return tuple(self._stage(v, f"{where}[{i}]") for i, v in enumerate(obj))
-        return obj
 
     def _run(self) -> None:
         """Helper thread: copy the optimizer-owned tensors, check nothing changed them meanwhile, queue the write."""
@@ -575,18 +512,7 @@ class _Snapshot:
     def _copy(self) -> None:
         """Fill the host buffers; always releases ``wait_copied``, recording any failure."""
         try:
-            if self._ready is None:
-                for buf, src, _ in self._jobs:
-                    buf.copy_(src)
-            else:
-                device = next(src.device for _, src, _ in self._jobs if src.is_cuda)
-                stream = torch.cuda.Stream(device=device)
-                stream.wait_event(self._ready)
-                with torch.cuda.stream(stream):
-                    for buf, src, _ in self._jobs:
-                        buf.copy_(src, non_blocking=src.is_cuda)  # into pinned host memory
-                stream.synchronize()
-            changed = [where for (_, src, where), v in zip(self._jobs, self._versions) if src._version != v]
+            changed = self._host.finish()
             if changed:
                 raise RuntimeError(
                     f"checkpoint {self.path} was not written: {changed[:3]} changed in place between the save and "
@@ -596,7 +522,6 @@ class _Snapshot:
             self._error = exc
         finally:
             self._copied.set()
-            self._jobs = []
 
     def wait_copied(self) -> None:
         """Block until the host copy is complete (the optimizer may change the weights afterwards)."""

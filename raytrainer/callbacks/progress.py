@@ -88,7 +88,7 @@ class TQDMProgressBar(Callback):
 
     def _eval_open(self, trainer: Any, name: str) -> None:
         if trainer.is_global_zero and not trainer.training:
-            self._emit({"kind": "open", "desc": name, "total": sum(trainer._eval_batch_counts) or None}, trainer)
+            self._emit({"kind": "open", "desc": name, "total": sum(trainer.session.eval_batch_counts) or None}, trainer)
 
     def _eval_advance(self, trainer: Any) -> None:
         if trainer.is_global_zero and not trainer.training:

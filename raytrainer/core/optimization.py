@@ -1,13 +1,10 @@
-"""Optimizers and schedulers: parsing configure_optimizers, LightningOptimizer, clipping, stepping."""
+"""Parsing configure_optimizers: every form Lightning accepts -> (optimizers, scheduler configs)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any
 
 import torch
-
-if TYPE_CHECKING:
-    from raytrainer.trainer.trainer import Trainer
 
 ACCEPTED_FORMS = (
     "configure_optimizers must return one of: an optimizer; a list or tuple of optimizers; "
@@ -115,102 +112,3 @@ def _assign(scheds: list[LRSchedulerConfig], opts: list[torch.optim.Optimizer]) 
 def _short(x: Any) -> str:
     r = repr(x)
     return r if len(r) < 80 else r[:77] + "..."
-
-
-class LightningOptimizer:
-    """Wraps a torch optimizer for manual optimization: precision-aware step, step counting."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, trainer: "Trainer") -> None:
-        self._optimizer = optimizer
-        self._trainer = trainer
-        self._on_before_step: Callable[[], None] = lambda: None
-        self._on_after_step: Callable[[], None] = lambda: None
-
-    @property
-    def optimizer(self) -> torch.optim.Optimizer:
-        return self._optimizer
-
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        return self._optimizer.param_groups
-
-    @property
-    def state(self) -> Any:
-        return self._optimizer.state
-
-    def state_dict(self) -> dict[str, Any]:
-        return self._optimizer.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._optimizer.load_state_dict(state)
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self._optimizer.zero_grad(set_to_none=set_to_none)
-
-    def step(self, closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
-        """Precision/strategy-aware step; counts one global_step, as Lightning does.
-
-        The closure (usually forward + ``manual_backward``) runs first, then gradients are unscaled
-        (16-mixed) and ``on_before_optimizer_step`` runs, so the hook sees real-sized gradients.
-        """
-        if closure is not None and not callable(closure):
-            raise TypeError(f"optimizer.step(closure=...) needs a callable closure, got {type(closure).__name__}.")
-        if kwargs:
-            raise TypeError(f"optimizer.step() got extra arguments {sorted(kwargs)}; raytrainer passes only "
-                            "`closure` to the optimizer. Set such options on the optimizer's param_groups instead.")
-        t = self._trainer
-        optimizer = self._optimizer
-
-        def closure_then_hook() -> Any:
-            out = closure() if closure is not None else None
-            t._precision.unscale_gradients(optimizer)
-            for fn in t._hot_hooks.get("on_before_optimizer_step", ()):
-                fn(optimizer)
-            return out
-
-        self._on_before_step()
-        out = t._optimizer_step(optimizer, closure_then_hook)
-        self._on_after_step()
-        t._on_manual_optimizer_step()
-        return out
-
-    def __getattr__(self, name: str) -> Any:
-        # Everything else (defaults, add_param_group, ...) is the wrapped optimizer's, as in Lightning.
-        if name == "_optimizer":
-            raise AttributeError(name)
-        return getattr(self._optimizer, name)
-
-    def __repr__(self) -> str:
-        return f"LightningOptimizer({self._optimizer!r})"
-
-
-class AutomaticStepOptimizer(LightningOptimizer):
-    """What an overridden ``LightningModule.optimizer_step`` receives under automatic optimization.
-
-    ``step(closure=optimizer_closure)`` runs training_step, backward and the pre-step hooks inside the
-    closure (the Trainer built it), then the precision-aware step. The Trainer counts the global step.
-    """
-
-    def step(self, closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
-        return self._trainer._optimizer_step(self._optimizer, closure)
-
-
-def clip_gradients(optimizer: Any, clip_val: float | None, algorithm: str | None, precision: Any) -> None:
-    """Clip one optimizer's gradients in place (unscaling first under 16-mixed)."""
-    if clip_val is None or clip_val == 0:
-        return
-    optimizer = getattr(optimizer, "optimizer", optimizer)
-    algorithm = algorithm or "norm"
-    if algorithm not in ("norm", "value"):
-        raise ValueError(f"gradient_clip_algorithm={algorithm!r}: use 'norm' or 'value'.")
-    if clip_val < 0:
-        raise ValueError(f"gradient_clip_val={clip_val}: must be >= 0.")
-    if precision is not None:
-        precision.unscale_gradients(optimizer)
-    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    if not params:
-        return
-    if algorithm == "norm":
-        torch.nn.utils.clip_grad_norm_(params, clip_val)
-    else:
-        torch.nn.utils.clip_grad_value_(params, clip_val)

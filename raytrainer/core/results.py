@@ -6,6 +6,8 @@ a logger, the progress bar or a callback reads them.
 """
 from __future__ import annotations
 
+import inspect
+
 import numbers
 from typing import Any, Callable
 
@@ -141,6 +143,33 @@ class Results:
         meta = _Meta(name, on_step, on_epoch, prog_bar, logger, REDUCE_FX[reduce_fx], sync_dist)
         self.meta[name] = meta
         return meta
+
+    def accum_state_dict(self) -> dict[str, Any]:
+        """The epoch accumulators of ``self.log(..., on_epoch=True)`` values, as plain types and tensors."""
+        out: dict[str, Any] = {}
+        for name, acc in self.accum.items():
+            meta = self.meta.get(name)
+            if meta is None or acc.total is None:
+                continue
+            total = acc.total.detach().clone() if isinstance(acc.total, torch.Tensor) else acc.total
+            out[name] = {"total": total, "weight": float(acc.weight),
+                         "meta": {k: getattr(meta, k) for k in meta.__slots__}}
+        return out
+
+    def load_accum_state_dict(self, state: dict[str, Any]) -> None:
+        """Put accumulators saved by ``accum_state_dict`` back, so epoch means cover the whole epoch."""
+        init_args = set(inspect.signature(_Meta.__init__).parameters) - {"self"}
+        for name, item in state.items():
+            saved = item["meta"]
+            meta = _Meta(**{k: v for k, v in saved.items() if k in init_args})
+            for k, v in saved.items():
+                if k not in init_args and k in _Meta.__slots__:
+                    setattr(meta, k, v)
+            self.meta[name] = meta
+            acc = _Accum()
+            acc.total = item["total"]
+            acc.weight = float(item["weight"])
+            self.accum[name] = acc
 
     def step_metrics(self, reduce: Callable[[torch.Tensor, str], torch.Tensor] | None = None
                      ) -> dict[str, tuple[_Meta, Any]]:

@@ -34,7 +34,6 @@ takes an explicit ``filesystem=``.
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import io
 import json
@@ -42,23 +41,19 @@ import logging
 import os
 import pickle
 import posixpath
-import queue
 import re
 import threading
 import time
-import traceback
 import uuid
 import zipfile
 from typing import Any
 from urllib.parse import unquote
 
-import numpy as np
 import pyarrow.fs as pafs
 import torch
 
 __all__ = [
     "MANIFEST_SUFFIX",
-    "AsyncCheckpointWriter",
     "CheckpointCorruptError",
     "exists",
     "join",
@@ -71,7 +66,6 @@ __all__ = [
     "remove",
     "resolve",
     "save",
-    "to_cpu",
     "unregister_filesystem",
     "write_bytes_atomic",
 ]
@@ -773,201 +767,3 @@ def newest_valid(candidates: list[str], *, filesystem: pafs.FileSystem | None = 
         return uri, skipped
     return None, skipped
 
-
-# --------------------------------------------------------------------------------------------
-# Staging copies and the background writer
-# --------------------------------------------------------------------------------------------
-
-def _view_key(t: torch.Tensor) -> tuple:
-    """Identity of the memory a tensor views, so tied tensors stay tied in the copy."""
-    try:
-        ptr = t.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError):  # sparse and other storage-less layouts
-        ptr = 0
-    if ptr == 0:
-        return ("id", id(t))
-    return (ptr, t.device, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
-
-
-def _to_cpu(obj: Any, memo: dict) -> Any:
-    """Recursive worker of ``to_cpu``."""
-    if isinstance(obj, torch.Tensor):
-        key = _view_key(obj)
-        copied = memo.get(key)
-        if copied is None:
-            copied = memo[key] = obj.detach().to("cpu", copy=True)
-        return copied
-    if isinstance(obj, np.ndarray):
-        return obj.copy()
-    if isinstance(obj, dict):
-        new = copy.copy(obj)  # keeps the dict type and attributes such as a state_dict's _metadata
-        for k, v in obj.items():
-            new[k] = _to_cpu(v, memo)
-        return new
-    if isinstance(obj, list):
-        return [_to_cpu(v, memo) for v in obj]
-    if isinstance(obj, tuple):
-        items = [_to_cpu(v, memo) for v in obj]
-        if all(a is b for a, b in zip(items, obj)):
-            return obj  # immutable and nothing inside changed
-        if hasattr(obj, "_fields"):
-            return type(obj)(*items)
-        return tuple(items) if type(obj) is tuple else type(obj)(items)
-    return obj
-
-
-def to_cpu(obj: Any) -> Any:
-    """Copy every tensor in nested dicts/lists/tuples to CPU memory, detached from training.
-
-    CPU tensors are cloned too, so later in-place updates (optimizer steps) do not reach the copy;
-    tensors that view the same memory (tied weights) stay one tensor. numpy arrays are copied,
-    containers are rebuilt, other leaves are shared by reference.
-    """
-    return _to_cpu(obj, {})
-
-
-class AsyncCheckpointWriter:
-    """Save checkpoints on one background thread so training continues while bytes go to storage.
-
-    ``submit`` copies the tensors to CPU in the calling thread (so training may change them right
-    after), then serialization, hashing and the atomic write run on the background thread.
-    Background errors are logged when they happen and re-raised by the next ``submit``, ``wait``
-    or ``close``. At most ``max_pending`` checkpoints are queued or being written; a further
-    ``submit`` waits (up to its timeout) for room, which bounds host memory. Writes still queued
-    when the program's main thread ends are finished before the interpreter exits.
-    """
-
-    def __init__(self, *, max_pending: int = 1, filesystem: pafs.FileSystem | None = None) -> None:
-        """Create an idle writer; the thread starts on the first ``submit``."""
-        if not isinstance(max_pending, int) or max_pending < 1:
-            raise ValueError(f"max_pending must be an int >= 1, got {max_pending!r}")
-        self._max_pending = max_pending
-        self._filesystem = filesystem
-        self._queue: queue.Queue = queue.Queue()
-        self._cond = threading.Condition()
-        self._pending = 0
-        self._in_flight: str | None = None
-        self._errors: list[tuple[BaseException, str]] = []
-        self._closed = False
-        self._thread: threading.Thread | None = None
-
-    @property
-    def pending(self) -> int:
-        """Number of submitted checkpoints not yet written."""
-        with self._cond:
-            return self._pending
-
-    def submit(self, obj: dict, uri: str, *, staged: bool = False, timeout: float | None = 600) -> None:
-        """Queue ``obj`` to be saved at ``uri``; pass ``staged=True`` if it already came from ``to_cpu``."""
-        if not isinstance(obj, dict):
-            raise TypeError(f"submit() writes checkpoint dicts, got {type(obj).__name__} for {uri}")
-        if not isinstance(uri, (str, os.PathLike)) or not os.fspath(uri):
-            raise ValueError(f"submit() needs a checkpoint path or URI, got {uri!r}")
-        uri = os.fspath(uri)
-        with self._cond:
-            if self._closed:
-                raise RuntimeError("AsyncCheckpointWriter is closed; create a new one to write more checkpoints")
-            has_room = self._cond.wait_for(lambda: self._pending < self._max_pending or self._errors, timeout)
-            if not has_room:
-                raise TimeoutError(
-                    f"checkpoint {uri} not submitted: {self._pending} earlier write(s) still running after "
-                    f"{timeout}s (in flight: {self._in_flight}); storage is slower than the checkpoint interval"
-                )
-            errors, self._errors = self._errors, []
-            if not errors:
-                self._pending += 1  # reserve the slot before the (slow) staging copy
-        self._raise(errors)
-        try:
-            payload = obj if staged else to_cpu(obj)
-        except BaseException:
-            with self._cond:
-                self._pending -= 1
-                self._cond.notify_all()
-            raise
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="raytrainer-checkpoint-writer")
-            self._thread.start()
-        self._queue.put((payload, uri))
-
-    def wait(self, timeout: float | None = 600) -> None:
-        """Block until every submitted checkpoint is written, then re-raise the first background error."""
-        with self._cond:
-            done = self._cond.wait_for(lambda: self._pending == 0, timeout)
-            if not done:
-                raise TimeoutError(f"{self._pending} checkpoint write(s) still running after {timeout}s "
-                                   f"(in flight: {self._in_flight})")
-        self._raise_errors()
-
-    def close(self, timeout: float | None = 600) -> None:
-        """Finish outstanding writes, stop the thread and re-raise any unreported background error."""
-        with self._cond:
-            already = self._closed
-            self._closed = True
-        if not already and self._thread is not None:
-            try:
-                self.wait(timeout)
-            finally:
-                self._queue.put(None)
-                self._thread.join(timeout)
-        self._raise_errors()
-
-    def __enter__(self) -> AsyncCheckpointWriter:
-        """Use as a context manager that closes (and reports errors) on exit."""
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        """Close the writer; a background error is raised unless another error is already propagating."""
-        if exc_info[0] is None:
-            self.close()
-            return
-        try:
-            self.close()
-        except Exception:
-            logger.exception("AsyncCheckpointWriter failed while the block was already raising")
-
-    def _raise_errors(self) -> None:
-        """Raise the first unreported background error, if any."""
-        with self._cond:
-            errors, self._errors = self._errors, []
-        self._raise(errors)
-
-    @staticmethod
-    def _raise(errors: list[tuple[BaseException, str]]) -> None:
-        """Raise the first of ``errors`` (noting the others); do nothing when there are none."""
-        if not errors:
-            return
-        exc, uri = errors[0]
-        note = f"raised on the AsyncCheckpointWriter thread while writing checkpoint {uri}"
-        if len(errors) > 1:
-            note += f"; {len(errors) - 1} later write(s) failed too: {[u for _, u in errors[1:]]}"
-        exc.add_note(note)
-        raise exc
-
-    def _run(self) -> None:
-        """Background loop: write queued checkpoints; exit on close or once the main thread has ended."""
-        while True:
-            try:
-                item = self._queue.get(timeout=0.2)
-            except queue.Empty:
-                if not threading.main_thread().is_alive():
-                    return  # interpreter shutdown and the queue is drained
-                continue
-            if item is None:
-                return
-            payload, uri = item
-            del item
-            with self._cond:
-                self._in_flight = uri
-            try:
-                save(payload, uri, filesystem=self._filesystem)
-            except BaseException as exc:  # reported to the caller; never swallowed
-                logger.error("background checkpoint write to %s failed", uri, exc_info=exc)
-                traceback.clear_frames(exc.__traceback__)  # keep the lines, drop the staged tensors
-                with self._cond:
-                    self._errors.append((exc, uri))
-            finally:
-                del payload
-                with self._cond:
-                    self._pending -= 1
-                    self._in_flight = None
-                    self._cond.notify_all()

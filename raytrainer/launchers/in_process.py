@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from raytrainer.strategies.single_device import single_device
-from raytrainer.trainer.plan import Plan
+from raytrainer.plan import Plan
 
 
 class InProcessLauncher:
@@ -15,4 +15,4 @@ class InProcessLauncher:
 
     def launch(self, trainer: Any, fn: str, model: Any, kwargs: dict[str, Any]) -> Any:
         strategy = single_device(self.plan.accelerator, self.plan.device_ids)
-        return trainer._run_stage(fn, model, strategy, **kwargs)
+        return trainer.session.run(fn, model, strategy, **kwargs)

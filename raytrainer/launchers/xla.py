@@ -23,9 +23,12 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable, Iterator, Sequence
 
 from raytrainer.callbacks.callback import Callback
+from raytrainer.checkpoint.host_copy import to_host
+from raytrainer.core import control
+from raytrainer.launchers.base import RankPayload, RunResult, merge_predictions
 from raytrainer.strategies.base import RankContext
 from raytrainer.strategies.xla import XLAStrategy, check_precision, import_xla
-from raytrainer.trainer.plan import Plan
+from raytrainer.plan import Plan
 from raytrainer.utilities import rng_states, set_rng_states
 
 HEARTBEAT_FILE = "heartbeat"
@@ -44,36 +47,31 @@ class XLALauncher:
         check_precision(self.plan.precision)
         if self.plan.world_size == 1:
             index = self.plan.device_ids[0] if self.plan.device_ids else None
-            out = trainer._run_stage(fn, model, XLAStrategy(index), **kwargs)
+            out = trainer.session.run(fn, model, XLAStrategy(index), **kwargs)
             return _to_host(out) if fn == "predict" else out  # as Lightning: predictions come back on CPU
         return self._launch_ranks(trainer, fn, model, kwargs)
 
     def _launch_ranks(self, trainer: Any, fn: str, model: Any, kwargs: dict[str, Any]) -> Any:
-        from raytrainer.launchers.ray.launcher import RayLauncher, RunResult, _merge_predictions
-
         n = self.plan.world_size
-        payload = _dumps((trainer, model, kwargs), "the trainer, module and data")
+        payload = _dumps((RankPayload.of(trainer), model, kwargs), "the trainer's config, callbacks, module and data")
         env = {"CPU_NUM_DEVICES": str(n)} if _pjrt_device() == "CPU" else {}
         with _environ(env):
             results = run_on_devices(_rank_main, (payload, fn, n, rng_states()),
                                      heartbeat_timeout_s=trainer.heartbeat_timeout_s,
                                      start_method=self.start_method)
         if fn == "predict":
-            return _merge_predictions(results)
+            return merge_predictions(results)
         result: RunResult = results[0]
-        RayLauncher._apply(trainer, model, result)
+        result.apply(trainer, model)
         return result.output
 
 
 # ---------------------------------------------------------------------------------- on each rank
 def _rank_main(payload: bytes, fn: str, world_size: int, rng: dict[str, Any], workdir: str) -> Any:
     """One rank: unpack its own copy of the run, train/evaluate on its device, return its share."""
-    from raytrainer.core import control
-    from raytrainer.launchers.ray.launcher import RunResult
-    from raytrainer.io.storage import to_cpu
-
     ctx = _rank_context(world_size)
-    trainer, model, kwargs = pickle.loads(payload)  # this rank's own copy (ranks may be threads of one process)
+    rank_payload, model, kwargs = pickle.loads(payload)  # this rank's own copy (ranks may be threads of one process)
+    trainer = rank_payload.build()
     set_rng_states(rng)  # every rank starts from the launching process's RNG, as Lightning's ranks share a seed
     control.reset()
     rank0 = ctx.global_rank == 0
@@ -81,15 +79,15 @@ def _rank_main(payload: bytes, fn: str, world_size: int, rng: dict[str, Any], wo
     if beat is not None:
         trainer.callbacks.append(beat)
     try:
-        out = trainer._run_stage(fn, model, XLAStrategy(ctx=ctx), **kwargs)
+        out = trainer.session.run(fn, model, XLAStrategy(ctx=ctx), **kwargs)
     finally:
         if beat is not None:
             trainer.callbacks = [cb for cb in trainer.callbacks if cb is not beat]
     if fn == "predict":  # every rank returns its contiguous shard; the launcher concatenates in rank order
-        return len(trainer._val_dataloaders), _to_host(out)
+        return len(trainer.session.val_dataloaders), _to_host(out)
     if not rank0:
         return None
-    return RunResult.from_trainer(trainer, model, fn, to_cpu(out), ctx.world_size)
+    return RunResult.from_session(trainer.session, fn, to_host(out), ctx.world_size)
 
 
 def _rank_context(world_size: int) -> RankContext:
@@ -265,15 +263,15 @@ def _dumps(obj: Any, what: str) -> bytes:
 
 
 def _to_host(obj: Any) -> Any:
-    """Predictions and other outputs on CPU (``storage.to_cpu`` copies every tensor in nested containers)."""
-    from raytrainer.io.storage import to_cpu
+    """Predictions and other outputs on CPU (``host_copy.to_host`` copies every tensor in nested containers)."""
+    from raytrainer.checkpoint.host_copy import to_host
 
     if obj is None:
         return None
     import torch_xla
 
     torch_xla.sync()
-    return to_cpu(obj)
+    return to_host(obj)
 
 
 def _pjrt_device() -> str:

@@ -27,3 +27,10 @@ class Logger:
     def log_hyperparams(self, params: dict[str, Any]) -> None: ...
     def save(self) -> None: ...
     def finalize(self, status: str) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a rank's logger hands back to the driver's copy after a run (e.g. the version it wrote)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take over what ``state_dict`` returned on the rank that wrote the logs."""

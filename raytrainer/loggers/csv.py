@@ -26,6 +26,17 @@ class CSVLogger(Logger):
         self._flush_every = flush_logs_every_n_steps
         self._unflushed = 0
 
+    def state_dict(self) -> dict[str, Any]:
+        """The version and the rows written so far, so the driver's copy (and later runs) append to them."""
+        return {"version": self._version, "rows": [dict(r) for r in self._rows], "keys": list(self._keys),
+                "unflushed": self._unflushed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._version = state.get("version", self._version)
+        self._rows = [dict(r) for r in state.get("rows", [])]
+        self._keys = list(state.get("keys", []))
+        self._unflushed = int(state.get("unflushed", 0))
+
     @property
     def name(self) -> str:
         return self._name

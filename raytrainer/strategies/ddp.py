@@ -76,7 +76,7 @@ class DDPStrategy(Strategy):
         device_ids = [self.root_device.index] if self.root_device.type == "cuda" else None
         self.model = DistributedDataParallel(module, device_ids=device_ids,
                                              find_unused_parameters=self.find_unused_parameters)
-        module.__dict__["_owner"] = self.model  # lets a StepDispatch reach its DDP wrapper (not a submodule)
+        module.__dict__["owner"] = self.model  # lets a StepDispatch reach its DDP wrapper (not a submodule)
         return self.model
 
     def pre_backward(self, loss: torch.Tensor) -> None:

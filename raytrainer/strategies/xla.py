@@ -127,11 +127,11 @@ class XLAStrategy(Strategy):
     # -- checkpoints ------------------------------------------------------------------------------
     def checkpoint_to_host(self, checkpoint: dict[str, Any]) -> dict[str, Any]:
         """A CPU copy of ``checkpoint``, so it loads with plain torch on machines without torch_xla."""
-        from raytrainer.io.storage import to_cpu
+        from raytrainer.checkpoint.host_copy import to_host
 
         torch_xla, _, _ = import_xla()
         torch_xla.sync()  # one execution for everything pending, then plain transfers
-        return to_cpu(checkpoint)
+        return to_host(checkpoint)
 
     # -- collectives ----------------------------------------------------------------------------
     def reduce(self, tensor: torch.Tensor | float, op: str = "mean") -> torch.Tensor:

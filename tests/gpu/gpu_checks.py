@@ -156,7 +156,7 @@ class Checks:
         self.expect_device(model)
         assert after < 0.5 * before, f"val_loss {before:.4f} -> {after:.4f} did not halve"
         assert all(p.dtype == self.torch.float32 for p in model.parameters())
-        scaler = trainer._precision.scaler
+        scaler = trainer.precision_plugin.scaler
         if self.cpu:
             return f"val_loss {before:.4f} -> {after:.4f} (bf16-mixed stands in for 16-mixed on CPU)"
         assert scaler is not None and scaler.is_enabled(), "16-mixed on CUDA must use an enabled GradScaler"
@@ -185,7 +185,7 @@ class Checks:
                 raise AssertionError(f"the {name}'s parameters did not change")
         g, d = (float(trainer.callback_metrics[k]) for k in ("g_loss_epoch", "d_loss_epoch"))
         assert all(map(lambda v: v == v and abs(v) != float("inf"), (g, d))), (g, d)
-        scale = trainer._precision.scaler.get_scale() if not self.cpu else None
+        scale = trainer.precision_plugin.scaler.get_scale() if not self.cpu else None
         return f"g_loss {g:.3f}, d_loss {d:.3f}" + (f"; GradScaler scale {scale:.0f}" if scale else "")
 
     def bf16_mixed(self) -> str:

@@ -14,13 +14,12 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pyarrow.fs as pafs
 import pytest
 import torch
 
 from raytrainer.io import storage
-from raytrainer.io.storage import AsyncCheckpointWriter, CheckpointCorruptError
+from raytrainer.io.storage import CheckpointCorruptError
 
 
 def _ckpt(version: int, n: int = 1000) -> dict:
@@ -477,107 +476,3 @@ def test_register_filesystem_rejects_bad_input():
         storage.register_filesystem("s3://", object())
     with pytest.raises(ValueError, match="cannot map abfs://"):
         storage.register_filesystem("abfs://container/", pafs.LocalFileSystem())
-
-
-# ------------------------------------------------------------------------------------------
-# Staging copies and the async writer
-# ------------------------------------------------------------------------------------------
-
-def test_to_cpu_copies_and_keeps_structure():
-    model = torch.nn.Linear(3, 2)
-    sd = model.state_dict()
-    Pair = collections.namedtuple("Pair", "a b")
-    rng = np.arange(4)
-    obj = {"state_dict": sd, "tied": [sd["weight"], sd["weight"]], "pair": Pair(torch.zeros(2), 1),
-           "size": torch.Size([2, 3]), "np": rng, "plain": ("x", 1)}
-    copy = storage.to_cpu(obj)
-
-    assert type(copy["state_dict"]) is collections.OrderedDict
-    assert copy["state_dict"]._metadata == sd._metadata
-    assert copy["tied"][0] is copy["tied"][1]
-    assert isinstance(copy["pair"], Pair) and copy["pair"].b == 1
-    assert copy["size"] == torch.Size([2, 3]) and copy["plain"] is obj["plain"]
-
-    with torch.no_grad():
-        model.weight.add_(1.0)
-        sd["bias"].zero_()
-    rng[0] = 99
-    obj["pair"].a.add_(5)
-    assert not torch.equal(copy["state_dict"]["weight"], model.weight)
-    assert torch.equal(copy["state_dict"]["weight"] + 1.0, model.weight)
-    assert copy["state_dict"]["bias"].abs().sum() > 0
-    assert copy["np"][0] == 0 and torch.equal(copy["pair"].a, torch.zeros(2))
-    assert not copy["state_dict"]["weight"].requires_grad
-
-
-def test_async_writer_writes_staged_snapshots(tmp_path):
-    weights = torch.zeros(10_000)
-    with AsyncCheckpointWriter(max_pending=2) as writer:
-        for step in range(5):
-            weights.fill_(float(step))
-            writer.submit({"step": step, "weights": weights}, str(tmp_path / f"step={step}.ckpt"))
-            weights.add_(1000.0)  # training goes on right after submit
-        writer.wait(timeout=60)
-        assert writer.pending == 0
-    for step in range(5):
-        ckpt = storage.load(str(tmp_path / f"step={step}.ckpt"))
-        assert ckpt["step"] == step and bool((ckpt["weights"] == step).all())
-    with pytest.raises(RuntimeError, match="closed"):
-        writer.submit({"step": 9}, str(tmp_path / "late.ckpt"))
-
-
-def test_async_writer_surfaces_background_errors(tmp_path):
-    blocker = tmp_path / "not_a_dir"
-    blocker.write_text("a file where a directory should be")
-    bad = str(blocker / "step=1.ckpt")
-    writer = AsyncCheckpointWriter()
-    writer.submit({"step": 1, "w": torch.ones(3)}, bad)
-    with pytest.raises(NotADirectoryError) as info:
-        writer.wait(timeout=60)
-    assert any(bad in note for note in info.value.__notes__)
-
-    # the error was reported once; the writer keeps working
-    good = str(tmp_path / "step=2.ckpt")
-    writer.submit({"step": 2}, good)
-    writer.wait(timeout=60)
-    assert storage.load(good) == {"step": 2}
-
-    # an error that nobody waited for is raised by the next submit
-    writer.submit({"step": 3}, bad)
-    deadline = time.monotonic() + 60
-    while writer.pending and time.monotonic() < deadline:
-        time.sleep(0.01)
-    with pytest.raises(NotADirectoryError):
-        writer.submit({"step": 4}, good)
-    writer.close(timeout=60)
-
-
-_EXIT_WITHOUT_CLOSE = r"""
-import sys, torch
-from raytrainer.io import storage
-writer = storage.AsyncCheckpointWriter()
-writer.submit({"version": 7, "weights": torch.arange(2_000_000)}, sys.argv[1])
-# no wait() or close(): the interpreter must still finish the write before it exits
-"""
-
-
-def test_async_writer_finishes_queued_write_at_interpreter_exit(tmp_path):
-    path = str(tmp_path / "exit.ckpt")
-    done = subprocess.run([sys.executable, "-c", _EXIT_WITHOUT_CLOSE, path], capture_output=True, timeout=60)
-    assert done.returncode == 0, done.stderr.decode()
-    ckpt = storage.load(path)
-    assert ckpt["version"] == 7 and torch.equal(ckpt["weights"], torch.arange(2_000_000))
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_to_cpu_and_async_writer_with_cuda_tensors(tmp_path):
-    weight = torch.arange(1000, dtype=torch.float32, device="cuda")
-    state = {"w": weight, "tied": weight, "step": torch.tensor(3, device="cuda")}
-    staged = storage.to_cpu(state)
-    assert staged["w"].device.type == "cpu" and staged["w"] is staged["tied"]
-    with AsyncCheckpointWriter() as writer:
-        writer.submit(state, str(tmp_path / "cuda.ckpt"))
-        weight.mul_(-1)  # training changes the GPU tensor right after submit
-    loaded = storage.load(str(tmp_path / "cuda.ckpt"), map_location="cpu")
-    assert torch.equal(loaded["w"], torch.arange(1000, dtype=torch.float32))
-    assert torch.equal(staged["w"], torch.arange(1000, dtype=torch.float32))

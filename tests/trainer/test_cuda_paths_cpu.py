@@ -14,9 +14,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import raytrainer as pl
-from raytrainer.launchers.base import make_launcher
+from raytrainer.launchers import make_launcher
 from raytrainer.strategies.single_device import single_device
-from raytrainer.trainer.plan import Env, Plan
+from raytrainer.plan import Env, Plan
 from raytrainer.core.precision import MixedPrecision, make_precision
 
 REPO = Path(__file__).resolve().parents[2]
@@ -123,7 +123,7 @@ class UsePrecision(pl.Callback):
         self.precision = precision
 
     def setup(self, trainer, pl_module, stage):
-        trainer._precision = self.precision
+        trainer.precision_plugin = self.precision
 
 
 def fit_with(precision: MixedPrecision, manual: bool, tmp_path: Path) -> tuple[Regressor, pl.Trainer]:
@@ -144,7 +144,7 @@ def test_trainer_16_mixed_path_with_a_disabled_scaler_matches_no_scaler(tmp_path
     """The scaler branch of MixedPrecision (step, update, closure handling) changes nothing when disabled:
     the same fit without any scaler gives bit-identical weights."""
     scaled, trainer = fit_with(MixedPrecision("cpu", torch.float16), manual, tmp_path / "scaler")
-    assert trainer._precision.scaler is not None and not trainer._precision.scaler.is_enabled()
+    assert trainer.precision_plugin.scaler is not None and not trainer.precision_plugin.scaler.is_enabled()
     plain, _ = fit_with(MixedPrecision("cpu", torch.float16, scaler=False), manual, tmp_path / "plain")
     for a, b in zip(scaled.parameters(), plain.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -6,8 +6,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import raytrainer as pl
-from raytrainer.checkpoint.format import dump_checkpoint
-from raytrainer.io.storage import to_cpu
+from raytrainer.checkpoint.bridge import capture
+from raytrainer.checkpoint.host_copy import to_host
 
 
 class Tiny(pl.LightningModule):
@@ -31,13 +31,13 @@ class SnapshotAtEpochEnd(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.current_epoch == 0 and batch_idx == self.last_batch:
-            self.state = to_cpu(dump_checkpoint(trainer))
+            self.state = to_host(capture(trainer.session))
 
 
 def _trainer(**kw) -> pl.Trainer:
     t = pl.Trainer(enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, logger=False,
                    **kw)
-    t._elastic = True  # as on a Ray rank of an elastic run: the data goes through ElasticBatchSampler
+    t.session.elastic = True  # as on a Ray rank of an elastic run: the data goes through ElasticBatchSampler
     return t
 
 

@@ -195,7 +195,7 @@ def test_max_time_stops_a_long_run():
 
 @pytest.mark.parametrize("max_time", ["00:00:00:01", {"seconds": 1}])
 def test_max_time_forms_are_accepted(max_time):
-    assert pl.Trainer(**quiet(max_time=max_time))._max_time_s == 1.0
+    assert pl.Trainer(**quiet(max_time=max_time)).config.max_time_s == 1.0
 
 
 def test_max_time_bad_string():

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import raytrainer
-from raytrainer.core.optimization import LightningOptimizer
+from raytrainer.core.step import LightningOptimizer
 
 # every fit here is a few batches on CPU; a miscounted global_step must fail, not spin on max_steps
 pytestmark = pytest.mark.timeout(120)
@@ -710,7 +710,7 @@ class ScalerProbe(raytrainer.LightningModule):
 
     def setup(self, stage: str) -> None:
         # 16-mixed needs CUDA; a real GradScaler enabled on CPU drives the same code path here.
-        self.trainer._precision.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        self.trainer.precision_plugin.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
         (x,) = batch

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import raytrainer as pl
-from raytrainer.trainer.plan import Env, Plan
+from raytrainer.plan import Env, Plan
 
 NO_GPU = Env(cuda_device_count=0)
 EIGHT_GPUS = Env(cuda_device_count=8)

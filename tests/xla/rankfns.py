@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from raytrainer.launchers.xla import _rank_context
-from raytrainer.strategies.sampler import distributed_loader
+from raytrainer.data.samplers import distributed_loader
 from raytrainer.strategies.xla import XLAStrategy
 
 

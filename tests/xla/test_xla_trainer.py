@@ -51,7 +51,7 @@ def fitted(tmp_path_factory):
 def test_fit_validate_predict_on_xla(fitted):
     trainer, model, dm, before = fitted
     assert trainer.plan.launcher == "xla" and isinstance(trainer.strategy, XLAStrategy)
-    assert isinstance(trainer._precision, XLAPrecision)
+    assert isinstance(trainer.precision_plugin, XLAPrecision)
     assert on_xla(model) and str(trainer.strategy.root_device) == "xla:0"
     assert trainer.global_step == 3 * 22  # 1400 images in batches of 64
     after = trainer.validate(model, datamodule=dm, verbose=False)[0]["val_loss"]

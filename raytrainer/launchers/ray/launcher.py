@@ -10,144 +10,14 @@ from typing import Any
 
 import torch
 
-from raytrainer.core.events import EventLog
+from raytrainer.core import control
+from raytrainer.core.events import EventLog, command_fields
+from raytrainer.launchers.base import RankPayload, RunResult, merge_predictions
+from raytrainer.launchers.ray.group import PlacementError, RankError, WorkerGroup, check_picklable, ensure_ray
+from raytrainer.launchers.ray.rank import latest_snapshot, queued_messages, rank_entry, request_stop
 from raytrainer.launchers.ray.policies import Failure, FailurePolicy, FailuresExhausted, ScalingPolicy, free_slots
-from raytrainer.trainer.plan import Plan
+from raytrainer.plan import Plan
 from raytrainer.utilities import log, rng_states
-
-
-@dataclass
-class RunResult:
-    """What rank 0 (and, for predict, every rank) sends back to the driver."""
-
-    output: Any = None
-    status: str = "finished"          # finished | preempted | resize
-    snapshot: dict[str, Any] | None = None
-    state_dict: dict[str, torch.Tensor] | None = None
-    global_step: int = 0
-    current_epoch: int = 0
-    world_size: int = 1
-    callback_metrics: dict[str, torch.Tensor] = field(default_factory=dict)
-    logged_metrics: dict[str, Any] = field(default_factory=dict)
-    progress_bar_metrics: dict[str, float] = field(default_factory=dict)
-    callback_states: list[dict[str, Any]] = field(default_factory=list)
-    logger_states: list[dict[str, Any]] = field(default_factory=list)
-    batches_that_stepped: int = 0
-
-    @classmethod
-    def from_trainer(cls, trainer: Any, model: Any, fn: str, output: Any, world_size: int,
-                     status: str = "finished", snapshot: dict[str, Any] | None = None) -> "RunResult":
-        """Rank 0's state after a run, copied to host memory (any launcher that runs ranks elsewhere)."""
-        from raytrainer.io.storage import to_cpu
-
-        return cls(
-            output=output, status=status, snapshot=snapshot,
-            state_dict=to_cpu(model.state_dict()) if fn == "fit" else None,
-            global_step=trainer.global_step, current_epoch=trainer.current_epoch, world_size=world_size,
-            callback_metrics=to_cpu(dict(trainer._callback_metrics)),
-            logged_metrics=dict(trainer._logged_metrics), progress_bar_metrics=dict(trainer._progress_bar_metrics),
-            callback_states=[to_cpu(_state(cb)) for cb in trainer.callbacks],
-            logger_states=[_state(lg) for lg in trainer.loggers], batches_that_stepped=trainer._batches_that_stepped,
-            saved_checkpoints=list(trainer.saved_checkpoints), log_dir=trainer.log_dir,
-        )
-    saved_checkpoints: list[tuple[int, str]] = field(default_factory=list)
-    log_dir: str | None = None
-
-
-def rank_entry(info: Any, trainer: Any, fn: str, model: Any, kwargs: dict[str, Any],
-               ctl: dict[str, Any] | None = None) -> RunResult | Any:
-    """Runs on every rank: build the DDP strategy, run the loops, return this rank's share of the result."""
-    from raytrainer.core import control, snapshots
-    from raytrainer.launchers.ray.worker import send_to_driver
-    from raytrainer.strategies.ddp import DDPStrategy
-    from raytrainer.utilities import set_rng_states
-
-    ctl = ctl or {}
-    control.reset()
-    snapshots.clear()
-    if ctl.get("rng") is not None:
-        set_rng_states(ctl["rng"])  # every rank starts from the driver's RNG, as Lightning's ranks share a seed
-    # Manual optimization (GANs: each loss touches only some parameters) needs DDP to find unused parameters.
-    find_unused = trainer.plan.strategy == "ddp_find_unused_parameters_true" or not model.automatic_optimization
-    strategy = DDPStrategy(info.device, info, timeout_s=trainer.collective_timeout_s,
-                           find_unused_parameters=find_unused)
-    rank0 = info.global_rank == 0
-    bar = trainer.progress_bar_callback
-    if bar is not None and rank0:
-        bar.sink = lambda event: send_to_driver({"type": "progress", "event": event})
-    trainer._events_forwarded = True
-    trainer._forward_start = bool(ctl.get("emit_start")) and rank0
-    trainer._elastic = bool(ctl.get("elastic"))
-    trainer._events = _ForwardEvents() if rank0 else None
-    if fn == "fit":
-        trainer._snapshotter = snapshots.Snapshotter(
-            ctl.get("snapshot_every"), publish=_publish_snapshot if rank0 else None,
-            heartbeat=(lambda step, epoch: send_to_driver({"type": "heartbeat", "step": step, "epoch": epoch}))
-            if rank0 else None)
-        resume_step = ctl.get("resume_step")
-        if resume_step is not None and rank0:
-            for lg in trainer.loggers:
-                if hasattr(lg, "resume_from_step"):
-                    lg.resume_from_step(resume_step)
-    status = "finished"
-    try:
-        out = trainer._run_stage(fn, model, strategy, **kwargs)
-    except control.Preempted as exc:
-        out, status = exc.checkpoint, "preempted"
-    if fn == "predict":  # every rank returns its contiguous shard; the driver concatenates in rank order
-        return len(trainer._val_dataloaders), out
-    snapshot = None
-    if status == "finished" and control.stop_reason() == "resize":
-        status = "resize"
-        snapshot = trainer._snapshotter.take(trainer) if rank0 else None
-    if not rank0:
-        return None
-    return RunResult.from_trainer(trainer, model, fn, out, info.world_size, status=status, snapshot=snapshot)
-
-
-class _ForwardEvents:
-    """Rank 0's event sink: checkpoint events go to the driver, which owns the events log."""
-
-    def emit(self, event: str, **fields: Any) -> None:
-        from raytrainer.launchers.ray.worker import send_to_driver
-
-        send_to_driver({"type": "event", "event": event, "fields": {**fields, "time": round(time.time(), 3)}})
-
-
-def _publish_snapshot(step: int, state: dict[str, Any]) -> None:
-    """(rank 0, background thread) Put a snapshot in the object store and tell the driver where it is."""
-    import ray
-
-    from raytrainer.launchers.ray.worker import send_to_driver
-
-    send_to_driver({"type": "snapshot", "step": step, "ref": ray.put(state)})
-
-
-def _latest_snapshot(info: Any) -> tuple[int, dict[str, Any]] | None:
-    """(any rank, while another call may be stuck in a collective) This rank's newest snapshot."""
-    from raytrainer.launchers.ray import snapshots
-
-    return snapshots.latest()
-
-
-def _queued_messages(info: Any) -> list[Any]:
-    """(any rank) Messages for the driver that were not polled yet."""
-    from raytrainer.launchers.ray.worker import _drain
-
-    return _drain()
-
-
-def _request_stop(info: Any, reason: str) -> int:
-    """(any rank) Stop at the next agreed step boundary, for "preempt" or "resize"."""
-    from raytrainer.core import control
-
-    control.request_stop(reason)
-    return info.global_rank
-
-
-def _state(obj: Any) -> dict[str, Any]:
-    state = obj.__getstate__()  # Python 3.11: None for an object with an empty __dict__
-    return dict(state) if isinstance(state, dict) else dict(vars(obj))
 
 
 class RayLauncher:
@@ -162,16 +32,15 @@ class RayLauncher:
 
     # ------------------------------------------------------------------ groups
     def _new_group(self, trainer: Any, world: int, spares: bool = False) -> Any:
-        from raytrainer.launchers.ray.group import WorkerGroup
-
+        session, config = trainer.session, trainer.config
         nodes, per_node = self._scaling(trainer).layout(world) if self.plan.elastic else \
             (self.plan.num_nodes, self.plan.ranks_per_node)
         group = WorkerGroup(
-            run_name=trainer.__dict__.setdefault("_run_name", uuid.uuid4().hex[:8]), num_nodes=nodes,
+            run_name=session.run_name, num_nodes=nodes,
             ranks_per_node=per_node, cpus_per_rank=1, gpus_per_rank=1 if self.plan.accelerator == "cuda" else 0,
-            placement_timeout_s=trainer.placement_timeout_s, collective_timeout_s=trainer.collective_timeout_s,
-            ray_address=trainer.ray_address, env=_forwarded_env(),
-            spares_per_node=trainer.spare_ranks_per_node if spares else 0,
+            placement_timeout_s=config.placement_timeout_s, collective_timeout_s=config.collective_timeout_s,
+            ray_address=config.ray_address, env=_forwarded_env(),
+            spares_per_node=config.spare_ranks_per_node if spares else 0,
         )
         atexit.register(group.shutdown)
         return group
@@ -187,8 +56,8 @@ class RayLauncher:
         if fn == "fit":
             return _FitSupervisor(self, trainer, model, kwargs).run()
         # Each entry point gets its own group, released when it returns (as Lightning's processes end).
-        group = self._new_group(trainer, trainer.__dict__.get("_world") or self.plan.world_size)
-        trainer.__dict__["_worker_group"] = group
+        group = self._new_group(trainer, trainer.session.world or self.plan.world_size)
+        trainer.session.worker_group = group
         bar = trainer.progress_bar_callback
 
         def on_message(rank: int, msg: Any) -> None:
@@ -196,39 +65,17 @@ class RayLauncher:
                 bar.handle(msg["event"])
 
         try:
-            results = group.run(rank_entry, trainer, fn, model, kwargs, {"rng": rng_states()},
+            results = group.run(rank_entry, RankPayload.of(trainer), fn, model, kwargs, {"rng": rng_states()},
                                 on_message=on_message, arg_names=["trainer", "fn", "model", "kwargs", "ctl"])
         finally:
             if bar is not None:
                 bar.close()
             group.shutdown()
         if fn == "predict":
-            return _merge_predictions(results)
+            return merge_predictions(results)
         result: RunResult = results[0]
-        self._apply(trainer, model, result)
+        result.apply(trainer, model)
         return result.output
-
-    @staticmethod
-    def _apply(trainer: Any, model: Any, result: RunResult) -> None:
-        """Make the driver's trainer and module look as they would after an in-process run."""
-        if result.state_dict is not None:
-            model.load_state_dict(result.state_dict)
-        model.trainer = trainer
-        trainer.lightning_module = model
-        trainer.global_step = result.global_step
-        trainer.current_epoch = result.current_epoch
-        trainer.__dict__["_world"] = result.world_size
-        trainer._callback_metrics = dict(result.callback_metrics)
-        trainer._logged_metrics = dict(result.logged_metrics)
-        trainer._progress_bar_metrics = dict(result.progress_bar_metrics)
-        trainer.saved_checkpoints = list(result.saved_checkpoints)
-        trainer._batches_that_stepped = result.batches_that_stepped
-        for lg, state in zip(trainer.loggers, result.logger_states):
-            lg.__dict__.update(state)  # the rows rank 0 wrote, so later runs append to them
-        for cb, state in zip(trainer.callbacks, result.callback_states):
-            state = {k: v for k, v in state.items() if k not in ("_bar", "sink", "_writer")}
-            cb.__dict__.update(state)
-        log.debug("ray run finished: step %d, epoch %d", result.global_step, result.current_epoch)
 
 
 class _FitSupervisor:
@@ -238,7 +85,7 @@ class _FitSupervisor:
         self.launcher, self.trainer, self.model, self.kwargs = launcher, trainer, model, dict(kwargs)
         self.plan = launcher.plan
         self.events = EventLog(trainer.log_dir)
-        self.failures = FailurePolicy(trainer.max_failures)
+        self.failures = FailurePolicy(trainer.config.max_failures)
         self.scaling = launcher._scaling(trainer)
         self.step = 0
         self.epoch = 0
@@ -276,8 +123,6 @@ class _FitSupervisor:
                 if self.start_logged:
                     return  # already recorded by the driver when this message came too late
                 self.start_logged = True
-                from raytrainer.core.events import command_fields
-
                 fields.update(command_fields())  # the driver's command line, not the rank actor's
             self.events.emit(msg["event"], **fields)
 
@@ -286,10 +131,11 @@ class _FitSupervisor:
         now = time.monotonic()
         if self.sigterm and not self.stop_sent:
             self._request_stop("preempt")
-        hb_timeout = self.trainer.heartbeat_timeout_s
+        hb_timeout = self.trainer.config.heartbeat_timeout_s
         if now - self.last_beat > hb_timeout:
             raise _Hung(f"no progress from rank 0 for {hb_timeout:.0f} s (stuck in a collective or a step)")
-        if self.plan.elastic and not self.stop_sent and now - self.last_scale_check >= self.trainer.scale_check_interval_s:
+        if self.plan.elastic and not self.stop_sent and now - self.last_scale_check >= \
+                self.trainer.config.scale_check_interval_s:
             self.last_scale_check = now
             target = self.scaling.should_grow(self.world, _free_slots(self.plan))
             if target is not None:
@@ -298,15 +144,15 @@ class _FitSupervisor:
 
     def _request_stop(self, reason: str) -> None:
         self.stop_sent = True
-        _call_ranks(self.group, _request_stop, reason)
+        _call_ranks(self.group, request_stop, reason)
 
     def _collect_survivor_snapshots(self, err: BaseException) -> None:
         """Before the group is torn down: deliver what ranks still had queued for the driver (events,
         snapshots), then take the newest snapshot any surviving rank holds."""
-        for rank, queued in enumerate(_call_ranks(self.group, _queued_messages)):
+        for rank, queued in enumerate(_call_ranks(self.group, queued_messages)):
             for msg in queued or []:
                 self.on_message(rank, msg)
-        for outcome in _call_ranks(self.group, _latest_snapshot):
+        for outcome in _call_ranks(self.group, latest_snapshot):
             if outcome is not None and (self.driver_snapshot is None or outcome[0] > self.driver_snapshot[0]):
                 self.driver_snapshot = outcome
 
@@ -314,11 +160,8 @@ class _FitSupervisor:
     def run(self) -> Any:
         import ray
 
-        from raytrainer.core import control
-        from raytrainer.launchers.ray.group import PlacementError, RankError, ensure_ray
-
         trainer = self.trainer
-        ensure_ray(self.plan.max_ranks, 0, trainer.ray_address)
+        ensure_ray(self.plan.max_ranks, 0, trainer.config.ray_address)
         self.world = self._initial_world()
         resume: Any = self.kwargs.get("ckpt_path")
         resume_step: int | None = None
@@ -333,7 +176,7 @@ class _FitSupervisor:
             while True:
                 if not reuse:
                     self.group = self.launcher._new_group(trainer, self.world, spares=True)
-                    trainer.__dict__["_worker_group"] = self.group
+                    trainer.session.worker_group = self.group
                     try:
                         self.group.start()
                     except PlacementError:
@@ -344,16 +187,18 @@ class _FitSupervisor:
                 reuse = False
                 if kind != "start":  # rank 0 reports the first start itself, once it knows the step it resumed at
                     self.events.emit(kind, world_size=self.world, step=self.step, epoch=self.epoch, cause=cause)
-                ctl = {"rng": self.rng, "snapshot_every": trainer.snapshot_every_n_steps, "resume_step": resume_step,
+                ctl = {"rng": self.rng, "snapshot_every": trainer.config.snapshot_every_n_steps,
+                       "resume_step": resume_step,
                        "elastic": self.plan.elastic, "emit_start": kind == "start"}
                 self.stop_sent, self.resize_to, self.last_beat = False, None, time.monotonic()
                 try:
                     results = self.group.run(
-                        rank_entry, trainer, "fit", self.model, dict(self.kwargs, ckpt_path=resume), ctl,
+                        rank_entry, RankPayload.of(trainer), "fit", self.model, dict(self.kwargs, ckpt_path=resume),
+                        ctl,
                         on_message=self.on_message, on_tick=self.on_tick,
                         before_shutdown=self._collect_survivor_snapshots,
                         arg_names=["trainer", "fn", "model", "kwargs", "ctl"],
-                        keep_on_failure=trainer.max_failures > 0)
+                        keep_on_failure=trainer.config.max_failures > 0)
                 except (RankError, _Hung) as err:
                     kept = self._settle(err)
                     world = self.world
@@ -381,8 +226,8 @@ class _FitSupervisor:
                     kind, cause = "resize", f"world {old} -> {self.world}: more resources available"
                     continue
                 self.group.shutdown()
-                self.launcher._apply(trainer, self.model, result)
-                trainer.__dict__["_world"] = self.world
+                result.apply(trainer, self.model)
+                trainer.session.world = self.world
                 if result.status == "preempted":
                     self.events.emit("preemption", world_size=self.world, step=self.step, epoch=self.epoch,
                                      cause="SIGTERM", path=result.output)
@@ -403,8 +248,6 @@ class _FitSupervisor:
         True when the survivors can re-form the group in place; otherwise the group is shut down (a
         survivor stuck past SETTLE_TIMEOUT_S, an error that will not be retried, a hang).
         """
-        from raytrainer.launchers.ray.group import RankError
-
         if not getattr(self.group, "started", False):
             return False  # run() already shut it down (max_failures=0, a hang, Ctrl-C)
         ok = isinstance(err, RankError) and _retryable(err, err.died) and \
@@ -430,8 +273,6 @@ class _FitSupervisor:
 
     def _after_failure(self, err: BaseException) -> tuple[Any, int | None]:
         """Record the failure, decide to retry or give up, and pick the state to resume from."""
-        from raytrainer.core.control import PREEMPTED_EXIT_CODE  # noqa: F401 - documented exit code
-
         if not _retryable(err, getattr(err, "died", False)):
             self.events.emit("finish", world_size=self.world, step=self.step, epoch=self.epoch,
                              cause=f"failed: {_short_cause(err)}")
@@ -446,8 +287,6 @@ class _FitSupervisor:
         preempted = died and "preempted" in getattr(err, "traceback", "").lower()
         short = _short_cause(err)
         if not self.start_logged:  # rank 0's own start event was lost with the group: record it here
-            from raytrainer.core.events import command_fields
-
             self.start_logged = True
             self.events.emit("start", world_size=self.world, step=0, epoch=0, **command_fields())
         failure = Failure(time.time(), rank, node, short, self.step, preempted=preempted)
@@ -455,7 +294,7 @@ class _FitSupervisor:
                          rank=rank, node=node)
         if self.failures.record(failure) == "raise":
             self.events.emit("finish", world_size=self.world, step=self.step, epoch=self.epoch, cause="failed")
-            raise FailuresExhausted(self.failures.failures, self.trainer.max_failures) from err
+            raise FailuresExhausted(self.failures.failures, self.trainer.config.max_failures) from err
         if self.plan.elastic:
             self.world = self.scaling.after_failure(self.world, _free_slots(self.plan, capacity=True))
         if self.driver_snapshot is not None:
@@ -530,20 +369,18 @@ def _check_sendable(trainer: Any, model: Any, kwargs: dict[str, Any]) -> None:
     """
     import cloudpickle
 
-    from raytrainer.launchers.ray.group import check_picklable
-
     class SkipTensors(cloudpickle.CloudPickler):
         def persistent_id(self, obj: Any) -> Any:
             return 0 if isinstance(obj, torch.Tensor) else None
 
     try:
-        SkipTensors(_Discard(), protocol=cloudpickle.DEFAULT_PROTOCOL).dump((trainer, model, kwargs))
+        SkipTensors(_Discard(), protocol=cloudpickle.DEFAULT_PROTOCOL).dump((RankPayload.of(trainer), model, kwargs))
     except Exception as err:  # noqa: BLE001 - find and name the culprit
         names = {"train": "train_dataloaders", "val": "val_dataloaders"}
         check_picklable(model, "model")
         for key, value in kwargs.items():
             check_picklable(value, names.get(key, key))
-        check_picklable(trainer, "trainer")
+        check_picklable(RankPayload.of(trainer), "trainer")
         raise TypeError(f"the trainer, module and data cannot be pickled together for the Ray ranks: "
                         f"{type(err).__name__}: {err}") from err
 
@@ -555,13 +392,3 @@ def _forwarded_env() -> dict[str, str]:
     keys = ("RAYTRAINER_S3_ENDPOINT", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
             "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "PL_GLOBAL_SEED", "PL_SEED_WORKERS")
     return {k: os.environ[k] for k in keys if k in os.environ}
-
-
-def _merge_predictions(per_rank: list[tuple[int, Any]]) -> Any:
-    """Concatenate rank shards in rank order (each rank predicted a contiguous block of the data)."""
-    n_loaders, first = per_rank[0]
-    if first is None:
-        return None
-    shards = [out if n_loaders > 1 else [out] for _, out in per_rank]
-    merged = [[batch for shard in shards for batch in shard[i]] for i in range(n_loaders)]
-    return merged if n_loaders > 1 else merged[0]

@@ -16,50 +16,36 @@ survivor holds, then the driver's copy, then the newest valid durable checkpoint
 from __future__ import annotations
 
 import collections
-import copy
 import math
 import statistics
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 
+from raytrainer.checkpoint.host_copy import LiveRefs
 from raytrainer.utilities import log
 
 AUTO_MAX_OVERHEAD = 0.05  # automatic interval: snapshots may cost at most 5% of training time
 FULL_COPY_MAX_OVERHEAD = 0.01  # rank 0's published full copies: at most 1% of training time
 
 
-@dataclass
-class _Snapshot:
-    """One step boundary's state: light parts copied, heavy tensors (parameters, optimizer state) live."""
+class _Light(NamedTuple):
+    """One step boundary's state: light parts copied, heavy tensors (parameters, optimizer state) live.
+
+    ``refs`` holds the heavy tensors with their version counters and the optimizer-step count at the
+    boundary; ``refs.copy(state)`` is the detached CPU copy of the boundary's state, or None once
+    training has moved on (an optimizer step ran or a heavy tensor was written in place).
+    """
 
     step: int
     state: dict[str, Any]
-    heavy: list[torch.Tensor]
-    versions: list[int]
-    optimizer_steps: int
-    counter: "Callable[[], int]"
-
-    def unchanged(self) -> bool:
-        """True while no optimizer step ran and no heavy tensor was written in place since the boundary."""
-        return self.counter() == self.optimizer_steps and \
-            all(t._version == v for t, v in zip(self.heavy, self.versions))
-
-    def copy(self) -> dict[str, Any] | None:
-        """A detached CPU copy of the state at the boundary, or None if training has moved on since."""
-        from raytrainer.io.storage import to_cpu
-
-        if not self.unchanged():
-            return None
-        state = to_cpu(self.state)
-        return state if self.unchanged() else None  # a write that began during the copy is caught here
+    refs: LiveRefs
 
 
 # This process's newest snapshots (a rank actor): the light one of the last boundary, and the last full copy.
-_LIGHT: _Snapshot | None = None
+_LIGHT: _Light | None = None
 _FULL: tuple[int, dict[str, Any]] | None = None
 _LOCK = threading.Lock()
 
@@ -73,7 +59,7 @@ def latest() -> tuple[int, dict[str, Any]] | None:
     with _LOCK:
         light, full = _LIGHT, _FULL
     if light is not None and (full is None or light.step > full[0]):
-        state = light.copy()
+        state = light.refs.copy(light.state)  # a write that begins during the copy is caught too
         if state is not None:
             return light.step, state
         log.info("the snapshot of step %d is stale (training moved on before the failure); using the last full "
@@ -87,42 +73,19 @@ def clear() -> None:
         _LIGHT = _FULL = None
 
 
-def _heavy_tensors(trainer: Any) -> list[torch.Tensor]:
+def _heavy_tensors(session: Any) -> list[torch.Tensor]:
     """The tensors a snapshot keeps by reference: parameters and optimizer state."""
-    heavy = [p for p in trainer.lightning_module.parameters()]
-    for opt in trainer.optimizers:
+    heavy = [p for p in session.module.parameters()]
+    for opt in session.optimizers:
         for per_param in opt.state.values():
             heavy.extend(v for v in per_param.values() if isinstance(v, torch.Tensor))
     return heavy
 
 
-_ATOMS = (int, float, str, bool, bytes, type(None))
-# Parts of dump_checkpoint's dict that it builds afresh from counters, RNG draws and cloned accumulators:
+# Parts of bridge.capture's dict that it builds afresh from counters, RNG draws and cloned accumulators:
 # nothing in them is shared with training, so a snapshot keeps them without copying.
 _FRESH_KEYS = frozenset({"epoch", "global_step", "pytorch-lightning_version", "loops", "raytrainer",
                          "hyper_parameters", "hparams_name", "hparams_type"})
-
-
-def _keep_heavy(obj: Any, heavy: set[tuple[int, tuple[int, ...]]], memo: dict[int, Any]) -> Any:
-    """Copy containers and light tensors; keep tensors that view a heavy tensor's memory as they are."""
-    if isinstance(obj, torch.Tensor):
-        if obj.data_ptr() and (obj.data_ptr(), tuple(obj.shape)) in heavy:
-            return obj
-        found = memo.get(id(obj))
-        if found is None:
-            found = memo[id(obj)] = obj.detach().clone()
-        return found
-    if isinstance(obj, dict):
-        new = obj.copy() if type(obj) is dict else copy.copy(obj)  # copy.copy keeps a state_dict's _metadata
-        for k, v in obj.items():
-            if type(v) not in _ATOMS:
-                new[k] = _keep_heavy(v, heavy, memo)
-        return new
-    if isinstance(obj, list):
-        return [v if type(v) in _ATOMS else _keep_heavy(v, heavy, memo) for v in obj]
-    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
-        return tuple(v if type(v) in _ATOMS else _keep_heavy(v, heavy, memo) for v in obj)
-    return copy.deepcopy(obj) if isinstance(obj, set) else obj
 
 
 class Snapshotter:
@@ -155,19 +118,21 @@ class Snapshotter:
         self._optimizer_steps = 0
         self._hooked: set[int] = set()
         self._heavy_shape: Any = None
-        self._heavy: list[torch.Tensor] = []
-        self._heavy_keys: set[tuple[int, tuple[int, ...]]] = set()
+        self._heavy = LiveRefs()
 
     def _count_step(self, *args: Any, **kwargs: Any) -> None:
         self._optimizer_steps += 1
 
-    def maybe_take(self, trainer: Any) -> None:
+    def _steps_done(self) -> int:
+        return self._optimizer_steps
+
+    def maybe_take(self, session: Any) -> None:
         """Called at each step boundary; snapshots when the interval has passed."""
-        step = trainer.global_step
+        step = session.state.global_step
         now = time.perf_counter()
         if self.heartbeat is not None and now - self._last_beat >= self.heartbeat_every_s:
             self._last_beat = now
-            self.heartbeat(step, trainer.current_epoch)
+            self.heartbeat(step, session.state.current_epoch)
         if step != self._last_step:
             # time per optimizer step, smoothed (only used to size the automatic interval); the clock starts at
             # the first step boundary, so setup and the first step's warm-up do not count
@@ -178,7 +143,7 @@ class Snapshotter:
             self._step_clock = now
         if not self.enabled or step == self._last_step or step % self.every != 0:
             return
-        snap = self._take_light(trainer)
+        snap = self._take_light(session)
         if self.publish is not None:
             self._maybe_publish(snap)
         cost = time.perf_counter() - now
@@ -190,43 +155,41 @@ class Snapshotter:
         if self.fixed is None and self._step_time > 0:
             self.every = max(1, math.ceil(self.cost_s / (AUTO_MAX_OVERHEAD * self._step_time)))
 
-    def _take_light(self, trainer: Any) -> _Snapshot:
+    def _take_light(self, session: Any) -> _Light:
         """Record this boundary: light state copied, parameters and optimizer state by reference."""
         global _LIGHT
-        from raytrainer.checkpoint.format import dump_checkpoint
+        from raytrainer.checkpoint.bridge import capture
 
-        for opt in trainer.optimizers:
+        for opt in session.optimizers:
             if id(opt) not in self._hooked:  # counts completed optimizer steps, however the step was written
                 opt.register_step_post_hook(self._count_step)
                 self._hooked.add(id(opt))
         # The heavy tensors change identity only when optimizer state appears (first step) or the module changes.
-        shape = (id(trainer.lightning_module), tuple(len(o.state) for o in trainer.optimizers))
+        shape = (id(session.module), tuple(len(o.state) for o in session.optimizers))
         if shape != self._heavy_shape:
             self._heavy_shape = shape
-            self._heavy = _heavy_tensors(trainer)
-            self._heavy_keys = {(t.data_ptr(), tuple(t.shape)) for t in self._heavy if t.data_ptr()}
+            self._heavy = LiveRefs(_heavy_tensors(session), steps=self._steps_done)
         heavy, memo = self._heavy, {}
-        ckpt = dump_checkpoint(trainer, weights_only=False, check=False)
-        state = {k: v if k in _FRESH_KEYS else _keep_heavy(v, self._heavy_keys, memo) for k, v in ckpt.items()}
-        snap = _Snapshot(trainer.global_step, state, heavy, [t._version for t in heavy], self._optimizer_steps,
-                         lambda: self._optimizer_steps)
+        ckpt = capture(session, weights_only=False, check=False)
+        state = {k: v if k in _FRESH_KEYS else heavy.keep(v, memo) for k, v in ckpt.items()}
+        snap = _Light(session.state.global_step, state, heavy.record())  # versions and step count at the boundary
         with _LOCK:
             _LIGHT = snap
         self._last_step = snap.step
         self.taken += 1
         return snap
 
-    def take(self, trainer: Any) -> dict[str, Any]:
+    def take(self, session: Any) -> dict[str, Any]:
         """A full, detached copy of the training state now (at a step boundary), kept as the last full copy."""
         global _FULL
-        snap = self._take_light(trainer)
-        state = snap.copy()
+        snap = self._take_light(session)
+        state = snap.refs.copy(snap.state)
         assert state is not None, "the state changed while the training thread was copying it"
         with _LOCK:
             _FULL = (snap.step, state)
         return state
 
-    def _maybe_publish(self, light: _Snapshot) -> None:
+    def _maybe_publish(self, light: _Light) -> None:
         """(rank 0, at the boundary ``light`` was taken) Every publish interval, a full copy of it goes to the
         driver from a background thread."""
         global _FULL
@@ -235,7 +198,7 @@ class Snapshotter:
                 (self._publisher is not None and self._publisher.is_alive()):
             return
         started = time.perf_counter()
-        state = light.copy()
+        state = light.refs.copy(light.state)
         if state is None:
             return
         with _LOCK:

@@ -18,7 +18,8 @@ from typing import Any
 import cloudpickle
 import torch
 
-from raytrainer.core import control, rendezvous
+from raytrainer.core import control
+from raytrainer.launchers.ray import rendezvous
 from raytrainer.strategies.base import RankContext
 
 MESSAGE_BUFFER_SIZE = 10_000  # oldest messages are dropped beyond this; progress updates are lossy
@@ -197,7 +198,7 @@ class RankWorker:
                 torch.cuda.set_device(self._info.device_index)
             fn, args = cloudpickle.loads(payload)
             value = fn(self._info, *args)
-            return RankOutcome(ok=True, value=value, messages=_drain() if drain else [],
+            return RankOutcome(ok=True, value=value, messages=drain_messages() if drain else [],
                                seconds=time.perf_counter() - start)
         except (Exception, SystemExit) as err:  # noqa: BLE001 - everything goes back to the driver
             try:
@@ -206,16 +207,16 @@ class RankWorker:
                 pickled = None
             return RankOutcome(ok=False, error=f"{type(err).__name__}: {err}",
                                traceback=traceback.format_exc(), exception=pickled,
-                               messages=_drain() if drain else [],
+                               messages=drain_messages() if drain else [],
                                seconds=time.perf_counter() - start)
 
     def poll(self) -> list[Any]:
         """Messages sent with send_to_driver() since the last poll."""
-        return _drain()
+        return drain_messages()
 
     def warm(self) -> int:
         """(a spare) Import what a rank runs, so taking over a dead rank costs no import time; returns the pid."""
-        import raytrainer.launchers.ray.launcher  # noqa: F401 - rank_entry, snapshots, control
+        import raytrainer.launchers.ray.rank  # noqa: F401 - rank_entry, snapshots, control
         import raytrainer.strategies.ddp  # noqa: F401
         import raytrainer.trainer.trainer  # noqa: F401
         return os.getpid()
@@ -234,5 +235,5 @@ class RankWorker:
         return destroyed
 
 
-def _drain() -> list[Any]:
+def drain_messages() -> list[Any]:
     return _BUFFER.drain() if _BUFFER is not None else []

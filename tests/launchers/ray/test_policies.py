@@ -7,7 +7,7 @@ import pytest
 
 from raytrainer.launchers.ray.policies import (Failure, FailurePolicy, FailuresExhausted, ScalingPolicy,
                                                free_slots)
-from raytrainer.strategies.sampler import ElasticBatchSampler
+from raytrainer.data.samplers import ElasticBatchSampler
 
 
 def _failure(step: int, preempted: bool = False) -> Failure:

@@ -30,7 +30,7 @@ class _Snap(pl.Callback):
         self.at_boundary: dict[int, dict[str, torch.Tensor]] = {}
 
     def on_train_start(self, trainer, pl_module):
-        trainer._snapshotter = self.snapshotter
+        trainer.session.snapshotter = self.snapshotter
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         # runs just before the loop's snapshot of this step

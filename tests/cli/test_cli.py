@@ -20,7 +20,7 @@ import pytest
 
 from raytrainer import cli
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = Path(sys.executable).with_name("raytrainer")
 # The console script when installed (pip install -e . makes it); the module otherwise.
 COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "raytrainer.cli"]

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator
+from typing import Any, Iterator, TYPE_CHECKING
 
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler, SequentialSampler
 
-from raytrainer.strategies.base import RankContext
+if TYPE_CHECKING:
+    from raytrainer.strategies.base import RankContext
+
 
 
 class ContiguousShardSampler(Sampler[int]):

@@ -1,0 +1,140 @@
+"""Capture and restore: between a running RankSession and the checkpoint format's plain parts.
+
+Checkpoint files, in-memory snapshots and elastic resizes all go through ``capture``/``restore``,
+so they save and restore the same state the same way.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from raytrainer.checkpoint import format
+from raytrainer.checkpoint.resolve import load_state_dict_checked, read_checkpoint
+from raytrainer.utilities import rng_states
+
+if TYPE_CHECKING:
+    from raytrainer.core.session import RankSession
+
+
+def progress(session: "RankSession") -> format.Progress:
+    """The session's counters as the format needs them for Lightning's ``loops`` entry."""
+    state, module = session.state, session.module
+    return format.Progress(
+        current_epoch=state.current_epoch, global_step=state.global_step,
+        batches_done_in_epoch=state.batches_done_in_epoch, total_batches_seen=state.total_batches_seen,
+        batches_that_stepped=state.batches_that_stepped, epoch_done=state.epoch_done,
+        automatic=module is None or module.automatic_optimization,
+        accumulate=session.config.accumulate_grad_batches,
+        schedulers=[(c.interval, c.frequency) for c in session.lr_scheduler_configs])
+
+
+def _sampler_seed(session: "RankSession") -> int | None:
+    """The seed of the training sampler when it has one (DistributedSampler), else None."""
+    seed = getattr(getattr(session.train_dataloader, "sampler", None), "seed", None)
+    return int(seed) if isinstance(seed, int) else None
+
+
+def _pending_plateau(session: "RankSession") -> dict[str, float]:
+    """ReduceLROnPlateau steps still due after an epoch-end checkpoint, with the values they will use."""
+    state = session.state
+    if not state.epoch_done:
+        return {}
+    metrics = session.callback_metrics
+    due = {}
+    for i, cfg in enumerate(session.lr_scheduler_configs):
+        if cfg.reduce_on_plateau and cfg.interval == "epoch" and (state.current_epoch + 1) % cfg.frequency == 0 \
+                and cfg.monitor in metrics:
+            due[str(i)] = float(metrics[cfg.monitor])
+    return due
+
+
+def capture(session: "RankSession", weights_only: bool = False, check: bool = True) -> dict[str, Any]:
+    """Build the checkpoint dict for the session's current state (every rank may call it).
+
+    ``check=False`` skips the weights_only loadability walk: for in-memory snapshots that never become files.
+    Tensors are the live ones (no copies); the async writer or ``storage.save`` copy or serialise them
+    before training changes them.
+    """
+    module, trainer = session.module, session.trainer
+    training = None
+    if not weights_only:
+        train_results = session.results.get("train") if session.fn == "fit" else None
+        position = session.state.state_dict(
+            segments=session.elastic_segments(),  # elastic runs: what each world consumed this epoch
+            results=train_results.accum_state_dict() if train_results is not None else None)
+        position["sampler_seed"] = _sampler_seed(session)
+        callbacks = {}
+        for cb in session.callbacks:
+            cb_state = cb.state_dict()
+            if cb_state:
+                callbacks[cb.state_key] = cb_state
+        training = format.TrainingParts(
+            callbacks=callbacks, optimizer_states=[o.state_dict() for o in session.optimizers],
+            lr_schedulers=[c.scheduler.state_dict() for c in session.lr_scheduler_configs],
+            scaler=session.precision.state_dict(), rng=rng_states(plain=check), position=position,
+            world_size=session.world_size, pending_plateau=_pending_plateau(session))
+    dm = session.datamodule
+    datamodule = (type(dm).__qualname__, getattr(dm, "hparams", None), dm.state_dict()) if dm is not None else None
+    ckpt = format.build(progress=progress(session), state_dict=module.state_dict(),
+                        hparams_name=module.__dict__.get("_hparams_name"), hyper_parameters=dict(module.hparams),
+                        hparams_type=module.__dict__.get("_hparams_type"), training=training, datamodule=datamodule)
+    for cb in session.callbacks:
+        cb.on_save_checkpoint(trainer, module, ckpt)
+    module.on_save_checkpoint(ckpt)
+    to_host = getattr(session.strategy, "checkpoint_to_host", None)
+    if to_host is not None:  # XLA: device tensors become CPU copies, so the file loads without torch_xla
+        ckpt = to_host(ckpt)
+    if check:
+        format.check_loadable(ckpt)
+    return ckpt
+
+
+def restore(session: "RankSession", path: "str | dict[str, Any]", full: bool) -> None:
+    """Load weights (and with full=True: optimizers, schedulers, counters, callbacks, RNG, data position).
+
+    ``path`` is a checkpoint file, or an already loaded checkpoint dict (an in-memory snapshot)."""
+    module, trainer = session.module, session.trainer
+    if isinstance(path, dict):
+        ckpt, path = path, "<in-memory snapshot>"
+    else:
+        # torch.load cannot map onto an XLA device: load on CPU, load_state_dict copies onto the device
+        ckpt = read_checkpoint(path, map_location="cpu" if module.device.type == "xla" else module.device)
+    module.on_load_checkpoint(ckpt)
+    load_state_dict_checked(module, ckpt["state_dict"], path, strict=True)
+    if not full:
+        return
+    if session.optimizers and "optimizer_states" not in ckpt:
+        raise ValueError(f"{path} holds only model weights (saved with save_weights_only=True), so fit cannot resume "
+                         "from it. Load the weights with Model.load_from_checkpoint(path) and call fit without "
+                         "ckpt_path, or resume from a full checkpoint.")
+    dm = session.datamodule
+    if dm is not None and type(dm).__qualname__ in ckpt:
+        dm.load_state_dict(ckpt[type(dm).__qualname__])
+    for cb in session.callbacks:
+        cb.on_load_checkpoint(trainer, module, ckpt)
+    states = ckpt.get("callbacks", {})
+    for cb in session.callbacks:
+        if cb.state_key in states:
+            cb.load_state_dict(states[cb.state_key])
+    _load_list(ckpt.get("optimizer_states", []), session.optimizers, path,
+               "optimizer state(s)", "configure_optimizers returned", "optimizer setup")
+    _load_list(ckpt.get("lr_schedulers", []), [c.scheduler for c in session.lr_scheduler_configs],
+               path, "lr scheduler state(s)", "configure_optimizers returned", "scheduler setup")
+    scaler = format.scaler_state(ckpt)
+    if scaler:
+        session.precision.load_state_dict(scaler)
+    pos = format.read_position(ckpt, session.world_size, str(path))
+    for idx, value in pos.pending_plateau.items():
+        session.lr_scheduler_configs[int(idx)].scheduler.step(value)
+    session.state.load_state_dict(pos.loop_state, global_step=int(ckpt.get("global_step", 0)), rng=pos.rng)
+
+
+def _load_list(states: list[Any], targets: list[Any], path: Any, what: str, source: str,
+               setup: str) -> None:
+    """Load one saved state per optimizer/scheduler, refusing a count that does not match."""
+    if states and len(states) != len(targets):
+        raise ValueError(f"{path} holds {len(states)} {what} but {source} {len(targets)}; resume with the same "
+                         f"{setup}.")
+    for target, state in zip(targets, states):
+        target.load_state_dict(state)

@@ -1,0 +1,148 @@
+"""Finding and loading checkpoint files: "last"/"best"/a path -> a file, a file -> a checkpoint dict or module.
+
+Kept beside the format (which is layout only) and the bridge (which captures and restores a session).
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from raytrainer.io import storage
+from raytrainer.utilities import log
+
+if TYPE_CHECKING:
+    from raytrainer.module import LightningModule
+
+CHECKPOINT_EXTENSION = ".ckpt"
+
+
+def read_checkpoint(path: str, map_location: Any = None, weights_only: bool = True) -> dict[str, Any]:
+    """Load and verify a checkpoint file; clear errors for missing, damaged and non-checkpoint files."""
+    ckpt = storage.load(str(path), map_location=map_location, weights_only=weights_only)
+    if "state_dict" not in ckpt:
+        raise ValueError(f"{path} is not a Lightning/raytrainer checkpoint: it has no 'state_dict' "
+                         f"(top-level keys: {sorted(map(str, ckpt))}).")
+    return ckpt
+
+
+def resolve_ckpt_path(ckpt_path: str, checkpoint_callback: Any, trainer: Any) -> str | None:
+    """Turn "last"/"best"/a path into a file, or None for "last" when nothing was saved yet.
+
+    ``checkpoint_callback`` is the run's ModelCheckpoint (or None); ``trainer`` gives the logger and
+    default_root_dir where "last" looks without one.
+    """
+    cb = checkpoint_callback
+    if ckpt_path == "best":
+        best = getattr(cb, "best_model_path", "") if cb is not None else ""
+        if not best:
+            raise ValueError('ckpt_path="best" but no best checkpoint is known: run fit with a ModelCheckpoint '
+                             "first, or pass a file path.")
+        return best
+    if ckpt_path == "last":
+        candidates = cb.find_last_candidates(trainer) if cb is not None else last_candidates(trainer, None, False)
+        path, bad = storage.newest_valid(candidates)
+        for file, why in bad:
+            log.warning("ckpt_path=\"last\": skipping %s, which cannot be used: %s", file, why)
+        if path is None:
+            log.info('ckpt_path="last": no checkpoint found, starting from scratch.')
+        else:
+            log.info('ckpt_path="last": resuming from %s', path)
+        return path
+    if not storage.exists(ckpt_path):
+        raise FileNotFoundError(f"ckpt_path={ckpt_path!r} does not exist. Pass an existing checkpoint file, "
+                                '"last" (resume from the newest one if any) or "best".')
+    return ckpt_path
+
+
+def last_candidates(trainer: Any, dirpath: str | None, dirpath_given: bool,
+                    extension: str = CHECKPOINT_EXTENSION) -> list[str]:
+    """Checkpoints a rerun may resume from: the given dirpath, else every logger version's checkpoints."""
+    from pyarrow import fs as pafs
+
+    dirs = []
+    if dirpath_given and dirpath is not None:
+        dirs.append(dirpath)
+    else:
+        lg = trainer.logger
+        root = getattr(lg, "root_dir", None) if lg is not None else None
+        if root:
+            fs, path = storage.resolve(root)
+            for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
+                if info.type == pafs.FileType.Directory:
+                    dirs.append(storage.join(root, info.base_name, "checkpoints"))
+        else:
+            dirs.append(storage.join(trainer.default_root_dir, "checkpoints"))
+        if dirpath is not None:
+            dirs.append(dirpath)
+    files: list[str] = []
+    for d in dict.fromkeys(dirs):
+        files += [f for f in storage.listdir(d, missing_ok=True) if f.endswith(extension)]
+    return files
+
+
+def load_state_dict_checked(module: torch.nn.Module, state_dict: dict[str, Any], path: str, strict: bool) -> None:
+    """module.load_state_dict with the checkpoint's name in the error; warns about mismatches if not strict."""
+    try:
+        result = module.load_state_dict(state_dict, strict=strict)
+    except RuntimeError as exc:
+        exc.add_note(f"while loading the state_dict of {path} into {type(module).__name__}; pass strict=False to "
+                     "load the matching keys only.")
+        raise
+    if not strict and (result.missing_keys or result.unexpected_keys):
+        log.warning("%s loaded with strict=False: missing keys %s, unexpected keys %s", path,
+                    result.missing_keys, result.unexpected_keys)
+
+def init_kwargs_from_checkpoint(cls: type, ckpt: dict[str, Any], path: str,
+                                overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The keyword arguments that rebuild ``cls`` from a checkpoint's hyper_parameters (plus overrides)."""
+    hparams = dict(ckpt.get("hyper_parameters") or {})
+    sig = inspect.signature(cls.__init__)
+    params = {n: p for n, p in list(sig.parameters.items())[1:]
+              if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    takes_kwargs = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
+    name = ckpt.get("hparams_name")
+    if name and name != "kwargs" and name in params:
+        # save_hyperparameters(config) recorded one dict/Namespace argument: pass it back whole
+        value: Any = argparse.Namespace(**hparams) if ckpt.get("hparams_type") == "Namespace" else hparams
+        kwargs = {name: value}
+    else:
+        kwargs = hparams
+    kwargs.update(overrides or {})
+    if not takes_kwargs:
+        unknown = [k for k in kwargs if k not in params]
+        if unknown:
+            raise TypeError(f"{path}: hyper_parameters {unknown} are not arguments of {cls.__name__}.__init__"
+                            f"{sig}. Is this checkpoint from a different model class? Load it into the class that "
+                            "wrote it, or load only the weights: model.load_state_dict(torch.load(path)"
+                            "['state_dict']).")
+    missing = [n for n, p in params.items() if p.default is p.empty and n not in kwargs]
+    if missing:
+        raise TypeError(f"{path}: {cls.__name__}.__init__ needs {missing}, which the checkpoint's hyper_parameters "
+                        f"({sorted(hparams)}) do not have. Pass them: {cls.__name__}.load_from_checkpoint(path, "
+                        + ", ".join(f"{m}=..." for m in missing) + ").")
+    return kwargs
+
+def load_module(cls: type["LightningModule"], path: str, map_location: Any = None, strict: bool = True,
+                weights_only: bool = True, overrides: dict[str, Any] | None = None) -> "LightningModule":
+    """Rebuild ``cls`` from a checkpoint's hyper_parameters (plus overrides) and load its state_dict.
+
+    Tensors load onto ``map_location`` (default: CPU). ``weights_only=False`` allows pickled Python
+    objects inside the file: use it only for files you trust.
+    """
+    path = str(path)
+    ckpt = read_checkpoint(path, map_location=map_location if map_location is not None else "cpu",
+                           weights_only=weights_only)
+    kwargs = init_kwargs_from_checkpoint(cls, ckpt, path, overrides)
+    try:
+        model = cls(**kwargs)
+    except TypeError as exc:
+        exc.add_note(f"while rebuilding {cls.__name__} from the hyper_parameters of {path}: {sorted(kwargs)}")
+        raise
+    model.on_load_checkpoint(ckpt)
+    load_state_dict_checked(model, ckpt["state_dict"], path, strict)
+    if isinstance(map_location, (str, torch.device)):
+        model.to(map_location)
+    return model

@@ -1,0 +1,184 @@
+"""RunConfig: the Trainer's validated arguments, the one thing (besides module and data) a rank receives.
+
+The Trainer builds it once from Lightning's keyword arguments; every rank rebuilds its Trainer
+facade and RankSession from it, so nothing of a driver-side Trainer is ever pickled.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from raytrainer.plan import Plan
+
+
+@dataclass
+class RunConfig:
+    """Every Trainer argument after validation and defaulting (Lightning's semantics)."""
+
+    plan: Plan
+    fast_dev_run: int = 0
+    max_epochs: int | None = 1000
+    min_epochs: int | None = None
+    max_steps: int = -1
+    min_steps: int | None = None
+    max_time_s: float | None = None
+    limit_train_batches: int | float | None = None
+    limit_val_batches: int | float | None = None
+    limit_test_batches: int | float | None = None
+    limit_predict_batches: int | float | None = None
+    val_check_interval: int | float | None = None
+    check_val_every_n_epoch: int | None = 1
+    num_sanity_val_steps: int = 2
+    log_every_n_steps: int = 50
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: float | None = None
+    gradient_clip_algorithm: str | None = None
+    deterministic: bool | str | None = None
+    benchmark: bool | None = None
+    inference_mode: bool = True
+    use_distributed_sampler: bool = True
+    detect_anomaly: bool = False
+    default_root_dir: str = "."
+    enable_progress_bar: bool = True
+    enable_model_summary: bool = True
+    enable_checkpointing: bool = True
+    sync_batchnorm: bool = False
+    reload_dataloaders_every_n_epochs: int = 0
+    # raytrainer: Ray backend and fault tolerance
+    max_failures: int = 0
+    placement_timeout_s: float = 60.0
+    collective_timeout_s: float = 300.0
+    snapshot_every_n_steps: int | None = None
+    heartbeat_timeout_s: float = 300.0
+    elastic_batch_policy: str = "rank"
+    scale_check_interval_s: float = 5.0
+    ray_address: str | None = None
+    spare_ranks_per_node: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_args(cls, plan: Plan, *, fast_dev_run: bool | int, max_epochs: int | None, min_epochs: int | None,
+                  max_steps: int, min_steps: int | None, max_time: Any, limit_train_batches: Any,
+                  limit_val_batches: Any, limit_test_batches: Any, limit_predict_batches: Any,
+                  val_check_interval: Any, check_val_every_n_epoch: int | None, num_sanity_val_steps: int | None,
+                  log_every_n_steps: int | None, enable_checkpointing: bool | None, enable_progress_bar: bool | None,
+                  enable_model_summary: bool | None, accumulate_grad_batches: int, gradient_clip_val: float | None,
+                  gradient_clip_algorithm: str | None, deterministic: bool | str | None, benchmark: bool | None,
+                  inference_mode: bool, use_distributed_sampler: bool, detect_anomaly: bool,
+                  default_root_dir: str, sync_batchnorm: bool, reload_dataloaders_every_n_epochs: int,
+                  max_failures: int, placement_timeout_s: float, collective_timeout_s: float,
+                  snapshot_every_n_steps: int | None, heartbeat_timeout_s: float, elastic_batch_policy: str,
+                  scale_check_interval_s: float, ray_address: str | None, spare_ranks_per_node: int | None,
+                  logger: Any = None) -> tuple["RunConfig", Any]:
+        """Validate Lightning's arguments; returns the config and the logger argument after fast_dev_run."""
+        fdr = int(fast_dev_run) if not isinstance(fast_dev_run, bool) else (1 if fast_dev_run else 0)
+        if fdr < 0:
+            raise ValueError(f"fast_dev_run={fast_dev_run!r} must be a bool or a non-negative int.")
+        if not isinstance(max_steps, int) or max_steps < -1:
+            raise ValueError(f"max_steps={max_steps!r} must be -1 (no limit) or a non-negative int.")
+        if not isinstance(accumulate_grad_batches, int) or accumulate_grad_batches < 1:
+            raise ValueError(f"accumulate_grad_batches={accumulate_grad_batches!r} must be an int >= 1.")
+        if gradient_clip_algorithm not in (None, "norm", "value"):
+            raise ValueError(f"gradient_clip_algorithm={gradient_clip_algorithm!r}: use 'norm' or 'value'.")
+        if gradient_clip_val is not None and gradient_clip_val < 0:
+            raise ValueError(f"gradient_clip_val={gradient_clip_val!r} must be >= 0.")
+        if max_failures < 0:
+            raise ValueError(f"max_failures={max_failures!r} must be >= 0.")
+        if fdr:
+            max_epochs, max_steps, num_sanity_val_steps = 1, fdr, 0
+            limit_train_batches = limit_val_batches = limit_test_batches = limit_predict_batches = fdr
+            val_check_interval, logger, enable_checkpointing = 1.0, False, False
+        if val_check_interval is not None and (val_check_interval <= 0 or
+                                               (isinstance(val_check_interval, float) and val_check_interval > 1)):
+            raise ValueError(f"val_check_interval={val_check_interval!r}: use a float in (0, 1] (fraction of an "
+                             "epoch) or an int >= 1 (number of training batches).")
+        if check_val_every_n_epoch is None and isinstance(val_check_interval, float):
+            raise ValueError(f"val_check_interval={val_check_interval!r} is a fraction of an epoch, but "
+                             "check_val_every_n_epoch=None counts batches across epochs: give an int number of "
+                             "training batches, or set check_val_every_n_epoch.")
+        if check_val_every_n_epoch is not None and (not isinstance(check_val_every_n_epoch, int)
+                                                     or check_val_every_n_epoch < 1):
+            raise ValueError(f"check_val_every_n_epoch={check_val_every_n_epoch!r} must be an int >= 1, or None "
+                             "(validate every val_check_interval batches, across epochs).")
+        log_every = 50 if log_every_n_steps is None else int(log_every_n_steps)
+        if log_every < 1:
+            raise ValueError(f"log_every_n_steps={log_every_n_steps!r} must be >= 1.")
+        if snapshot_every_n_steps is not None and snapshot_every_n_steps < 0:
+            raise ValueError(f"snapshot_every_n_steps={snapshot_every_n_steps!r}: use an int >= 1, 0 to turn "
+                             "in-memory snapshots off, or None to snapshot every step while that costs under 5% "
+                             "of the step time.")
+        if spare_ranks_per_node is not None and (not isinstance(spare_ranks_per_node, int)
+                                                 or isinstance(spare_ranks_per_node, bool) or spare_ranks_per_node < 0):
+            raise ValueError(f"spare_ranks_per_node={spare_ranks_per_node!r}: use an int >= 0 (warm spare processes "
+                             "per node that replace a dead rank at once), or None for 1 when max_failures > 0.")
+        for name, value in (("heartbeat_timeout_s", heartbeat_timeout_s),
+                            ("scale_check_interval_s", scale_check_interval_s),
+                            ("placement_timeout_s", placement_timeout_s),
+                            ("collective_timeout_s", collective_timeout_s)):
+            if not value > 0:
+                raise ValueError(f"{name}={value!r} must be > 0 seconds.")
+        if elastic_batch_policy not in ("rank", "global"):
+            raise ValueError(f"elastic_batch_policy={elastic_batch_policy!r}: use 'rank' (keep each rank's batch "
+                             "size; the global batch follows the world size) or 'global' (keep the global batch; "
+                             "each rank's batch is batch_size * MAX / world).")
+        config = cls(
+            plan=plan, fast_dev_run=fdr,
+            max_epochs=max_epochs if max_epochs is not None else (1000 if max_steps == -1 and max_time is None
+                                                                  else -1),
+            min_epochs=min_epochs, max_steps=max_steps, min_steps=min_steps, max_time_s=parse_max_time(max_time),
+            limit_train_batches=check_limit("limit_train_batches", limit_train_batches),
+            limit_val_batches=check_limit("limit_val_batches", limit_val_batches),
+            limit_test_batches=check_limit("limit_test_batches", limit_test_batches),
+            limit_predict_batches=check_limit("limit_predict_batches", limit_predict_batches),
+            val_check_interval=val_check_interval, check_val_every_n_epoch=check_val_every_n_epoch,
+            num_sanity_val_steps=2 if num_sanity_val_steps is None else int(num_sanity_val_steps),
+            log_every_n_steps=log_every, accumulate_grad_batches=accumulate_grad_batches,
+            gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm,
+            deterministic=deterministic, benchmark=benchmark, inference_mode=bool(inference_mode),
+            use_distributed_sampler=use_distributed_sampler, detect_anomaly=detect_anomaly,
+            default_root_dir=str(default_root_dir),
+            enable_progress_bar=True if enable_progress_bar is None else bool(enable_progress_bar),
+            enable_model_summary=True if enable_model_summary is None else bool(enable_model_summary),
+            enable_checkpointing=True if enable_checkpointing is None else bool(enable_checkpointing),
+            sync_batchnorm=sync_batchnorm, reload_dataloaders_every_n_epochs=reload_dataloaders_every_n_epochs,
+            max_failures=max_failures, placement_timeout_s=float(placement_timeout_s),
+            collective_timeout_s=float(collective_timeout_s), snapshot_every_n_steps=snapshot_every_n_steps,
+            heartbeat_timeout_s=float(heartbeat_timeout_s), elastic_batch_policy=elastic_batch_policy,
+            scale_check_interval_s=float(scale_check_interval_s), ray_address=ray_address,
+            spare_ranks_per_node=(1 if max_failures > 0 else 0) if spare_ranks_per_node is None
+            else spare_ranks_per_node,
+        )
+        return config, logger
+
+    def limit_for(self, stage: str) -> int | float | None:
+        """limit_{train,val,test,predict}_batches for a stage name ("train", "validate", "test", "predict")."""
+        return {"train": self.limit_train_batches, "validate": self.limit_val_batches,
+                "test": self.limit_test_batches, "predict": self.limit_predict_batches}[stage]
+
+
+def check_limit(name: str, value: Any) -> Any:
+    """A limit_*_batches value: None, a fraction in [0, 1], or a batch count >= 0."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or \
+            (isinstance(value, float) and value > 1.0):
+        raise ValueError(f"{name}={value!r}: use a float in [0.0, 1.0] (fraction) or an int >= 0 (batches).")
+    return value
+
+
+def parse_max_time(value: Any) -> float | None:
+    """max_time as seconds: 'DD:HH:MM:SS', a timedelta or a dict of timedelta arguments."""
+    if value is None:
+        return None
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    if isinstance(value, dict):
+        return timedelta(**value).total_seconds()
+    if isinstance(value, str):
+        parts = value.split(":")
+        if len(parts) != 4 or not all(p.isdigit() for p in parts):
+            raise ValueError(f"max_time={value!r}: use 'DD:HH:MM:SS', a timedelta or a dict like {{'hours': 1}}.")
+        d, h, m, s = map(int, parts)
+        return timedelta(days=d, hours=h, minutes=m, seconds=s).total_seconds()
+    raise ValueError(f"max_time={value!r}: use 'DD:HH:MM:SS', a timedelta or a dict like {{'hours': 1}}.")

@@ -1,0 +1,90 @@
+"""Hook dispatch: callbacks first, then the module, in Lightning's order.
+
+Per-batch ("hot") hooks are looked up once per run: only overridden callback and module methods
+are called, so an empty hook costs nothing in the training step.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+from raytrainer.callbacks.callback import Callback, overrides
+from raytrainer.module import LightningModule
+
+HOT_HOOKS = ("on_train_batch_start", "on_train_batch_end", "on_before_backward", "on_after_backward",
+             "on_before_optimizer_step", "on_before_zero_grad")
+MONITORING = ("ModelCheckpoint", "EarlyStopping")
+# Module methods a user may override to change how the loop trains; None when not overridden.
+MODULE_OVERRIDES = ("backward", "optimizer_zero_grad", "configure_gradient_clipping", "optimizer_step",
+                    "lr_scheduler_step")
+
+
+def callback_order(cb: Any) -> tuple[bool, bool]:
+    """Sort key: monitoring callbacks after the others, and ModelCheckpoint last of all (as in Lightning), so a
+    checkpoint holds the state other callbacks reached in the same hook (e.g. EarlyStopping's wait count)."""
+    names = {k.__name__ for k in type(cb).__mro__}
+    return bool(names & set(MONITORING)), "ModelCheckpoint" in names
+
+
+def defines(obj: Any, name: str) -> bool:
+    """Whether the user defined ``name`` (not just inherited an empty base hook)."""
+    if obj is None:
+        return False
+    for klass in type(obj).__mro__:
+        if klass.__module__.startswith("raytrainer."):
+            return False
+        if name in klass.__dict__:
+            return True
+    return name in getattr(obj, "__dict__", {})
+
+
+class Hooks:
+    """Calls the hooks of one run: ``trainer`` is what callbacks receive, ``module`` the LightningModule."""
+
+    def __init__(self, trainer: Any, module: LightningModule, callbacks: list[Callback],
+                 set_fx: Callable[[str], None], before_monitors: Callable[[], None]) -> None:
+        self.trainer, self.module, self.callbacks = trainer, module, callbacks
+        self._set_fx = set_fx                  # tells the running Results which hook logs
+        self._before_monitors = before_monitors  # publishes what on_train_epoch_end logged, for monitors
+        self.hot: dict[str, list[Callable[..., Any]]] = {}
+        self.module_overrides: dict[str, Callable[..., Any] | None] = {}
+        self.collect()
+
+    def collect(self) -> None:
+        """Look up the hot hooks and module overrides once (callbacks may change between runs)."""
+        model, trainer = self.module, self.trainer
+        for name in HOT_HOOKS:
+            fns: list[Callable[..., Any]] = [functools.partial(getattr(cb, name), trainer, model)
+                                             for cb in self.callbacks if overrides(cb, Callback, name)]
+            if overrides(model, LightningModule, name):
+                fns.append(getattr(model, name))
+            self.hot[name] = fns
+        self.module_overrides = {name: getattr(model, name) if overrides(model, LightningModule, name) else None
+                                 for name in MODULE_OVERRIDES}
+
+    def callbacks_only(self, name: str, *args: Any) -> None:
+        """A hook only callbacks have (setup, teardown, on_sanity_check_start, ...)."""
+        for cb in self.callbacks:
+            getattr(cb, name)(self.trainer, self.module, *args)
+
+    def call(self, name: str, *args: Any, monitoring_last: bool = False) -> Any:
+        """Callbacks first, then the module (monitoring callbacks after the module when asked)."""
+        model = self.module
+        self._set_fx(name)
+        late = []
+        for cb in self.callbacks:
+            if monitoring_last and type(cb).__name__ in MONITORING:
+                late.append(cb)
+                continue
+            getattr(cb, name)(self.trainer, model, *args)
+        out = getattr(model, name)(*args) if hasattr(model, name) else None
+        if late and name == "on_train_epoch_end":
+            self._before_monitors()
+        for cb in late:
+            getattr(cb, name)(self.trainer, model, *args)
+        return out
+
+    def on_exception(self, exc: BaseException) -> None:
+        for cb in self.callbacks:
+            if overrides(cb, Callback, "on_exception"):
+                cb.on_exception(self.trainer, self.module, exc)

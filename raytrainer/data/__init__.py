@@ -1,0 +1,1 @@
+"""Data helpers: distributed and elastic samplers (streaming datasets land here too)."""

@@ -1,0 +1,92 @@
+"""The rank side of a Ray run: what each rank actor executes (rank_entry) and the small calls the
+driver makes beside a running rank (newest snapshot, queued messages, stop requests)."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from raytrainer.core import control
+from raytrainer.launchers.base import RankPayload, RunResult
+from raytrainer.launchers.ray import snapshots
+from raytrainer.launchers.ray.worker import drain_messages, send_to_driver
+from raytrainer.strategies.ddp import DDPStrategy
+from raytrainer.utilities import set_rng_states
+
+
+def rank_entry(info: Any, payload: RankPayload, fn: str, model: Any, kwargs: dict[str, Any],
+               ctl: dict[str, Any] | None = None) -> RunResult | Any:
+    """Runs on every rank: rebuild the Trainer from its payload, build the DDP strategy, run the loops,
+    return this rank's share of the result."""
+    ctl = ctl or {}
+    trainer = payload.build()
+    session = trainer.session
+    control.reset()
+    snapshots.clear()
+    if ctl.get("rng") is not None:
+        set_rng_states(ctl["rng"])  # every rank starts from the driver's RNG, as Lightning's ranks share a seed
+    # Manual optimization (GANs: each loss touches only some parameters) needs DDP to find unused parameters.
+    find_unused = trainer.plan.strategy == "ddp_find_unused_parameters_true" or not model.automatic_optimization
+    strategy = DDPStrategy(info.device, info, timeout_s=trainer.config.collective_timeout_s,
+                           find_unused_parameters=find_unused)
+    rank0 = info.global_rank == 0
+    bar = trainer.progress_bar_callback
+    if bar is not None and rank0:
+        bar.sink = lambda event: send_to_driver({"type": "progress", "event": event})
+    session.events_forwarded = True
+    session.forward_start = bool(ctl.get("emit_start")) and rank0
+    session.elastic = bool(ctl.get("elastic"))
+    session.events = _ForwardEvents() if rank0 else None
+    if fn == "fit":
+        session.snapshotter = snapshots.Snapshotter(
+            ctl.get("snapshot_every"), publish=_publish_snapshot if rank0 else None,
+            heartbeat=(lambda step, epoch: send_to_driver({"type": "heartbeat", "step": step, "epoch": epoch}))
+            if rank0 else None)
+        resume_step = ctl.get("resume_step")
+        if resume_step is not None and rank0:
+            for lg in trainer.loggers:
+                if hasattr(lg, "resume_from_step"):
+                    lg.resume_from_step(resume_step)
+    status = "finished"
+    try:
+        out = session.run(fn, model, strategy, **kwargs)
+    except control.Preempted as exc:
+        out, status = exc.checkpoint, "preempted"
+    if fn == "predict":  # every rank returns its contiguous shard; the driver concatenates in rank order
+        return len(session.val_dataloaders), out
+    snapshot = None
+    if status == "finished" and control.stop_reason() == "resize":
+        status = "resize"
+        snapshot = session.snapshotter.take(session) if rank0 else None
+    if not rank0:
+        return None
+    return RunResult.from_session(session, fn, out, info.world_size, status=status, snapshot=snapshot)
+
+
+class _ForwardEvents:
+    """Rank 0's event sink: checkpoint events go to the driver, which owns the events log."""
+
+    def emit(self, event: str, **fields: Any) -> None:
+        send_to_driver({"type": "event", "event": event, "fields": {**fields, "time": round(time.time(), 3)}})
+
+
+def _publish_snapshot(step: int, state: dict[str, Any]) -> None:
+    """(rank 0, background thread) Put a snapshot in the object store and tell the driver where it is."""
+    import ray
+
+    send_to_driver({"type": "snapshot", "step": step, "ref": ray.put(state)})
+
+
+def latest_snapshot(info: Any) -> tuple[int, dict[str, Any]] | None:
+    """(any rank, while another call may be stuck in a collective) This rank's newest snapshot."""
+    return snapshots.latest()
+
+
+def queued_messages(info: Any) -> list[Any]:
+    """(any rank) Messages for the driver that were not polled yet."""
+    return drain_messages()
+
+
+def request_stop(info: Any, reason: str) -> int:
+    """(any rank) Stop at the next agreed step boundary, for "preempt" or "resize"."""
+    control.request_stop(reason)
+    return info.global_rank

@@ -8,7 +8,7 @@ from typing import Any
 from raytrainer.core import control
 from raytrainer.launchers.base import RankPayload, RunResult
 from raytrainer.launchers.ray import snapshots
-from raytrainer.launchers.ray.worker import drain_messages, send_to_driver
+from raytrainer.launchers.ray.messages import drain_messages, send_to_driver
 from raytrainer.strategies.ddp import DDPStrategy
 from raytrainer.utilities import set_rng_states
 

@@ -19,11 +19,8 @@ import cloudpickle
 import torch
 
 from raytrainer.core import control
-from raytrainer.launchers.ray import rendezvous
+from raytrainer.launchers.ray import messages, rendezvous
 from raytrainer.strategies.base import RankContext
-
-MESSAGE_BUFFER_SIZE = 10_000  # oldest messages are dropped beyond this; progress updates are lossy
-
 
 @dataclass
 class RankInfo(RankContext):
@@ -61,47 +58,8 @@ class RankOutcome:
     seconds: float = 0.0
 
 
-class _MessageBuffer:
-    """Thread-safe bounded queue of messages waiting for the driver."""
-
-    def __init__(self, maxlen: int = MESSAGE_BUFFER_SIZE) -> None:
-        self._items: collections.deque[Any] = collections.deque(maxlen=maxlen)
-        self._lock = threading.Lock()
-        self.dropped = 0
-
-    def put(self, msg: Any) -> None:
-        with self._lock:
-            if len(self._items) == self._items.maxlen:
-                self.dropped += 1
-            self._items.append(msg)
-
-    def drain(self) -> list[Any]:
-        with self._lock:
-            items = list(self._items)
-            self._items.clear()
-        return items
-
-
 # Per-process state: one rank actor per process.
-_BUFFER: _MessageBuffer | None = None
 _CURRENT: RankInfo | None = None
-
-
-def send_to_driver(msg: Any) -> None:
-    """Queue a small picklable message for the driver (e.g. a progress update from rank 0).
-
-    The driver polls rank 0 while the run is going; other ranks' messages arrive when their run
-    finishes. Only valid inside a function run by ``WorkerGroup.run``.
-    """
-    if _BUFFER is None:
-        raise RuntimeError("send_to_driver() only works inside a function run on a Ray rank by "
-                           "WorkerGroup.run(); check in_rank_worker() first")
-    _BUFFER.put(msg)
-
-
-def in_rank_worker() -> bool:
-    """True inside a Ray rank actor process, where send_to_driver() works."""
-    return _BUFFER is not None
 
 
 def current_rank() -> RankInfo | None:
@@ -114,7 +72,6 @@ class RankWorker:
     ``node_info`` -> (rank 0) ``open_rendezvous`` -> ``setup`` -> ``run``... -> ``teardown``."""
 
     def __init__(self, run_name: str, driver_sys_path: list[str], env: dict[str, str] | None = None) -> None:
-        global _BUFFER
         # The driver's forwarded variables (object store credentials, seeds), set before anything reads them.
         os.environ.update(env or {})
         # Let the worker import what the driver can (test modules, scripts next to the driver)
@@ -125,7 +82,7 @@ class RankWorker:
         self.run_name = run_name
         self._master_store = None
         self._info: RankInfo | None = None
-        _BUFFER = _MessageBuffer()
+        messages.open_buffer()
         # Spot/preemptible VMs send SIGTERM ahead of the kill: turn it into a stop at the next agreed step
         # (Ray runs __init__ on the actor's main thread, the only place a signal handler can be set).
         control.install_sigterm_handler()
@@ -198,7 +155,7 @@ class RankWorker:
                 torch.cuda.set_device(self._info.device_index)
             fn, args = cloudpickle.loads(payload)
             value = fn(self._info, *args)
-            return RankOutcome(ok=True, value=value, messages=drain_messages() if drain else [],
+            return RankOutcome(ok=True, value=value, messages=messages.drain_messages() if drain else [],
                                seconds=time.perf_counter() - start)
         except (Exception, SystemExit) as err:  # noqa: BLE001 - everything goes back to the driver
             try:
@@ -207,18 +164,17 @@ class RankWorker:
                 pickled = None
             return RankOutcome(ok=False, error=f"{type(err).__name__}: {err}",
                                traceback=traceback.format_exc(), exception=pickled,
-                               messages=drain_messages() if drain else [],
+                               messages=messages.drain_messages() if drain else [],
                                seconds=time.perf_counter() - start)
 
     def poll(self) -> list[Any]:
         """Messages sent with send_to_driver() since the last poll."""
-        return drain_messages()
+        return messages.drain_messages()
 
     def warm(self) -> int:
         """(a spare) Import what a rank runs, so taking over a dead rank costs no import time; returns the pid."""
         import raytrainer.launchers.ray.rank  # noqa: F401 - rank_entry, snapshots, control
         import raytrainer.strategies.ddp  # noqa: F401
-        import raytrainer.trainer.trainer  # noqa: F401
         return os.getpid()
 
     def leave(self) -> bool:
@@ -233,7 +189,3 @@ class RankWorker:
         self._info = None
         _CURRENT = None
         return destroyed
-
-
-def drain_messages() -> list[Any]:
-    return _BUFFER.drain() if _BUFFER is not None else []

@@ -16,7 +16,8 @@ from torch import nn
 
 from raytrainer.launchers.ray.group import (GroupTimeoutError, PlacementError, RankError,
                                             WorkerGroup, check_picklable, ensure_ray)
-from raytrainer.launchers.ray.worker import RankInfo, in_rank_worker, send_to_driver
+from raytrainer.launchers.ray.messages import in_rank_worker, send_to_driver
+from raytrainer.launchers.ray.worker import RankInfo
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -8,7 +8,7 @@ XLA_VENV := .venv-xla
 XLA_BIN := $(XLA_VENV)/bin
 XLA_STAMP := $(XLA_VENV)/.installed
 
-.PHONY: demo test test-fast test-xla bench clean
+.PHONY: demo test test-fast test-xla lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,10 +21,15 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python examples/autoencoder.py --num_processes 2 --max_epochs 5 --ckpt_path none
 
-test: $(STAMP)
+# The architecture contracts (import-linter, see docs/architecture.md) and ruff, then the tests.
+lint: $(STAMP)
+	$(BIN)/lint-imports
+	$(BIN)/ruff check raytrainer tests benchmarks examples
+
+test: lint
 	$(BIN)/python -m pytest -q tests --ignore=tests/xla
 
-test-fast: $(STAMP)
+test-fast: lint
 	$(BIN)/python -m pytest -q tests --ignore=tests/xla -m "not slow"
 
 # The TPU path, on torch_xla's CPU backend, in its own venv: torch_xla 2.9.0 pins torch==2.9.0, whose

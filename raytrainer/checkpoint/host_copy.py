@@ -43,19 +43,27 @@ def view_key(t: torch.Tensor) -> tuple:
         ptr = 0
     if ptr == 0:
         return ("id", id(t))
-    return (ptr, t.device, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+    return (ptr, t.device, t.storage_offset(), t.shape, t.stride(), t.dtype)  # torch.Size hashes as a tuple
 
 
 def _walk(obj: Any, leaf: Callable[[torch.Tensor, tuple, str | None], torch.Tensor], memo: dict,
-          where: str | None) -> Any:
+          where: str | None, live: LiveRefs | None = None) -> Any:
     """Rebuild ``obj``'s containers, replacing each tensor by ``leaf(tensor, view_key, where)`` once per view.
 
     ``where`` is the path of ``obj`` (e.g. ``checkpoint['state_dict']['w']``) when the caller names
-    tensors, else None (no paths are built). numpy arrays and sets are copied, tuples that hold
+    tensors, else None (no paths are built). Tensors held by ``live`` (the same object, or a view of
+    the same memory) are kept as they are. numpy arrays and sets are copied, tuples that hold
     nothing to replace are returned as they are, other leaves are shared.
     """
     if isinstance(obj, torch.Tensor):
-        key = view_key(obj)
+        if live is not None:
+            if id(obj) in live._ids:  # optimizer state: the very tensors held (the cheap test first)
+                return obj
+            key = view_key(obj)
+            if key in live._keys:  # e.g. a state_dict entry: a detached view of a held parameter
+                return obj
+        else:
+            key = view_key(obj)
         out = memo.get(key)
         if out is None:
             out = memo[key] = leaf(obj, key, where)
@@ -64,18 +72,18 @@ def _walk(obj: Any, leaf: Callable[[torch.Tensor, tuple, str | None], torch.Tens
         new = obj.copy() if type(obj) is dict else copy.copy(obj)  # copy.copy keeps a state_dict's _metadata
         for k, v in obj.items():
             if type(v) not in _ATOMS:
-                new[k] = _walk(v, leaf, memo, None if where is None else f"{where}[{k!r}]")
+                new[k] = _walk(v, leaf, memo, None if where is None else f"{where}[{k!r}]", live)
         return new
     if isinstance(obj, list):
         if where is None:
-            return [v if type(v) in _ATOMS else _walk(v, leaf, memo, None) for v in obj]
-        return [v if type(v) in _ATOMS else _walk(v, leaf, memo, f"{where}[{i}]") for i, v in enumerate(obj)]
+            return [v if type(v) in _ATOMS else _walk(v, leaf, memo, None, live) for v in obj]
+        return [v if type(v) in _ATOMS else _walk(v, leaf, memo, f"{where}[{i}]", live) for i, v in enumerate(obj)]
     if isinstance(obj, tuple):
         if all(type(v) in _ATOMS for v in obj):
             return obj  # e.g. torch.Size, or Python's RNG state (625 ints)
-        items = [v if type(v) in _ATOMS else _walk(v, leaf, memo, None if where is None else f"{where}[{i}]")
+        items = [v if type(v) in _ATOMS else _walk(v, leaf, memo, None if where is None else f"{where}[{i}]", live)
                  for i, v in enumerate(obj)]
-        if all(a is b for a, b in zip(items, obj)):
+        if all(a is b for a, b in zip(items, obj, strict=True)):
             return obj  # immutable and nothing inside changed
         if hasattr(obj, "_fields"):
             return type(obj)(*items)  # namedtuple
@@ -90,6 +98,10 @@ def _walk(obj: Any, leaf: Callable[[torch.Tensor, tuple, str | None], torch.Tens
 
 def _to_cpu(t: torch.Tensor, key: tuple, where: str | None) -> torch.Tensor:
     return t.detach().to("cpu", copy=True)
+
+
+def _clone(t: torch.Tensor, key: tuple, where: str | None) -> torch.Tensor:
+    return t.detach().clone()
 
 
 def to_host(obj: Any, memo: dict | None = None) -> Any:
@@ -116,7 +128,7 @@ class LiveRefs:
     before) still holds the recorded values.
     """
 
-    __slots__ = ("_keys", "_names", "_steps", "_steps_at", "_tensors", "_versions")
+    __slots__ = ("_ids", "_keys", "_names", "_steps", "_steps_at", "_tensors", "_versions")
 
     def __init__(self, tensors: Iterable[torch.Tensor] = (), names: Iterable[str] | None = None, *,
                  steps: Callable[[], int] | None = None) -> None:
@@ -125,9 +137,27 @@ class LiveRefs:
         self._names = tuple(names) if names is not None else None
         if self._names is not None and len(self._names) != len(self._tensors):
             raise ValueError(f"LiveRefs: {len(self._names)} names for {len(self._tensors)} tensors")
-        self._keys = frozenset(view_key(t) for t in self._tensors)
+        self._keys: frozenset[tuple] | None = None  # computed when first needed (``_index``)
+        self._ids: frozenset[int] | None = None
         self._steps = steps
         self._record()
+
+    def _index(self) -> LiveRefs:
+        """Compute the view keys and object ids that ``keep`` and ``in`` look tensors up by (once)."""
+        if self._keys is None:
+            self._keys = frozenset(view_key(t) for t in self._tensors)
+            self._ids = frozenset(id(t) for t in self._tensors)  # valid while held: no other object gets these ids
+        return self
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle without the index: object ids and memory addresses mean nothing in another process."""
+        state = {name: getattr(self, name) for name in self.__slots__}
+        state["_keys"] = state["_ids"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for name, value in state.items():
+            setattr(self, name, value)
 
     def _record(self) -> None:
         self._versions = [t._version for t in self._tensors]
@@ -138,22 +168,24 @@ class LiveRefs:
 
         Cheaper than a new ``LiveRefs``: the view keys are shared, not recomputed.
         """
+        self._index()
         new = LiveRefs.__new__(LiveRefs)
-        new._tensors, new._names, new._keys, new._steps = self._tensors, self._names, self._keys, self._steps
+        new._tensors, new._names, new._keys, new._ids = self._tensors, self._names, self._keys, self._ids
+        new._steps = self._steps
         new._record()
         return new
 
     @property
     def keys(self) -> frozenset[tuple]:
         """The view keys of the tensors held."""
-        return self._keys
+        return self._index()._keys
 
     def __len__(self) -> int:
         return len(self._tensors)
 
     def __contains__(self, t: object) -> bool:
         """True when ``t`` views the same memory as one of the tensors held (a detached view counts)."""
-        return isinstance(t, torch.Tensor) and view_key(t) in self._keys
+        return isinstance(t, torch.Tensor) and view_key(t) in self.keys
 
     def changed(self) -> list[str]:
         """What wrote to the tensors since they were recorded: their names, and optimizer steps counted.
@@ -166,7 +198,7 @@ class LiveRefs:
             moved = self._steps() - self._steps_at
             if moved:
                 out.append(f"{moved} optimizer step(s)")
-        for i, (t, v) in enumerate(zip(self._tensors, self._versions)):
+        for i, (t, v) in enumerate(zip(self._tensors, self._versions, strict=True)):
             if t._version != v:
                 out.append(self._names[i] if self._names is not None else f"tensor {i}")
         return out
@@ -175,7 +207,7 @@ class LiveRefs:
         """``not changed()``, without building the list (stops at the first change)."""
         if self._steps is not None and self._steps() != self._steps_at:
             return False
-        return all(t._version == v for t, v in zip(self._tensors, self._versions))
+        return all(t._version == v for t, v in zip(self._tensors, self._versions, strict=True))
 
     def keep(self, obj: Any, memo: dict | None = None) -> Any:
         """A copy of ``obj`` that keeps the tensors viewing these references as they are (not copied).
@@ -184,12 +216,7 @@ class LiveRefs:
         wait); containers are rebuilt as in ``to_host``. The result costs little to make and equals
         ``obj`` at this moment for as long as ``unchanged()``; ``copy`` turns it into a host copy.
         """
-        keys = self._keys
-
-        def leaf(t: torch.Tensor, key: tuple, where: str | None) -> torch.Tensor:
-            return t if key in keys else t.detach().clone()
-
-        return _walk(obj, leaf, {} if memo is None else memo, None)
+        return _walk(obj, _clone, {} if memo is None else memo, None, self._index())
 
     def copy(self, obj: Any, memo: dict | None = None) -> Any | None:
         """``to_host(obj)`` if nothing wrote to these tensors since they were recorded, else None.
@@ -252,13 +279,13 @@ class HostCopy:
         sources = self.pending._tensors
         try:
             if self._ready is None:
-                for buf, src in zip(self._buffers, sources):
+                for buf, src in zip(self._buffers, sources, strict=True):
                     buf.copy_(src)
             else:
                 stream = torch.cuda.Stream(device=self._device)
                 stream.wait_event(self._ready)
                 with torch.cuda.stream(stream):
-                    for buf, src in zip(self._buffers, sources):
+                    for buf, src in zip(self._buffers, sources, strict=True):
                         buf.copy_(src, non_blocking=src.is_cuda)  # into pinned host memory
                 stream.synchronize()
             return self.pending.changed()

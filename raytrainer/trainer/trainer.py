@@ -153,7 +153,7 @@ class Trainer:
         self.callbacks: list[Callback] = self._default_callbacks(as_sequence(callbacks))
         self.loggers: list[Logger] = self._make_loggers(logger)
         self.session = RankSession(self, self.config)
-        self.last_run: Any = None   # RunResult / events of the last Ray run
+        self.last_run: Any = None   # the FitController of the last Ray fit: its phases and failures
 
     @classmethod
     def for_rank(cls, config: RunConfig, callbacks: list[Callback], loggers: list[Logger],

@@ -296,6 +296,19 @@ def test_live_refs_copy_catches_a_write_during_the_copy():
     assert refs.copy(WritesWhenCopied(w=w)) is None  # unchanged before the copy, changed after it
 
 
+def test_live_refs_pickle_without_their_index():
+    import pickle
+
+    w = torch.ones(3)
+    refs = LiveRefs([w], ["w"])
+    assert w in refs  # builds the index (object ids, memory addresses)
+    other = pickle.loads(pickle.dumps(refs))
+    assert other._ids is None and other._keys is None  # meaningless after unpickling: rebuilt when needed
+    assert other._tensors[0] in other and w not in other
+    kept = other.keep({"w": other._tensors[0], "x": w})
+    assert kept["w"] is other._tensors[0] and kept["x"] is not w
+
+
 def test_live_refs_rejects_mismatched_names():
     with pytest.raises(ValueError, match="2 names for 1 tensors"):
         LiveRefs([torch.zeros(1)], ["a", "b"])

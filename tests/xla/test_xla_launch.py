@@ -20,7 +20,7 @@ pytest.importorskip("torch_xla", reason="torch_xla is not installed here: run th
 import torch  # noqa: E402
 
 import rankfns  # noqa: E402
-from raytrainer.launchers.ray.launcher import _merge_predictions  # noqa: E402
+from raytrainer.launchers.base import merge_predictions  # noqa: E402
 from raytrainer.launchers.xla import run_on_devices  # noqa: E402
 
 pytestmark = [pytest.mark.xla_launch, pytest.mark.usefixtures("fresh_runtime")]
@@ -47,7 +47,7 @@ def test_two_ranks_get_their_own_device_context_and_data_shard(tmp_path, two_cpu
     assert (tmp_path / "written-by-rank0.txt").read_text() == "0"
     # ordered sharding: rank 0 has the first half of the data, rank 1 the second; merged in rank order
     assert results[0]["rows"].tolist() == [0, 1, 2, 3, 4] and results[1]["rows"].tolist() == [5, 6, 7, 8, 9]
-    merged = _merge_predictions([(1, [r["out"]]) for r in results])
+    merged = merge_predictions([(1, [r["out"]]) for r in results])
     reference = rankfns.fixed_layer()(torch.arange(10, dtype=torch.float32).repeat(4, 1).T).detach()
     torch.testing.assert_close(torch.cat(merged), reference, rtol=1e-5, atol=1e-5)
     if CPU_BACKEND:  # the CPU backend runs every device as a thread of one process

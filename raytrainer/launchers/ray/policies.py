@@ -53,6 +53,33 @@ class FailurePolicy:
 
 
 @dataclass(frozen=True)
+class RecoveryDecision:
+    """What the driver does after a failure.
+
+    ``action``: "give_up" (an error retrying would repeat), "exhausted" (max_failures spent), "repair"
+    (keep the survivors' processes, replace the dead ranks, same world) or "restart" (a new group of
+    ``world`` ranks from the newest snapshot).
+    """
+
+    action: str
+    world: int
+
+
+def decide_recovery(*, retryable: bool, budget: str | None, survivors_kept: bool, world: int,
+                    new_world: int) -> RecoveryDecision:
+    """After a failure: ``budget`` is FailurePolicy.record's answer ("retry"/"raise"; None when not
+    recorded), ``survivors_kept`` whether the survivors left their collectives in time, ``new_world``
+    the size the scaling policy picked (an elastic run may shrink)."""
+    if not retryable:
+        return RecoveryDecision("give_up", world)
+    if budget != "retry":
+        return RecoveryDecision("exhausted", world)
+    if survivors_kept and new_world == world:
+        return RecoveryDecision("repair", world)
+    return RecoveryDecision("restart", new_world)
+
+
+@dataclass(frozen=True)
 class ScalingPolicy:
     """Chooses how many ranks to run between ``min_ranks`` and ``max_ranks``.
 

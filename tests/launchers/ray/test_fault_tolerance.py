@@ -48,6 +48,9 @@ def test_killed_rank_recovers_bitwise(local_ray, tmp_path, alive_actors, killed)
     assert failure["rank"] == killed and "died" in failure["cause"]
     assert restart["step"] >= 10, "recovery should resume from the newest snapshot, not from scratch"
     assert "replaced, survivors kept" in restart["cause"], "the survivor should have been kept"
+    # the controller's phases: a repair in place goes back to RUNNING without starting a new group
+    assert [p.value for p in trainer.last_run.history] == ["starting", "running", "recovering", "running",
+                                                           "stopping", "finished"]
     assert alive_actors() == []
 
 

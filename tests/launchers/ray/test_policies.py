@@ -76,3 +76,19 @@ def test_elastic_sampler_epochs_differ_and_reset_segments():
     assert list(s) == []
     s.set_epoch(1)
     assert sorted(list(s)[0]) == list(range(20)) and list(s)[0] != first
+
+
+def test_recovery_decisions():
+    from raytrainer.launchers.ray.policies import decide_recovery
+
+    def d(**kw):
+        args = dict(retryable=True, budget="retry", survivors_kept=True, world=4, new_world=4)
+        args.update(kw)
+        return decide_recovery(**args)
+
+    assert d(retryable=False, budget=None).action == "give_up"
+    assert d(budget="raise").action == "exhausted"
+    assert (d().action, d().world) == ("repair", 4)
+    assert (d(survivors_kept=False).action, d(survivors_kept=False).world) == ("restart", 4)
+    shrink = d(new_world=2)  # an elastic run lost a node: a smaller new group, not a repair
+    assert (shrink.action, shrink.world) == ("restart", 2)

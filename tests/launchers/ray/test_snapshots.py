@@ -69,7 +69,7 @@ def test_training_past_the_boundary_makes_the_snapshot_fall_back():
     assert snapshots.latest() is None  # no full copy was made (no publisher), and the light one is stale
 
     model, cb, trainer = _fit(5)
-    full = cb.snapshotter.take(trainer)  # a full copy at step 5
+    full = cb.snapshotter.take(trainer.session)  # a full copy at step 5
     opt = trainer.optimizers[0]
     for p in model.parameters():
         p.grad = torch.ones_like(p)

@@ -1,0 +1,358 @@
+"""The Ray driver's controller for one fit: an explicit state machine.
+
+    STARTING -> RUNNING -> STOPPING -> FINISHED
+                  |  ^
+        failure   v  |  repaired in place
+               RECOVERING --(new group)--> STARTING
+                  RUNNING --(more resources)--> RESIZING --> STARTING
+
+Each phase is one method that returns the next phase. The decisions (retry or give up, the world
+size, repair in place or restart) come from the pure policies in ``policies.py``; this module only
+carries them out against the worker group, the events log and the driver's Trainer.
+"""
+from __future__ import annotations
+
+import enum
+import signal
+import time
+from typing import Any, Callable
+
+from raytrainer.core import control
+from raytrainer.core.events import EventLog, command_fields
+from raytrainer.launchers.base import RankPayload, RunResult
+from raytrainer.launchers.ray.group import PlacementError, RankError, ensure_ray
+from raytrainer.launchers.ray.policies import (Failure, FailurePolicy, FailuresExhausted, RecoveryDecision,
+                                               ScalingPolicy, decide_recovery, free_slots)
+from raytrainer.launchers.ray.rank import latest_snapshot, queued_messages, rank_entry, request_stop
+from raytrainer.plan import Plan
+from raytrainer.utilities import log, rng_states
+
+
+class Phase(enum.Enum):
+    """Where the driver is in one fit."""
+
+    STARTING = "starting"       # placing and starting a worker group
+    RUNNING = "running"         # the ranks train; the driver relays progress and watches heartbeats
+    RECOVERING = "recovering"   # a rank failed: settle the survivors, decide, repair or restart
+    RESIZING = "resizing"       # the ranks stopped to grow the world
+    STOPPING = "stopping"       # the ranks finished (or were preempted): apply the result
+    FINISHED = "finished"
+
+
+class FitController:
+    """Runs one fit on Ray: starts groups, relays rank 0's messages, and recovers, resizes or stops."""
+
+    def __init__(self, plan: Plan, trainer: Any, model: Any, kwargs: dict[str, Any],
+                 new_group: Callable[[int], Any], scaling: ScalingPolicy) -> None:
+        self.plan, self.trainer, self.model, self.kwargs = plan, trainer, model, dict(kwargs)
+        self.new_group, self.scaling = new_group, scaling
+        self.events = EventLog(trainer.log_dir)
+        self.failures = FailurePolicy(trainer.config.max_failures)
+        self.phase = Phase.STARTING
+        self.history: list[Phase] = []        # every phase entered, in order (tests and debugging read it)
+        self.step = 0
+        self.epoch = 0
+        self.driver_snapshot: tuple[int, dict[str, Any]] | None = None
+        self.last_beat = time.monotonic()
+        self.last_scale_check = time.monotonic()
+        self.group: Any = None
+        self.world = 0
+        self.resize_to: int | None = None
+        self.sigterm = False
+        self.stop_sent = False
+        self.rng = rng_states()
+        self.bar = trainer.progress_bar_callback
+        self.start_logged = False
+        # what the next RUNNING phase resumes from, and the event it records first
+        self.resume: Any = self.kwargs.get("ckpt_path")
+        self.resume_step: int | None = None
+        self.pending_event: tuple[str, str | None] = ("start", None)
+        self.error: BaseException | None = None
+        self.result: RunResult | None = None
+
+    # ------------------------------------------------------------------ messages from rank 0, ticks
+    def on_message(self, rank: int, msg: Any) -> None:
+        if not isinstance(msg, dict):
+            return
+        kind = msg.get("type")
+        if kind == "progress" and self.bar is not None:
+            self.bar.handle(msg["event"])
+        elif kind == "heartbeat":
+            self.step, self.epoch, self.last_beat = msg["step"], msg["epoch"], time.monotonic()
+        elif kind == "snapshot":
+            import ray
+
+            try:  # fetch now: the copy then lives on the driver's node, independent of rank 0's
+                self.driver_snapshot = (msg["step"], ray.get(msg["ref"], timeout=60))
+            except Exception as exc:  # noqa: BLE001 - an older copy is still there
+                log.warning("could not fetch the snapshot of step %s: %s", msg.get("step"), exc)
+        elif kind == "event":
+            fields = dict(msg["fields"])
+            if msg["event"] == "start":
+                if self.start_logged:
+                    return  # already recorded by the driver when this message came too late
+                self.start_logged = True
+                fields.update(command_fields())  # the driver's command line, not the rank actor's
+            self.events.emit(msg["event"], **fields)
+
+    def on_tick(self) -> None:
+        """Called by the group's wait loop every poll interval: preemption, heartbeat, growth."""
+        now = time.monotonic()
+        if self.sigterm and not self.stop_sent:
+            self._request_stop("preempt")
+        hb_timeout = self.trainer.config.heartbeat_timeout_s
+        if now - self.last_beat > hb_timeout:
+            raise _Hung(f"no progress from rank 0 for {hb_timeout:.0f} s (stuck in a collective or a step)")
+        if self.plan.elastic and not self.stop_sent and now - self.last_scale_check >= \
+                self.trainer.config.scale_check_interval_s:
+            self.last_scale_check = now
+            target = self.scaling.should_grow(self.world, _free_slots(self.plan))
+            if target is not None:
+                self.resize_to = target
+                self._request_stop("resize")
+
+    def _request_stop(self, reason: str) -> None:
+        self.stop_sent = True
+        _call_ranks(self.group, request_stop, reason)
+
+    def _collect_survivor_snapshots(self, err: BaseException) -> None:
+        """Before the group is torn down: deliver what ranks still had queued for the driver (events,
+        snapshots), then take the newest snapshot any surviving rank holds."""
+        for rank, queued in enumerate(_call_ranks(self.group, queued_messages)):
+            for msg in queued or []:
+                self.on_message(rank, msg)
+        for outcome in _call_ranks(self.group, latest_snapshot):
+            if outcome is not None and (self.driver_snapshot is None or outcome[0] > self.driver_snapshot[0]):
+                self.driver_snapshot = outcome
+
+    # ------------------------------------------------------------------ the state machine
+    def run(self) -> None:
+        """Drive the phases until FINISHED; raises what ends the run (an error, Preempted, exhaustion)."""
+        ensure_ray(self.plan.max_ranks, 0, self.trainer.config.ray_address)
+        self.world = self._initial_world()
+        previous = control.install_sigterm_handler()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+        phases = {Phase.STARTING: self._starting, Phase.RUNNING: self._running, Phase.RECOVERING: self._recovering,
+                  Phase.RESIZING: self._resizing, Phase.STOPPING: self._stopping}
+        try:
+            while self.phase is not Phase.FINISHED:
+                self.history.append(self.phase)
+                self.phase = phases[self.phase]()
+            self.history.append(self.phase)
+        finally:
+            control.restore_sigterm_handler(previous)
+            if self.group is not None:
+                self.group.shutdown(graceful=False)  # idempotent; frees the placement group on any exit
+
+    def _starting(self) -> Phase:
+        """Place and start a group of ``self.world`` ranks (an elastic run shrinks if they do not fit)."""
+        self.group = self.new_group(self.world)
+        self.trainer.session.worker_group = self.group
+        try:
+            self.group.start()
+        except PlacementError:
+            if self.plan.elastic and self.world > self.plan.min_ranks:
+                self.world = max(self.plan.min_ranks, self.world - self._unit())
+                return Phase.STARTING
+            raise
+        return Phase.RUNNING
+
+    def _running(self) -> Phase:
+        """Run the fit on the ranks until they return, fail, or stop for a resize."""
+        kind, cause = self.pending_event
+        if kind != "start":  # rank 0 reports the first start itself, once it knows the step it resumed at
+            self.events.emit(kind, world_size=self.world, step=self.step, epoch=self.epoch, cause=cause)
+        ctl = {"rng": self.rng, "snapshot_every": self.trainer.config.snapshot_every_n_steps,
+               "resume_step": self.resume_step, "elastic": self.plan.elastic, "emit_start": kind == "start"}
+        self.stop_sent, self.resize_to, self.last_beat = False, None, time.monotonic()
+        try:
+            results = self.group.run(
+                rank_entry, RankPayload.of(self.trainer), "fit", self.model, dict(self.kwargs, ckpt_path=self.resume),
+                ctl, on_message=self.on_message, on_tick=self.on_tick,
+                before_shutdown=self._collect_survivor_snapshots,
+                arg_names=["trainer", "fn", "model", "kwargs", "ctl"],
+                keep_on_failure=self.trainer.config.max_failures > 0)
+        except (RankError, _Hung) as err:
+            self.error = err
+            return Phase.RECOVERING
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+        self.result = results[0]
+        self.step, self.epoch = self.result.global_step, self.result.current_epoch
+        return Phase.RESIZING if self.result.status == "resize" else Phase.STOPPING
+
+    def _recovering(self) -> Phase:
+        """Settle the survivors, record the failure, and repair in place or restart (or give up)."""
+        err = self.error
+        assert err is not None
+        kept = self._settle(err)
+        world_before = self.world
+        decision = self._decide(err, kept)
+        self.resume, self.resume_step = self._resume_point()
+        cause = type(err).__name__
+        if decision.action == "repair":
+            dead = sorted(r for r, died in err.failed.items() if died)
+            if self.group.reform(dead):
+                cause += f": rank(s) {dead} replaced, survivors kept" if dead else ": ranks kept"
+                self.pending_event = ("restart", cause)
+                return Phase.RUNNING
+        if kept:
+            self.group.shutdown(graceful=False)
+        self.pending_event = ("restart", cause)
+        log.debug("restarting at world %d (was %d)", self.world, world_before)
+        return Phase.STARTING
+
+    def _resizing(self) -> Phase:
+        """The ranks stopped at an agreed step to grow: restart at the new size from their snapshot."""
+        result = self.result
+        assert result is not None
+        self.group.shutdown()
+        old = self.world
+        self.world = self.resize_to or self.world
+        self.resume, self.resume_step = result.snapshot, result.global_step
+        self.driver_snapshot = (result.global_step, result.snapshot)
+        self.pending_event = ("resize", f"world {old} -> {self.world}: more resources available")
+        return Phase.STARTING
+
+    def _stopping(self) -> Phase:
+        """The ranks returned: the driver takes over their result; a preempted run raises Preempted."""
+        result = self.result
+        assert result is not None
+        self.group.shutdown()
+        result.apply(self.trainer, self.model)
+        self.trainer.session.world = self.world
+        if result.status == "preempted":
+            self.events.emit("preemption", world_size=self.world, step=self.step, epoch=self.epoch,
+                             cause="SIGTERM", path=result.output)
+            raise control.Preempted(
+                f"preempted (SIGTERM) at step {self.step}, epoch {self.epoch}; checkpoint written to "
+                f"{result.output}. Rerun the same command with ckpt_path='last' to resume (exit code "
+                f"{control.PREEMPTED_EXIT_CODE}).", checkpoint=result.output)
+        self.events.emit("finish", world_size=self.world, step=self.step, epoch=self.epoch)
+        return Phase.FINISHED
+
+    def _settle(self, err: BaseException) -> bool:
+        """After a failure with the group kept up: let the survivors stop, gather their snapshots.
+
+        True when the survivors can re-form the group in place; otherwise the group is shut down (a
+        survivor stuck past SETTLE_TIMEOUT_S, an error that will not be retried, a hang).
+        """
+        if not getattr(self.group, "started", False):
+            return False  # run() already shut it down (max_failures=0, a hang, Ctrl-C)
+        ok = isinstance(err, RankError) and _retryable(err, err.died) and \
+            self.group.settle(err.failed, timeout_s=SETTLE_TIMEOUT_S)
+        self._collect_survivor_snapshots(err)
+        if not ok:
+            self.group.shutdown(graceful=False)
+        return ok
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        self.sigterm = True
+
+    def _unit(self) -> int:
+        return self.plan.ranks_per_node if self.plan.nodes_elastic else 1
+
+    def _initial_world(self) -> int:
+        if not self.plan.elastic:
+            return self.plan.world_size
+        world = self.scaling.target(_free_slots(self.plan, capacity=True))
+        if world < self.plan.min_ranks:
+            world = self.plan.min_ranks  # wait for MIN in placement (bounded by placement_timeout_s)
+        return world - world % self._unit() if self.plan.nodes_elastic else world
+
+    def _decide(self, err: BaseException, survivors_kept: bool) -> RecoveryDecision:
+        """Record the failure and let the policies decide; raises when the run ends here."""
+        retryable = _retryable(err, getattr(err, "died", False))
+        if retryable and self.driver_snapshot is not None and self.driver_snapshot[0] > self.step:
+            self.step = self.driver_snapshot[0]
+        short = _short_cause(err)
+        budget = None
+        if retryable:
+            rank = getattr(err, "rank", None)
+            node = getattr(err, "node_ip", None) or None
+            died = getattr(err, "died", False)
+            # A process lost with its node to a spot/preemptible reclaim (Ray: AUTOSCALER_DRAIN_PREEMPTED) is a
+            # preemption, which does not count against max_failures. Only a death's own message is looked at.
+            preempted = died and "preempted" in getattr(err, "traceback", "").lower()
+            if not self.start_logged:  # rank 0's own start event was lost with the group: record it here
+                self.start_logged = True
+                self.events.emit("start", world_size=self.world, step=0, epoch=0, **command_fields())
+            self.events.emit("failure", world_size=self.world, step=self.step, epoch=self.epoch, cause=short,
+                             rank=rank, node=node)
+            budget = self.failures.record(Failure(time.time(), rank, node, short, self.step, preempted=preempted))
+        new_world = self.world
+        if retryable and budget == "retry" and self.plan.elastic:
+            new_world = self.scaling.after_failure(self.world, _free_slots(self.plan, capacity=True))
+        decision = decide_recovery(retryable=retryable, budget=budget, survivors_kept=survivors_kept,
+                                   world=self.world, new_world=new_world)
+        if decision.action == "give_up":
+            self.events.emit("finish", world_size=self.world, step=self.step, epoch=self.epoch,
+                             cause=f"failed: {short}")
+            raise err  # a plain error in user code: retrying would fail the same way
+        if decision.action == "exhausted":
+            self.events.emit("finish", world_size=self.world, step=self.step, epoch=self.epoch, cause="failed")
+            raise FailuresExhausted(self.failures.failures, self.trainer.config.max_failures) from err
+        self.world = decision.world
+        return decision
+
+    def _resume_point(self) -> tuple[Any, int | None]:
+        """The newest snapshot any copy holds, else "last" (the newest valid checkpoint)."""
+        if self.driver_snapshot is not None:
+            step, state = self.driver_snapshot
+            self.step, self.epoch = step, int(state.get("epoch", self.epoch))
+            return state, step
+        self.events.emit("snapshot_fallback", world_size=self.world, step=self.step, epoch=self.epoch,
+                         cause="no snapshot survived; resuming from the newest valid checkpoint")
+        return "last", None
+
+
+SETTLE_TIMEOUT_S = 5.0  # survivors of a failure must leave their collectives within this to be kept
+
+
+class _Hung(RuntimeError):
+    """Rank 0 stopped sending heartbeats: a collective or a step is stuck."""
+
+
+def _short_cause(err: BaseException) -> str:
+    if getattr(err, "died", False):
+        return "process died (killed, out of memory, or its node was lost)"
+    original = getattr(err, "exception", None)
+    if original is not None:
+        return f"{type(original).__name__}: {original}"[:300]
+    return str(err).splitlines()[0][:300]
+
+
+def _retryable(err: BaseException, died: bool) -> bool:
+    """Deaths, lost nodes, hangs and errors marked retryable are retried; other user errors are not."""
+    if died or isinstance(err, _Hung):
+        return True
+    original = getattr(err, "exception", None)
+    if original is None:
+        return True
+    return bool(getattr(original, "retryable", False)) or isinstance(original, RetryableError) \
+        or "Connection reset" in str(original) or "Connection closed" in str(original) \
+        or type(original).__name__ in ("DistBackendError", "DistNetworkError")
+
+
+class RetryableError(RuntimeError):
+    """Raise this (or any exception with ``retryable = True``) in a step to have the run retried."""
+
+    retryable = True
+
+
+def _call_ranks(group: Any, fn: Any, *args: Any, timeout_s: float = 5.0) -> list[Any]:
+    """Call ``fn(rank_info, *args)`` on every live rank beside its running call; None for ranks that fail."""
+    return group.call(fn, *args, timeout_s=timeout_s) if getattr(group, "started", False) else []
+
+
+def _free_slots(plan: Plan, capacity: bool = False) -> list[int]:
+    """Ranks each alive Ray node could host now (available CPUs/GPUs), or in all (capacity=True)."""
+    import ray
+
+    state = ray._private.state
+    per_node = state.total_resources_per_node() if capacity else state.available_resources_per_node()
+    return free_slots(list(per_node.values()), 1, 1 if plan.accelerator == "cuda" else 0)
+
+

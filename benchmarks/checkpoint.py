@@ -56,8 +56,8 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import raytrainer as rt  # noqa: E402
-from raytrainer.io import storage  # noqa: E402
 from raytrainer.checkpoint.bridge import capture  # noqa: E402
+from raytrainer.io import storage  # noqa: E402
 
 
 class BigMLP(rt.LightningModule):

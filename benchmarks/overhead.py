@@ -131,8 +131,8 @@ def main() -> None:
     steps = EPOCHS * (N // BATCH + (N % BATCH > 0))
     base = statistics.median(times["plain"])
     print(f"\n{steps} steps, torch {torch.__version__}, threads=1, median of {args.repeats} interleaved runs")
-    print(f"| runner | median (s) | ratio vs plain | overhead per step (ms) |")
-    print(f"|---|---|---|---|")
+    print("| runner | median (s) | ratio vs plain | overhead per step (ms) |")
+    print("|---|---|---|---|")
     for name, ts in times.items():
         if not ts:
             continue

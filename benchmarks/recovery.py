@@ -208,7 +208,8 @@ def main() -> None:
                 extra = ""
                 if os.path.exists(os.path.join(out, "snapshots.json")):
                     snap = json.load(open(os.path.join(out, "snapshots.json")))
-                    extra = (f" (automatic interval {snap['every']} step(s); a snapshot costs {snap['cost_s'] * 1e3:.2f} ms"
+                    extra = (f" (automatic interval {snap['every']} step(s); "
+                             f"a snapshot costs {snap['cost_s'] * 1e3:.2f} ms"
                              f" = {snap['cost_s'] / snap['step_s']:.1%} of a {snap['step_s'] * 1e3:.1f} ms step)")
                 print(f"run {i + 1} throughput {label}: {tput[label][-1]:.1f} steps/s{extra}", flush=True)
     finally:

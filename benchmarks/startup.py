@@ -17,8 +17,9 @@ Two numbers per run, both measured from the ``fit`` call on the driver:
 
 Ray start-up is not the frameworks' work, so the main ("warm") numbers start one local Ray instance
 before all of them and time ``fit`` only, interleaving the contenders (rotating which goes first)
-after one untimed warm-up each, and taking medians. The "cold" numbers run each framework in a fresh Python process and include
-``ray.init`` (the same explicit call for both), as a user's first run on a laptop would.
+after one untimed warm-up each, and taking medians. The "cold" numbers run each framework in a fresh
+Python process and include ``ray.init`` (the same explicit call for both), as a user's first run on a
+laptop would.
 
     python benchmarks/startup.py [--repeats 5] [--cold-repeats 2] [--profile]
 """
@@ -121,12 +122,11 @@ def run_raytrainer(stamp_path: str) -> dict[str, float]:
 # Ray Train
 # ------------------------------------------------------------------------------------------------
 def _ray_train_loop(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
     import torch
     from torch import nn
     from torch.utils.data import DataLoader
-
-    import ray.train
-    import ray.train.torch
 
     torch.set_num_threads(1)
     torch.manual_seed(0)

@@ -88,7 +88,8 @@ class LitAutoEncoder(pl.LightningModule):
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self.log("test_loss", self._loss(batch), sync_dist=True)
 
-    def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+    def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int,
+                     dataloader_idx: int = 0) -> torch.Tensor:
         return self(batch[0])
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

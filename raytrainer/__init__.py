@@ -2,15 +2,21 @@
 
 ``import raytrainer as pl`` gives the names Lightning users know.
 """
-from raytrainer.callbacks import (Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint, ModelSummary,
-                                  TQDMProgressBar)
+from raytrainer import callbacks, loggers
+from raytrainer.callbacks import (
+                                  Callback,
+                                  EarlyStopping,
+                                  LearningRateMonitor,
+                                  ModelCheckpoint,
+                                  ModelSummary,
+                                  TQDMProgressBar,
+)
 from raytrainer.datamodule import LightningDataModule
 from raytrainer.loggers import CSVLogger, Logger
 from raytrainer.module import LightningModule
 from raytrainer.plan import Plan
 from raytrainer.trainer.trainer import Trainer
 from raytrainer.utilities import seed_everything
-from raytrainer import callbacks, loggers
 
 __version__ = "0.1.0"
 

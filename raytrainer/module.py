@@ -6,7 +6,8 @@ import contextlib
 import copy
 import inspect
 import warnings
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -147,14 +148,14 @@ class LightningModule(nn.Module):
 
     # ------------------------------------------------------------------ trainer-backed attributes
     @property
-    def trainer(self) -> "Trainer":
+    def trainer(self) -> Trainer:
         t = self.__dict__["_trainer"]
         if t is None and not self._jit_is_scripting:
             raise RuntimeError(f"{type(self).__name__}.trainer {_TRAINER_ONLY}.")
         return t
 
     @trainer.setter
-    def trainer(self, trainer: "Trainer | None") -> None:
+    def trainer(self, trainer: Trainer | None) -> None:
         self.__dict__["_trainer"] = trainer
 
     @property
@@ -257,7 +258,7 @@ class LightningModule(nn.Module):
             print(*args, **kwargs)
 
     # ------------------------------------------------------------------ optimization API
-    def optimizers(self, use_pl_optimizer: bool = True) -> "LightningOptimizer | list[Any] | Any":
+    def optimizers(self, use_pl_optimizer: bool = True) -> LightningOptimizer | list[Any] | Any:
         """The optimizers from configure_optimizers: one object when there is one, else a list."""
         t = self.trainer
         opts = t.session.lightning_optimizers if use_pl_optimizer else t.optimizers
@@ -370,7 +371,7 @@ class LightningModule(nn.Module):
     # ------------------------------------------------------------------ checkpoints and export
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: str, map_location: Any = None, hparams_file: Any = None,
-                             strict: bool = True, weights_only: bool = True, **kwargs: Any) -> "LightningModule":
+                             strict: bool = True, weights_only: bool = True, **kwargs: Any) -> LightningModule:
         """Rebuild the module from a checkpoint's hyper_parameters (overridable) and load its weights."""
         from raytrainer.checkpoint.resolve import load_module
 

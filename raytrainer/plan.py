@@ -7,8 +7,9 @@ check is a separate step (``Plan.check_hardware``) that the Trainer runs before 
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 PRECISIONS = {
     "32": "32-true", "32-true": "32-true", "32-TRUE": "32-true",
@@ -28,7 +29,7 @@ class Env:
     xla_installed: bool = False
 
     @staticmethod
-    def detect() -> "Env":
+    def detect() -> Env:
         import torch
 
         cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -108,7 +109,7 @@ class Plan:
         gpus: Any = None,
         tpu_cores: Any = None,
         env: Env | None = None,
-    ) -> "Plan":
+    ) -> Plan:
         """Turn Trainer arguments of either Lightning generation into a Plan, or raise ValueError."""
         env = env if env is not None else Env()
         requested = {k: v for k, v in dict(
@@ -224,7 +225,8 @@ def parse_range(value: Any, name: str) -> tuple[int, int] | None:
         try:
             pair = (int(lo), int(hi))
         except ValueError:
-            raise ValueError(f"{name}={value!r}: a range must look like 'MIN:MAX' with integers, e.g. '1:4'.")
+            raise ValueError(f"{name}={value!r}: a range must look like 'MIN:MAX' with integers, e.g. '1:4'.") \
+                from None
     elif isinstance(value, tuple) and len(value) == 2:
         pair = (int(value[0]), int(value[1]))
     else:
@@ -241,7 +243,7 @@ def _parse_count(value: Any, name: str) -> int | tuple[int, int]:
     try:
         n = int(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name}={value!r} must be a positive integer or a 'MIN:MAX' range.")
+        raise ValueError(f"{name}={value!r} must be a positive integer or a 'MIN:MAX' range.") from None
     if n < 1:
         raise ValueError(f"{name}={value!r} must be at least 1.")
     return n
@@ -259,7 +261,7 @@ def _parse_gpus(value: Any, env: Env, name: str) -> tuple[int | tuple[int, int],
             try:
                 value = int(s)
             except ValueError:
-                raise ValueError(f"{name}={value!r}: expected an int, -1, a list of ids or '1,3'.")
+                raise ValueError(f"{name}={value!r}: expected an int, -1, a list of ids or '1,3'.") from None
     if isinstance(value, tuple) and len(value) == 2 and name == "devices":
         return _parse_count(value, name), None
     if isinstance(value, (list, tuple)):

@@ -25,7 +25,8 @@ class LearningRateMonitor(Callback):
         return out
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        if self.logging_interval != "epoch" and (trainer.session.state.batches_that_stepped + 1) % trainer.log_every_n_steps == 0:
+        stepped = trainer.session.state.batches_that_stepped
+        if self.logging_interval != "epoch" and (stepped + 1) % trainer.log_every_n_steps == 0:
             trainer.session.send_to_loggers(self._lrs(trainer), trainer.session.state.batches_that_stepped)
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:

@@ -321,8 +321,8 @@ class ModelCheckpoint(Callback):
     def _write(self, trainer: Any, paths: list[str]) -> None:
         """Stage the state on the host (partly now, partly while the next step computes); serialise and write
         it to every path in the background (rank 0 only)."""
-        from raytrainer.io import storage
         from raytrainer.checkpoint.bridge import capture
+        from raytrainer.io import storage
 
         ckpt = capture(trainer.session, self.save_weights_only)
         self._last_global_step_saved = trainer.global_step
@@ -418,7 +418,7 @@ class ModelCheckpoint(Callback):
 
         def field(match: re.Match) -> str:
             name, spec = match.group(1), match.group(2) or ""
-            slot = "{m%d%s}" % (next(counter), spec)
+            slot = f"{{m{next(counter)}{spec}}}"
             # a metric name like "val/loss" must not create folders
             label = name.replace("/", "_")
             return f"{label}{self.CHECKPOINT_EQUALS_CHAR}{slot}" if self.auto_insert_metric_name else slot

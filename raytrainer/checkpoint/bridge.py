@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from raytrainer.checkpoint import format
 from raytrainer.checkpoint.resolve import load_state_dict_checked, read_checkpoint
 from raytrainer.utilities import rng_states
@@ -17,7 +15,7 @@ if TYPE_CHECKING:
     from raytrainer.core.session import RankSession
 
 
-def progress(session: "RankSession") -> format.Progress:
+def progress(session: RankSession) -> format.Progress:
     """The session's counters as the format needs them for Lightning's ``loops`` entry."""
     state, module = session.state, session.module
     return format.Progress(
@@ -29,13 +27,13 @@ def progress(session: "RankSession") -> format.Progress:
         schedulers=[(c.interval, c.frequency) for c in session.lr_scheduler_configs])
 
 
-def _sampler_seed(session: "RankSession") -> int | None:
+def _sampler_seed(session: RankSession) -> int | None:
     """The seed of the training sampler when it has one (DistributedSampler), else None."""
     seed = getattr(getattr(session.train_dataloader, "sampler", None), "seed", None)
     return int(seed) if isinstance(seed, int) else None
 
 
-def _pending_plateau(session: "RankSession") -> dict[str, float]:
+def _pending_plateau(session: RankSession) -> dict[str, float]:
     """ReduceLROnPlateau steps still due after an epoch-end checkpoint, with the values they will use."""
     state = session.state
     if not state.epoch_done:
@@ -49,7 +47,7 @@ def _pending_plateau(session: "RankSession") -> dict[str, float]:
     return due
 
 
-def capture(session: "RankSession", weights_only: bool = False, check: bool = True) -> dict[str, Any]:
+def capture(session: RankSession, weights_only: bool = False, check: bool = True) -> dict[str, Any]:
     """Build the checkpoint dict for the session's current state (every rank may call it).
 
     ``check=False`` skips the weights_only loadability walk: for in-memory snapshots that never become files.
@@ -90,7 +88,7 @@ def capture(session: "RankSession", weights_only: bool = False, check: bool = Tr
     return ckpt
 
 
-def restore(session: "RankSession", path: "str | dict[str, Any]", full: bool) -> None:
+def restore(session: RankSession, path: str | dict[str, Any], full: bool) -> None:
     """Load weights (and with full=True: optimizers, schedulers, counters, callbacks, RNG, data position).
 
     ``path`` is a checkpoint file, or an already loaded checkpoint dict (an in-memory snapshot)."""

@@ -125,8 +125,8 @@ def init_kwargs_from_checkpoint(cls: type, ckpt: dict[str, Any], path: str,
                         + ", ".join(f"{m}=..." for m in missing) + ").")
     return kwargs
 
-def load_module(cls: type["LightningModule"], path: str, map_location: Any = None, strict: bool = True,
-                weights_only: bool = True, overrides: dict[str, Any] | None = None) -> "LightningModule":
+def load_module(cls: type[LightningModule], path: str, map_location: Any = None, strict: bool = True,
+                weights_only: bool = True, overrides: dict[str, Any] | None = None) -> LightningModule:
     """Rebuild ``cls`` from a checkpoint's hyper_parameters (plus overrides) and load its state_dict.
 
     Tensors load onto ``map_location`` (default: CPU). ``weights_only=False`` allows pickled Python

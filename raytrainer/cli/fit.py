@@ -54,7 +54,7 @@ class Spinner:
             self.stream.flush()
             i += 1
 
-    def __enter__(self) -> "Spinner":
+    def __enter__(self) -> Spinner:
         self._t0 = time.monotonic()
         if self.tty:
             self._thread = threading.Thread(target=self._draw, daemon=True)
@@ -151,7 +151,7 @@ def _fit_local(script_rel: str, working_dir: str, args_for_script: list[str], co
             proc.kill()
             proc.wait()
         raise CLIError(f"the script ran past --timeout {timeout_s:.0f}s and was stopped; resume it with "
-                       "--ckpt_path last", code=1)
+                       "--ckpt_path last", code=1) from None
     except KeyboardInterrupt:
         proc.terminate()
         proc.wait(timeout=60)
@@ -280,7 +280,7 @@ def _stream_logs(client: Any, job_id: str, timeout_s: float | None) -> None:
 
     try:
         asyncio.run(bounded())
-    except asyncio.TimeoutError as exc:
+    except TimeoutError as exc:
         raise CLIError(f"job {job_id} ran past --timeout {timeout_s:.0f}s; it keeps running on the cluster "
                        f"(stop it with `ray job stop {job_id}`)", code=1) from exc
     except RuntimeError as exc:  # the log socket closed early: the final status tells the outcome

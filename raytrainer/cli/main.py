@@ -23,8 +23,7 @@ from collections.abc import Sequence
 
 from raytrainer.cli.common import CLIError
 from raytrainer.cli.export import cmd_export
-from raytrainer.cli.fit import (DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_START_TIMEOUT_S, _check_range, _positive_int,
-                                cmd_fit)
+from raytrainer.cli.fit import DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_START_TIMEOUT_S, _check_range, _positive_int, cmd_fit
 from raytrainer.cli.report import cmd_report
 from raytrainer.cli.status import cmd_status
 

@@ -70,7 +70,7 @@ class RunConfig:
                   max_failures: int, placement_timeout_s: float, collective_timeout_s: float,
                   snapshot_every_n_steps: int | None, heartbeat_timeout_s: float, elastic_batch_policy: str,
                   scale_check_interval_s: float, ray_address: str | None, spare_ranks_per_node: int | None,
-                  logger: Any = None) -> tuple["RunConfig", Any]:
+                  logger: Any = None) -> tuple[RunConfig, Any]:
         """Validate Lightning's arguments; returns the config and the logger argument after fast_dev_run."""
         fdr = int(fast_dev_run) if not isinstance(fast_dev_run, bool) else (1 if fast_dev_run else 0)
         if fdr < 0:

@@ -6,7 +6,8 @@ are called, so an empty hook costs nothing in the training step.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from raytrainer.callbacks.callback import Callback, overrides
 from raytrainer.module import LightningModule

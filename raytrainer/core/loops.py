@@ -10,7 +10,8 @@ import inspect
 import itertools
 import math
 import time
-from typing import TYPE_CHECKING, Any, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
 
 
 # ---------------------------------------------------------------------------------------------- fit
-def fit_loop(session: "RankSession") -> None:
+def fit_loop(session: RankSession) -> None:
     """Train epochs until a stop condition, validating as configured."""
     module, state, sanity_steps = session.module, session.state, session.config.num_sanity_val_steps
     session.hooks.call("on_fit_start")
@@ -49,7 +50,7 @@ def fit_loop(session: "RankSession") -> None:
     session.hooks.call("on_fit_end")
 
 
-def _fit_done(session: "RankSession") -> bool:
+def _fit_done(session: RankSession) -> bool:
     state, config = session.state, session.config
     if config.max_steps != -1 and state.global_step >= config.max_steps:
         return True
@@ -62,13 +63,13 @@ def _fit_done(session: "RankSession") -> bool:
     return session.num_training_batches == 0
 
 
-def _can_stop_early(session: "RankSession") -> bool:
+def _can_stop_early(session: RankSession) -> bool:
     """Whether a should_stop request may end training now: min_epochs and min_steps are met."""
     state, config = session.state, session.config
     return state.current_epoch >= (config.min_epochs or 0) and state.global_step >= (config.min_steps or 0)
 
 
-def train_epoch(session: "RankSession", module: Any, deadline: float | None) -> bool:
+def train_epoch(session: RankSession, module: Any, deadline: float | None) -> bool:
     """One training epoch. Returns False when the run stopped in the middle of it."""
     state, config = session.state, session.config
     epoch = state.current_epoch
@@ -215,12 +216,12 @@ def train_epoch(session: "RankSession", module: Any, deadline: float | None) -> 
     return True
 
 
-def _val_count(session: "RankSession", batch_idx: int) -> int:
+def _val_count(session: RankSession, batch_idx: int) -> int:
     """Batches counted by val_check_interval: this epoch's, or all so far when check_val_every_n_epoch=None."""
     return batch_idx + 1 if session.config.check_val_every_n_epoch is not None else session.state.total_batches_seen
 
 
-def run_validation_in_fit(session: "RankSession") -> None:
+def run_validation_in_fit(session: RankSession) -> None:
     """Validation during fit: eval mode, no grad, then back to training."""
     if not session.val_dataloaders:
         return
@@ -232,7 +233,7 @@ def run_validation_in_fit(session: "RankSession") -> None:
 
 
 # --------------------------------------------------------------------------------------- evaluation
-def evaluation_loop(session: "RankSession", stage: str, dataloaders: list[Any], limit: int | None) -> list[dict]:
+def evaluation_loop(session: RankSession, stage: str, dataloaders: list[Any], limit: int | None) -> list[dict]:
     """Run validation_step or test_step over every dataloader; returns one dict of metrics per loader."""
     module = session.module
     prefix = "validation" if stage == "validate" else "test"
@@ -299,7 +300,7 @@ def _restore_modes(module: Any, modes: list[tuple[torch.nn.Module, bool]], hook:
         m.training = training
 
 
-def _no_grad(session: "RankSession") -> Any:
+def _no_grad(session: RankSession) -> Any:
     """inference_mode, or no_grad when asked (Trainer(inference_mode=False)) or where the device cannot run
     under it (XLA, as in Lightning)."""
     if session.config.inference_mode and session.strategy.supports_inference_mode:
@@ -316,7 +317,7 @@ def _accepts_dataloader_idx(fn: Any) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ predict
-def predict_loop(session: "RankSession", dataloaders: list[Any], return_predictions: bool) -> list[Any] | None:
+def predict_loop(session: RankSession, dataloaders: list[Any], return_predictions: bool) -> list[Any] | None:
     """Run predict_step over every dataloader under inference_mode, in dataset order."""
     module = session.module
     step_fn = module.predict_step

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, ContextManager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 
@@ -16,7 +18,7 @@ class Precision:
         self.device_type = device_type
         self.scaler: torch.amp.GradScaler | None = None
 
-    def forward_context(self) -> ContextManager[Any]:
+    def forward_context(self) -> AbstractContextManager[Any]:
         """Context to run forward passes (training/validation/test/predict steps) in."""
         return contextlib.nullcontext()
 
@@ -50,7 +52,7 @@ class MixedPrecision(Precision):
             # which is how the scaler code path is exercised on CPU-only machines.
             self.scaler = torch.amp.GradScaler(device_type, enabled=device_type == "cuda")
 
-    def forward_context(self) -> ContextManager[Any]:
+    def forward_context(self) -> AbstractContextManager[Any]:
         return torch.autocast(self.device_type, dtype=self.dtype)
 
     def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:

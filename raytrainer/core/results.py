@@ -7,9 +7,9 @@ a logger, the progress bar or a callback reads them.
 from __future__ import annotations
 
 import inspect
-
 import numbers
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
 class StepDispatch(nn.Module):
     """Routes forward() to a named step, so DDP's forward bookkeeping wraps training_step."""
 
-    def __init__(self, module: "LightningModule") -> None:
+    def __init__(self, module: LightningModule) -> None:
         super().__init__()
         self.module = module
 
@@ -160,9 +161,9 @@ class RankSession:
         return out
 
     # ------------------------------------------------------------------ one call
-    def run(self, fn: str, model: "LightningModule", strategy: Any, *, train: Any = None, val: Any = None,
-            dataloaders: Any = None, datamodule: "LightningDataModule | None" = None,
-            ckpt_path: "str | dict[str, Any] | None" = None, return_predictions: bool = True) -> Any:
+    def run(self, fn: str, model: LightningModule, strategy: Any, *, train: Any = None, val: Any = None,
+            dataloaders: Any = None, datamodule: LightningDataModule | None = None,
+            ckpt_path: str | dict[str, Any] | None = None, return_predictions: bool = True) -> Any:
         """Set up, run one entry point's loop on this process, tear down. Used by every launcher."""
         config = self.config
         self.fn = fn
@@ -225,7 +226,7 @@ class RankSession:
             raise out
         return out
 
-    def _add_module_callbacks(self, model: "LightningModule") -> None:
+    def _add_module_callbacks(self, model: LightningModule) -> None:
         """configure_callbacks(): the module's callbacks replace the Trainer's of the same type."""
         extra = as_sequence(model.configure_callbacks())
         if not extra:
@@ -242,7 +243,7 @@ class RankSession:
         """Where ``self.log`` writes from now on (None: logging is not allowed)."""
         self.active_results = results
 
-    def _fit_with_preemption(self) -> "control.Preempted | None":
+    def _fit_with_preemption(self) -> control.Preempted | None:
         """Run the fit loop with SIGTERM turned into a stop at the next step and a durable checkpoint."""
         state = self.state
         events = self.events
@@ -292,7 +293,7 @@ class RankSession:
             cb.last_model_path = path
         return path
 
-    def _finish(self, model: "LightningModule", datamodule: Any, stage: str, status: str) -> None:
+    def _finish(self, model: LightningModule, datamodule: Any, stage: str, status: str) -> None:
         for cb in self.callbacks:
             wait = getattr(cb, "wait_for_writes", None)
             if wait is not None:
@@ -404,7 +405,7 @@ class RankSession:
             [[bs.world, self.state.batches_done_in_epoch, bs.batch_size]]
 
     # ------------------------------------------------------------------ optimizers
-    def _setup_optimizers(self, model: "LightningModule") -> None:
+    def _setup_optimizers(self, model: LightningModule) -> None:
         opts, scheds = parse_optimizers(model.configure_optimizers())
         config = self.config
         if model.automatic_optimization:
@@ -556,7 +557,7 @@ class RankSession:
                                  self.state.current_epoch)
         return per_loader
 
-    def _log_hparams(self, model: "LightningModule", datamodule: Any) -> None:
+    def _log_hparams(self, model: LightningModule, datamodule: Any) -> None:
         if not self.is_global_zero:
             return
         # As Lightning: only what save_hyperparameters(logger=True) recorded is logged (no empty hparams.yaml).
@@ -581,7 +582,7 @@ class RankSession:
         if self.strategy is not None:
             self.strategy.barrier("save_checkpoint")
 
-    def restore_from(self, ckpt_path: "str | dict[str, Any]", fn: str) -> None:
+    def restore_from(self, ckpt_path: str | dict[str, Any], fn: str) -> None:
         """Restore from a path, "last"/"best", or an in-memory snapshot dict (handed over by the Ray driver)."""
         if isinstance(ckpt_path, dict):
             bridge.restore(self, ckpt_path, full=fn == "fit")

@@ -3,7 +3,8 @@ and the LightningOptimizer that manual optimization steps through. Reads only th
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -18,7 +19,7 @@ class StepError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- backward / zero_grad
-def backward(session: "RankSession", loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> None:
+def backward(session: RankSession, loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> None:
     """on_before_backward, the (module's or precision's) backward, on_after_backward."""
     for fn in session.hooks.hot["on_before_backward"]:
         fn(loss)
@@ -33,7 +34,7 @@ def backward(session: "RankSession", loss: torch.Tensor, optimizer: Any, *args: 
         fn()
 
 
-def zero_grad(session: "RankSession", optimizer: torch.optim.Optimizer, epoch: int, batch_idx: int) -> None:
+def zero_grad(session: RankSession, optimizer: torch.optim.Optimizer, epoch: int, batch_idx: int) -> None:
     for fn in session.hooks.hot["on_before_zero_grad"]:
         fn(optimizer)
     module_zero_grad = session.hooks.module_overrides["optimizer_zero_grad"]
@@ -44,7 +45,7 @@ def zero_grad(session: "RankSession", optimizer: torch.optim.Optimizer, epoch: i
 
 
 # ----------------------------------------------------------------------------- optimizer step
-def after_closure(session: "RankSession", optimizer: torch.optim.Optimizer) -> None:
+def after_closure(session: RankSession, optimizer: torch.optim.Optimizer) -> None:
     """Between backward and the optimizer step: unscale, on_before_optimizer_step, gradient clipping."""
     session.precision.unscale_gradients(optimizer)
     for fn in session.hooks.hot["on_before_optimizer_step"]:
@@ -57,7 +58,7 @@ def after_closure(session: "RankSession", optimizer: torch.optim.Optimizer) -> N
         clip_gradients(optimizer, config.gradient_clip_val, config.gradient_clip_algorithm, session.precision)
 
 
-def optimizer_step(session: "RankSession", optimizer: torch.optim.Optimizer,
+def optimizer_step(session: RankSession, optimizer: torch.optim.Optimizer,
                    closure: Callable[[], Any] | None) -> None:
     """Automatic optimization: unscale, on_before_optimizer_step, clipping, step, counters, schedulers.
 
@@ -86,7 +87,7 @@ def optimizer_step(session: "RankSession", optimizer: torch.optim.Optimizer,
         step_schedulers(session, "step", plateau=False)
 
 
-def step_schedulers(session: "RankSession", interval: str, plateau: bool | None = None) -> None:
+def step_schedulers(session: RankSession, interval: str, plateau: bool | None = None) -> None:
     """Step the schedulers of ``interval``; plateau=True/False picks only (non-)ReduceLROnPlateau ones."""
     if not session.lr_scheduler_configs or not session.module.automatic_optimization:
         return
@@ -120,7 +121,7 @@ def step_schedulers(session: "RankSession", interval: str, plateau: bool | None 
 
 
 # ----------------------------------------------------------------------------- the automatic step
-def automatic_step(session: "RankSession", step_fn: Any, batch: Any, batch_idx: int, epoch: int,
+def automatic_step(session: RankSession, step_fn: Any, batch: Any, batch_idx: int, epoch: int,
                    window_end: bool, accumulate: int, detect: bool) -> Any:
     """training_step -> backward -> (on window end) hooks, clipping, optimizer step, schedulers."""
     optimizer = session.optimizers[0]
@@ -217,7 +218,7 @@ def manual_outputs(out: Any, epoch: int, batch_idx: int, detect: bool) -> Any:
 class LightningOptimizer:
     """Wraps a torch optimizer for manual optimization: precision-aware step, step counting."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, session: "RankSession") -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, session: RankSession) -> None:
         self._optimizer = optimizer
         self._session = session
         self._on_before_step: Callable[[], None] = lambda: None

@@ -488,7 +488,8 @@ def _check_target(path: str, uri: str, fs: pafs.FileSystem) -> None:
     if not name or names_dir:
         raise ValueError(f"checkpoint path {uri!r} names a directory; give a file name like {join(uri, 'last.ckpt')!r}")
     if name.endswith(MANIFEST_SUFFIX) or _is_tmp_name(name):
-        raise ValueError(f"checkpoint path {uri!r} uses a name reserved for manifests/temporary files; pick another name")
+        raise ValueError(f"checkpoint path {uri!r} uses a name reserved for manifests/temporary files; "
+                         "pick another name")
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ if TYPE_CHECKING:
     from raytrainer.plan import Plan
 
 
-def make_launcher(plan: "Plan") -> "Launcher":
+def make_launcher(plan: Plan) -> Launcher:
     """The launcher that runs ``plan``: in this process, through torch_xla, or on a group of Ray actors."""
     if plan.launcher == "in_process":
         from raytrainer.launchers.in_process import InProcessLauncher

@@ -35,7 +35,7 @@ class RankPayload:
     counters: dict[str, int]
 
     @classmethod
-    def of(cls, trainer: Any) -> "RankPayload":
+    def of(cls, trainer: Any) -> RankPayload:
         return cls(type(trainer), trainer.config, list(trainer.callbacks), list(trainer.loggers),
                    trainer.session.state.counters())
 
@@ -72,7 +72,7 @@ class RunResult:
 
     @classmethod
     def from_session(cls, session: Any, fn: str, output: Any, world_size: int, status: str = "finished",
-                     snapshot: dict[str, Any] | None = None) -> "RunResult":
+                     snapshot: dict[str, Any] | None = None) -> RunResult:
         """Rank 0's state after a run, copied to host memory (any launcher that runs ranks elsewhere)."""
         return cls(
             output=output, status=status, snapshot=snapshot,

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from raytrainer.strategies.single_device import single_device
 from raytrainer.plan import Plan
+from raytrainer.strategies.single_device import single_device
 
 
 class InProcessLauncher:

@@ -19,16 +19,17 @@ import tempfile
 import threading
 import time
 import traceback
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 from raytrainer.callbacks.callback import Callback
 from raytrainer.checkpoint.host_copy import to_host
 from raytrainer.core import control
 from raytrainer.launchers.base import RankPayload, RunResult, merge_predictions
+from raytrainer.plan import Plan
 from raytrainer.strategies.base import RankContext
 from raytrainer.strategies.xla import XLAStrategy, check_precision, import_xla
-from raytrainer.plan import Plan
 from raytrainer.utilities import rng_states, set_rng_states
 
 HEARTBEAT_FILE = "heartbeat"

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import pickle
-from typing import Any, Callable, ContextManager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 from torch import nn
 
-from raytrainer.strategies.base import REDUCE_OPS, RankContext, Strategy, move_to_device
 from raytrainer.core.precision import Precision
+from raytrainer.strategies.base import REDUCE_OPS, RankContext, Strategy, move_to_device
 
 INSTALL_HINT = 'pip install "raytrainer[tpu]"'
 XLA_PRECISIONS = ("32-true", "bf16-mixed")
@@ -53,7 +55,7 @@ class XLAPrecision(Precision):
         self.name = precision
         self.dtype = torch.bfloat16 if precision == "bf16-mixed" else None
 
-    def forward_context(self) -> ContextManager[Any]:
+    def forward_context(self) -> AbstractContextManager[Any]:
         """bf16-mixed: ``torch.autocast("xla", bfloat16)`` (torch_xla.amp.autocast fails on XLA's CPU backend)."""
         if self.dtype is None:
             return contextlib.nullcontext()

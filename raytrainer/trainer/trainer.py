@@ -5,9 +5,8 @@ from __future__ import annotations
 import inspect
 import math
 import os
+from datetime import timedelta
 from typing import Any
-
-import torch
 
 from raytrainer.callbacks.callback import Callback
 from raytrainer.callbacks.model_checkpoint import ModelCheckpoint
@@ -28,10 +27,10 @@ from raytrainer.utilities import closest
 def _config_property(name: str, doc: str) -> property:
     """A Trainer attribute that reads (and, as in Lightning, may overwrite) a RunConfig field."""
 
-    def get(self: "Trainer") -> Any:
+    def get(self: Trainer) -> Any:
         return getattr(self.config, name)
 
-    def set_(self: "Trainer", value: Any) -> None:
+    def set_(self: Trainer, value: Any) -> None:
         setattr(self.config, name, value)
 
     return property(get, set_, doc=doc)
@@ -40,10 +39,10 @@ def _config_property(name: str, doc: str) -> property:
 def _session_property(name: str, doc: str, settable: bool = False) -> property:
     """A Trainer attribute that is the RankSession's (the run state lives there)."""
 
-    def get(self: "Trainer") -> Any:
+    def get(self: Trainer) -> Any:
         return getattr(self.session, name)
 
-    def set_(self: "Trainer", value: Any) -> None:
+    def set_(self: Trainer, value: Any) -> None:
         setattr(self.session, name, value)
 
     return property(get, set_ if settable else None, doc=doc)
@@ -52,10 +51,10 @@ def _session_property(name: str, doc: str, settable: bool = False) -> property:
 def _state_property(name: str, doc: str) -> property:
     """A loop counter (current_epoch, global_step): the session's LoopState holds it."""
 
-    def get(self: "Trainer") -> Any:
+    def get(self: Trainer) -> Any:
         return getattr(self.session.state, name)
 
-    def set_(self: "Trainer", value: Any) -> None:
+    def set_(self: Trainer, value: Any) -> None:
         setattr(self.session.state, name, value)
 
     return property(get, set_, doc=doc)
@@ -157,7 +156,7 @@ class Trainer:
 
     @classmethod
     def for_rank(cls, config: RunConfig, callbacks: list[Callback], loggers: list[Logger],
-                 counters: dict[str, int] | None = None) -> "Trainer":
+                 counters: dict[str, int] | None = None) -> Trainer:
         """The Trainer a rank runs under: rebuilt from the driver's config, callbacks and loggers (never
         unpickled from the driver), with the loop counters of the driver's session."""
         trainer = cls.__new__(cls)

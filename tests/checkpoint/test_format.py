@@ -7,12 +7,11 @@ import os
 
 import pytest
 import torch
+from ckpt_models import Regressor, assert_bitwise_equal, loaders, params, trainer
 
 import raytrainer as rt
 from raytrainer.checkpoint import format as ckpt_format
 from raytrainer.io import storage
-
-from ckpt_models import Regressor, assert_bitwise_equal, loaders, params, trainer
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,9 @@ import warnings
 
 import pytest
 import torch
+from ckpt_models import Regressor, assert_bitwise_equal, loaders, make_body, params, trainer
 
 import raytrainer as rt
-
-from ckpt_models import Regressor, assert_bitwise_equal, loaders, make_body, params, trainer
 
 pl = pytest.importorskip("pytorch_lightning")
 PLRegressor = make_body(pl.LightningModule)
@@ -26,7 +25,7 @@ def _quiet_lightning():
         yield
 
 
-def _pl_trainer(**kwargs) -> "pl.Trainer":
+def _pl_trainer(**kwargs) -> pl.Trainer:
     args = dict(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
                 devices=1, log_every_n_steps=1)
     args.update(kwargs)

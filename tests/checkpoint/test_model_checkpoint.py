@@ -7,11 +7,10 @@ from datetime import timedelta
 
 import pytest
 import torch
+from ckpt_models import Regressor, assert_bitwise_equal, loaders, params, trainer
 
 import raytrainer as rt
 from raytrainer.io import storage
-
-from ckpt_models import Regressor, assert_bitwise_equal, loaders, params, trainer
 
 
 def _fit(root, callbacks=None, seed: int = 3, **kwargs):
@@ -24,7 +23,8 @@ def _fit(root, callbacks=None, seed: int = 3, **kwargs):
 
 def _ckpts(directory) -> list[str]:
     """Checkpoint file names in a directory (no manifests), sorted."""
-    return sorted(n for n in os.listdir(directory) if n.endswith(".ckpt") and os.path.isfile(os.path.join(directory, n)))
+    return sorted(n for n in os.listdir(directory)
+                  if n.endswith(".ckpt") and os.path.isfile(os.path.join(directory, n)))
 
 
 def _assert_no_leftovers(directory) -> None:

@@ -6,11 +6,10 @@ import os
 
 import pytest
 import torch
+from ckpt_models import Regressor, assert_bitwise_equal, loaders, metric_rows, params, trainer
 
 import raytrainer as rt
 from raytrainer.io import storage
-
-from ckpt_models import Regressor, assert_bitwise_equal, loaders, metric_rows, params, trainer
 
 EPOCHS = 3  # 10 batches each: 30 optimizer steps
 

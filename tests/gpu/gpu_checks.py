@@ -17,8 +17,9 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO), str(REPO / "examples")]
@@ -74,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
             failed += 1
         print(f"{status} {name} ({time.perf_counter() - start:.1f}s) {detail}".rstrip(), flush=True)
     ray_loaded = "ray" in sys.modules
-    print(f"{'FAIL' if ray_loaded else 'PASS'} ray_never_imported {'(ray was imported)' if ray_loaded else ''}".rstrip())
+    note = "(ray was imported)" if ray_loaded else ""
+    print(f"{'FAIL' if ray_loaded else 'PASS'} ray_never_imported {note}".rstrip())
     failed += ray_loaded
     print(f"SUMMARY {'FAILED' if failed else 'OK'}: {failed} failed; runs under {root}")
     return 1 if failed else 0
@@ -126,8 +128,9 @@ class Checks:
 
     # ------------------------------------------------------------------ checks
     def gpus1_fit_validate_predict(self) -> str:
-        import raytrainer as pl
         from autoencoder import LitAutoEncoder
+
+        import raytrainer as pl
 
         pl.seed_everything(0)
         trainer = self.trainer("fp32", max_epochs=4)
@@ -144,8 +147,9 @@ class Checks:
         return f"val_loss {before:.4f} -> {after:.4f}; predictions on {preds[0].device}"
 
     def precision16_automatic(self) -> str:
-        import raytrainer as pl
         from autoencoder import LitAutoEncoder
+
+        import raytrainer as pl
 
         pl.seed_everything(0)
         trainer = self.trainer("fp16", max_epochs=4, precision=self.fp16)
@@ -167,8 +171,9 @@ class Checks:
         return f"val_loss {before:.4f} -> {after:.4f}; GradScaler scale {scaler.get_scale():.0f}"
 
     def precision16_manual(self) -> str:
-        import raytrainer as pl
         from gan import DigitsGAN
+
+        import raytrainer as pl
 
         pl.seed_everything(0)
         model = DigitsGAN(hidden=64)
@@ -189,8 +194,9 @@ class Checks:
         return f"g_loss {g:.3f}, d_loss {d:.3f}" + (f"; GradScaler scale {scale:.0f}" if scale else "")
 
     def bf16_mixed(self) -> str:
-        import raytrainer as pl
         from autoencoder import LitAutoEncoder
+
+        import raytrainer as pl
 
         if not self.cpu and not self.torch.cuda.is_bf16_supported():
             raise Skip("this GPU has no bfloat16 support")

@@ -14,10 +14,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import raytrainer as pl
-from raytrainer.launchers import make_launcher
-from raytrainer.strategies.single_device import single_device
-from raytrainer.plan import Env, Plan
 from raytrainer.core.precision import MixedPrecision, make_precision
+from raytrainer.launchers import make_launcher
+from raytrainer.plan import Env, Plan
+from raytrainer.strategies.single_device import single_device
 
 REPO = Path(__file__).resolve().parents[2]
 FOUR_GPUS = Env(cuda_device_count=4)

@@ -65,7 +65,8 @@ def test_dict_without_loss_names_its_keys_epoch_and_batch():
 
 
 def test_other_return_types_are_refused():
-    with pytest.raises(StepError, match=r"training_step returned str at epoch 0, batch 0\. Return a scalar loss tensor"):
+    with pytest.raises(StepError,
+                       match=r"training_step returned str at epoch 0, batch 0\. Return a scalar loss tensor"):
         fit(module(lambda self, b, i: "loss"))
 
 
@@ -99,8 +100,9 @@ def test_non_finite_loss_without_detect_anomaly_keeps_going():
 
 # --------------------------------------------------------------------------- missing or wrong inputs
 def test_fit_without_any_dataloader():
-    with pytest.raises(ValueError, match=r"Trainer\.fit got no training data: pass train_dataloaders=DataLoader\(\.\.\.\), "
-                                         r"datamodule=\.\.\., or define train_dataloader\(\) on the module"):
+    with pytest.raises(ValueError,
+                       match=r"Trainer\.fit got no training data: pass train_dataloaders=DataLoader\(\.\.\.\), "
+                             r"datamodule=\.\.\., or define train_dataloader\(\) on the module"):
         pl.Trainer(**QUIET).fit(module(lambda self, b, i: loss_of(self, b)))
 
 

@@ -10,7 +10,7 @@ import importlib.util
 import math
 import os
 import warnings
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
@@ -308,7 +308,7 @@ def test_gan_example_matches_plain_pytorch_bitwise(tmp_path: Any) -> None:
     metrics = trainer.callback_metrics
     assert float(metrics["g_loss_step"]) == losses[-1][0]
     assert float(metrics["d_loss_step"]) == losses[-1][1]
-    mean_last_epoch = sum(l for _, l in losses[-batches // epochs:]) / (batches // epochs)
+    mean_last_epoch = sum(d for _, d in losses[-batches // epochs:]) / (batches // epochs)
     assert float(metrics["d_loss_epoch"]) == pytest.approx(mean_last_epoch, rel=1e-5)
     # both losses reach the logger: the step rows of metrics.csv carry g_loss_step and d_loss_step
     with open(os.path.join(trainer.log_dir, "metrics.csv")) as f:

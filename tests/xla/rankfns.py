@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from raytrainer.launchers.xla import _rank_context
 from raytrainer.data.samplers import distributed_loader
+from raytrainer.launchers.xla import _rank_context
 from raytrainer.strategies.xla import XLAStrategy
 
 

@@ -17,9 +17,9 @@ import pytest
 
 pytest.importorskip("torch_xla", reason="torch_xla is not installed here: run these tests with `make test-xla`")
 
+import rankfns  # noqa: E402
 import torch  # noqa: E402
 
-import rankfns  # noqa: E402
 from raytrainer.launchers.base import merge_predictions  # noqa: E402
 from raytrainer.launchers.xla import run_on_devices  # noqa: E402
 

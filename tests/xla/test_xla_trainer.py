@@ -16,8 +16,7 @@ import torch  # noqa: E402
 
 import raytrainer as pl  # noqa: E402
 from raytrainer.export import verify_export  # noqa: E402
-from raytrainer.strategies.xla import (XLAPrecision, XLAStrategy, all_gather_objects, all_reduce,  # noqa: E402
-                                       broadcast_object)
+from raytrainer.strategies.xla import XLAPrecision, XLAStrategy, all_gather_objects, all_reduce, broadcast_object  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "examples"))

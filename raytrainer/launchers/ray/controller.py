@@ -15,14 +15,22 @@ from __future__ import annotations
 import enum
 import signal
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from raytrainer.core import control
 from raytrainer.core.events import EventLog, command_fields
 from raytrainer.launchers.base import RankPayload, RunResult
 from raytrainer.launchers.ray.group import PlacementError, RankError, ensure_ray
-from raytrainer.launchers.ray.policies import (Failure, FailurePolicy, FailuresExhausted, RecoveryDecision,
-                                               ScalingPolicy, decide_recovery, free_slots)
+from raytrainer.launchers.ray.policies import (
+    Failure,
+    FailurePolicy,
+    FailuresExhausted,
+    RecoveryDecision,
+    ScalingPolicy,
+    decide_recovery,
+    free_slots,
+)
 from raytrainer.launchers.ray.rank import latest_snapshot, queued_messages, rank_entry, request_stop
 from raytrainer.plan import Plan
 from raytrainer.utilities import log, rng_states

@@ -18,14 +18,14 @@ import sys
 import threading
 import time
 import types
+from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import cloudpickle
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
-from ray.util.placement_group import (placement_group, placement_group_table,
-                                      remove_placement_group)
+from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raytrainer.launchers.ray import rendezvous
@@ -246,7 +246,7 @@ def _children(obj: Any) -> list[tuple[str, Any]]:
 
 def _cell_filled(cell: types.CellType) -> bool:
     try:
-        cell.cell_contents
+        _ = cell.cell_contents
     except ValueError:
         return False
     return True
@@ -857,7 +857,7 @@ class WorkerGroup:
             _quietly(remove_placement_group, pg)
             _wait_removed(pg, timeout_s)
 
-    def __enter__(self) -> "WorkerGroup":
+    def __enter__(self) -> WorkerGroup:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -6,10 +6,8 @@ driver with ``send_to_driver(msg)``.
 """
 from __future__ import annotations
 
-import collections
 import os
 import sys
-import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -21,6 +19,7 @@ import torch
 from raytrainer.core import control
 from raytrainer.launchers.ray import messages, rendezvous
 from raytrainer.strategies.base import RankContext
+
 
 @dataclass
 class RankInfo(RankContext):

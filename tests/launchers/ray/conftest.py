@@ -5,7 +5,7 @@ left before it starts its own, and the multi-node cluster tests live in their ow
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import ray
@@ -40,7 +40,7 @@ def local_ray() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster() -> Iterator["ray.cluster_utils.Cluster"]:
+def ray_cluster() -> Iterator[ray.cluster_utils.Cluster]:
     """Three Ray nodes in this machine: a head with no CPUs and two 2-CPU workers."""
     from ray.cluster_utils import Cluster
 

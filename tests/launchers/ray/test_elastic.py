@@ -7,10 +7,9 @@ import threading
 import time
 
 import pytest
+from ft_models import Regression, events, loader
 
 import raytrainer as pl
-
-from ft_models import Regression, events, loader
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 

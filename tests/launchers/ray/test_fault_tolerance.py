@@ -10,12 +10,11 @@ import time
 
 import pytest
 import torch
+from ft_models import FailingRegression, KillThenCollectiveAt, Regression, SignalAt, events, loader, params
 
 import raytrainer as pl
 from raytrainer.core.control import PREEMPTED_EXIT_CODE, Preempted
 from raytrainer.launchers.ray.policies import FailuresExhausted
-
-from ft_models import FailingRegression, KillThenCollectiveAt, Regression, SignalAt, events, loader, params
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))

@@ -5,8 +5,8 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import ray
@@ -14,8 +14,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from raytrainer.launchers.ray.group import (GroupTimeoutError, PlacementError, RankError,
-                                            WorkerGroup, check_picklable, ensure_ray)
+from raytrainer.launchers.ray.group import (
+    GroupTimeoutError,
+    PlacementError,
+    RankError,
+    WorkerGroup,
+    check_picklable,
+    ensure_ray,
+)
 from raytrainer.launchers.ray.messages import in_rank_worker, send_to_driver
 from raytrainer.launchers.ray.worker import RankInfo
 

@@ -5,9 +5,8 @@ import time
 
 import pytest
 
-from raytrainer.launchers.ray.policies import (Failure, FailurePolicy, FailuresExhausted, ScalingPolicy,
-                                               free_slots)
 from raytrainer.data.samplers import ElasticBatchSampler
+from raytrainer.launchers.ray.policies import Failure, FailurePolicy, FailuresExhausted, ScalingPolicy, free_slots
 
 
 def _failure(step: int, preempted: bool = False) -> Failure:

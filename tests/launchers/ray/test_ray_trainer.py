@@ -14,19 +14,19 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import ray
 import torch
+from conftest import alive_rank_actors
 from torch.utils.data import DataLoader, TensorDataset
+from trainer_models import RankProbe, Regression, WithOpenFile, WriteAudit, loader, read_probes, regression_data
 
 import raytrainer as pl
 from raytrainer.launchers.ray.group import ACTOR_NAME_PREFIX, RankError
-from trainer_models import (Regression, RankProbe, WithOpenFile, WriteAudit, loader, read_probes,
-                            regression_data)
-from conftest import alive_rank_actors
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240),
               pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")]
@@ -327,7 +327,8 @@ def _signal_masks(pid: int) -> str:
             status = open(f"/proc/{pid}/task/{task}/status").read().splitlines()
         except OSError:
             continue
-        fields = [line for line in status if line.startswith(("Name", "SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt"))]
+        names = ("Name", "SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt")
+        fields = [line for line in status if line.startswith(names)]
         lines.append(f"thread {task}: " + " ".join(f.replace("\t", "") for f in fields))
     return "\n".join(lines)
 

@@ -10,11 +10,11 @@ import time
 
 import pytest
 import ray
+from conftest import alive_rank_actors
+from trainer_models import RankProbe, Regression, loader, read_probes, regression_data
 
 import raytrainer as pl
 from raytrainer.launchers.ray.group import PlacementError
-from trainer_models import Regression, RankProbe, loader, read_probes, regression_data
-from conftest import alive_rank_actors
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180),
               pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")]

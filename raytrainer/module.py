@@ -425,6 +425,13 @@ def _collect_init_args(frame: Any, cls: type) -> dict[str, Any]:
     return collected
 
 
+def hparams_origin(module: Any) -> tuple[str | None, str | None]:
+    """(hparams_name, hparams_type) that save_hyperparameters recorded: how load_from_checkpoint passes them
+    back (one named dict/Namespace argument, or keyword arguments)."""
+    state = getattr(module, "__dict__", {})
+    return state.get("_hparams_name"), state.get("_hparams_type")
+
+
 def logs_hyperparameters(obj: Any) -> bool:
     """Whether save_hyperparameters(logger=True) ran on ``obj`` (a LightningModule or LightningDataModule)."""
     return bool(getattr(obj, "__dict__", {}).get("_log_hyperparams", False))

@@ -74,9 +74,10 @@ def capture(session: RankSession, weights_only: bool = False, check: bool = True
             world_size=session.world_size, pending_plateau=_pending_plateau(session))
     dm = session.datamodule
     datamodule = (type(dm).__qualname__, getattr(dm, "hparams", None), dm.state_dict()) if dm is not None else None
-    ckpt = format.build(progress=progress(session), state_dict=module.state_dict(),
-                        hparams_name=module.__dict__.get("_hparams_name"), hyper_parameters=dict(module.hparams),
-                        hparams_type=module.__dict__.get("_hparams_type"), training=training, datamodule=datamodule)
+    hparams_name, hparams_type = session.hparams_origin()
+    ckpt = format.build(progress=progress(session), state_dict=module.state_dict(), hparams_name=hparams_name,
+                        hyper_parameters=dict(module.hparams), hparams_type=hparams_type, training=training,
+                        datamodule=datamodule)
     for cb in session.callbacks:
         cb.on_save_checkpoint(trainer, module, ckpt)
     module.on_save_checkpoint(ckpt)

@@ -5,7 +5,7 @@ facade and RankSession from it, so nothing of a driver-side Trainer is ever pick
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -55,7 +55,6 @@ class RunConfig:
     scale_check_interval_s: float = 5.0
     ray_address: str | None = None
     spare_ranks_per_node: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_args(cls, plan: Plan, *, fast_dev_run: bool | int, max_epochs: int | None, min_epochs: int | None,

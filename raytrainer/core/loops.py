@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from raytrainer.core import step
-from raytrainer.core.step import StepError  # noqa: F401 - raised from the loops' steps
 
 if TYPE_CHECKING:
     from raytrainer.core.session import RankSession

@@ -28,7 +28,7 @@ from raytrainer.core.results import Results, to_float
 from raytrainer.core.state import LoopState, ResumePosition
 from raytrainer.core.step import LightningOptimizer
 from raytrainer.io import storage
-from raytrainer.module import logs_hyperparameters
+from raytrainer.module import hparams_origin, logs_hyperparameters
 from raytrainer.plan import as_sequence
 from raytrainer.utilities import log, set_rng_states
 
@@ -142,23 +142,19 @@ class RankSession:
     @property
     def logged_metrics(self) -> dict[str, Any]:
         """Every value sent to the loggers, plus the latest training step values (as Lightning)."""
-        out = dict(self.logged_metrics_store)
-        train = self.results.get("train")
-        if train is not None and train.step_values:
-            for key, (meta, value) in train.step_metrics().items():
-                if meta.logger:
-                    out[key] = to_float(value)
-        return out
+        return {**self.logged_metrics_store, **self._latest_step_floats("logger")}
 
     @property
     def progress_bar_metrics(self) -> dict[str, float]:
-        out = dict(self.progress_bar_metrics_store)
+        """Values logged with prog_bar=True, the running epoch's latest step values included."""
+        return {**self.progress_bar_metrics_store, **self._latest_step_floats("prog_bar")}
+
+    def _latest_step_floats(self, flag: str) -> dict[str, float]:
+        """The running training epoch's latest step values logged with ``flag`` (logger or prog_bar) set."""
         train = self.results.get("train")
-        if train is not None and train.step_values:
-            for key, (meta, value) in train.step_metrics().items():
-                if meta.prog_bar:
-                    out[key] = to_float(value)
-        return out
+        if train is None or not train.step_values:
+            return {}
+        return {key: to_float(value) for key, (meta, value) in train.step_metrics().items() if getattr(meta, flag)}
 
     # ------------------------------------------------------------------ one call
     def run(self, fn: str, model: LightningModule, strategy: Any, *, train: Any = None, val: Any = None,
@@ -572,6 +568,10 @@ class RankSession:
             lg.log_hyperparams(params)
 
     # ------------------------------------------------------------------ checkpoints
+    def hparams_origin(self) -> tuple[str | None, str | None]:
+        """(hparams_name, hparams_type) of the module's save_hyperparameters call, for the checkpoint."""
+        return hparams_origin(self.module)
+
     def save_checkpoint(self, filepath: str, weights_only: bool = False) -> None:
         """Write a Lightning-compatible checkpoint of the running (or just finished) fit."""
         if self.module is None:

@@ -88,10 +88,3 @@ class LoopState:
             return None
         self.resume = None
         return pos
-
-    def start_epoch(self) -> None:
-        self.epoch_done = False
-
-    def end_epoch(self) -> None:
-        self.batches_done_in_epoch = 0
-        self.epoch_done = False

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from raytrainer.utilities import AttributeDict, check_plain_hparams
+from raytrainer.utilities import AttributeDict, check_plain_hparams, move_to_device
 
 if TYPE_CHECKING:
     from raytrainer.core.step import LightningOptimizer
@@ -145,6 +145,31 @@ class LightningModule(nn.Module):
 
     def configure_callbacks(self) -> Sequence[Any] | Any:
         return []
+
+    # ------------------------------------------------------------------ batch transfer (also on LightningDataModule)
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Change a batch before it moves to the device (e.g. augment on CPU); returns the batch."""
+        return batch
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """Move a batch to ``device``; override for custom batch types (tensors in lists, tuples, dicts move)."""
+        return move_to_device(batch, device)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Change a batch once it is on the device (e.g. augment on the GPU); returns the batch."""
+        return batch
+
+    def freeze(self) -> LightningModule:
+        """Freeze every parameter (requires_grad=False) and switch to eval mode, for inference."""
+        for param in self.parameters():
+            param.requires_grad = False
+        return self.eval()
+
+    def unfreeze(self) -> LightningModule:
+        """Make every parameter trainable again (requires_grad=True) and switch to train mode."""
+        for param in self.parameters():
+            param.requires_grad = True
+        return self.train()
 
     # ------------------------------------------------------------------ trainer-backed attributes
     @property

@@ -182,3 +182,17 @@ def clip_gradients(optimizer: Any, clip_val: float | None, algorithm: str | None
         torch.nn.utils.clip_grad_norm_(params, clip_val)
     else:
         torch.nn.utils.clip_grad_value_(params, clip_val)
+
+
+def move_to_device(batch: Any, device: torch.device) -> Any:
+    """Recursively move tensors in lists, tuples, dicts and dataclass-free containers to device."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=device.type == "cuda")
+    if isinstance(batch, (list, tuple)):
+        moved = [move_to_device(b, device) for b in batch]
+        if hasattr(batch, "_fields"):  # namedtuple
+            return type(batch)(*moved)
+        return type(batch)(moved) if isinstance(batch, tuple) else moved
+    if isinstance(batch, dict):
+        return type(batch)((k, move_to_device(v, device)) for k, v in batch.items())
+    return batch

@@ -10,7 +10,9 @@ from collections.abc import Callable
 from typing import Any
 
 from raytrainer.callbacks.callback import Callback, overrides
+from raytrainer.datamodule import LightningDataModule
 from raytrainer.module import LightningModule
+from raytrainer.utilities import log
 
 HOT_HOOKS = ("on_train_batch_start", "on_train_batch_end", "on_before_backward", "on_after_backward",
              "on_before_optimizer_step", "on_before_zero_grad")
@@ -18,6 +20,47 @@ MONITORING = ("ModelCheckpoint", "EarlyStopping")
 # Module methods a user may override to change how the loop trains; None when not overridden.
 MODULE_OVERRIDES = ("backward", "optimizer_zero_grad", "configure_gradient_clipping", "optimizer_step",
                     "lr_scheduler_step")
+
+
+BATCH_TRANSFER_HOOKS = ("on_before_batch_transfer", "transfer_batch_to_device", "on_after_batch_transfer")
+
+
+def batch_transfer(module: LightningModule, datamodule: LightningDataModule | None,
+                   strategy: Any) -> Callable[[Any, int], Any] | None:
+    """``(batch, dataloader_idx) -> batch``: on_before_batch_transfer, transfer_batch_to_device (default: the
+    strategy's), on_after_batch_transfer, each the datamodule's when it overrides it, else the module's
+    (Lightning's rule).
+
+    None when nothing is overridden and the device is the CPU: the loader's batch is used as it is.
+    """
+    device = strategy.root_device
+    chosen: dict[str, Callable[..., Any]] = {}
+    for name in BATCH_TRANSFER_HOOKS:
+        module_has = overrides(module, LightningModule, name)
+        if datamodule is not None and overrides(datamodule, LightningDataModule, name):
+            if module_has:
+                log.warning("%s is overridden in both the LightningModule and the LightningDataModule; the "
+                            "datamodule's runs, as in Lightning.", name)
+            chosen[name] = getattr(datamodule, name)
+        elif module_has:
+            chosen[name] = getattr(module, name)
+    if not chosen and device.type == "cpu":
+        return None
+    before = chosen.get("on_before_batch_transfer")
+    transfer = chosen.get("transfer_batch_to_device")
+    after = chosen.get("on_after_batch_transfer")
+    start = strategy.start_batch
+
+    def apply(batch: Any, dataloader_idx: int) -> Any:
+        start()
+        if before is not None:
+            batch = before(batch, dataloader_idx)
+        batch = transfer(batch, device, dataloader_idx) if transfer is not None else strategy.batch_to_device(batch)
+        if after is not None:
+            batch = after(batch, dataloader_idx)
+        return batch
+
+    return apply
 
 
 def callback_order(cb: Any) -> tuple[bool, bool]:

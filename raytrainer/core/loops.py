@@ -136,7 +136,7 @@ def train_epoch(session: RankSession, module: Any, deadline: float | None) -> bo
     for batch_idx, batch in enumerate(batches, start=first):
         state.batch_idx = batch_idx
         if to_device is not None:
-            batch = to_device(batch)
+            batch = to_device(batch, 0)
         results.batch = batch
         skip_rest = False
         for fn in on_batch_start:
@@ -244,6 +244,7 @@ def evaluation_loop(session: RankSession, stage: str, dataloaders: list[Any], li
     if limit is not None:
         counts = [min(c, limit) if c is not None else limit for c in counts]
     session.eval_batch_counts = [c or 0 for c in counts]
+    to_device = session.to_device
     modes = _capture_modes(module)
     getattr(module, f"on_{prefix}_model_eval")()
     session.hooks.call(f"on_{prefix}_start")
@@ -257,7 +258,8 @@ def evaluation_loop(session: RankSession, stage: str, dataloaders: list[Any], li
             if counts[dl_idx] is not None:
                 batches = itertools.islice(batches, counts[dl_idx])
             for batch_idx, batch in enumerate(batches):
-                batch = session.strategy.batch_to_device(batch)
+                if to_device is not None:
+                    batch = to_device(batch, dl_idx)
                 results.batch = batch
                 extra = (dl_idx,) if len(dataloaders) > 1 else ()
                 results.fx = f"on_{prefix}_batch_start"
@@ -323,6 +325,7 @@ def predict_loop(session: RankSession, dataloaders: list[Any], return_prediction
     session.bind_results(None)
     counts = [session.limit(dl, "predict") for dl in dataloaders]
     session.eval_batch_counts = [c or 0 for c in counts]
+    to_device = session.to_device
     modes = _capture_modes(module)
     module.on_predict_model_eval()
     all_preds: list[list[Any]] = []
@@ -335,7 +338,8 @@ def predict_loop(session: RankSession, dataloaders: list[Any], return_prediction
             if counts[dl_idx] is not None:
                 batches = itertools.islice(batches, counts[dl_idx])
             for batch_idx, batch in enumerate(batches):
-                batch = session.strategy.batch_to_device(batch)
+                if to_device is not None:
+                    batch = to_device(batch, dl_idx)
                 extra = (dl_idx,) if len(dataloaders) > 1 else ()
                 session.hooks.call("on_predict_batch_start", batch, batch_idx, *extra)
                 with session.precision.forward_context():

@@ -3,6 +3,10 @@
 The hot path (``log`` during ``training_step``) only stores a reference to the value: no
 ``.item()``, no host sync, no allocation beyond a dict assignment. Values become floats only when
 a logger, the progress bar or a callback reads them.
+
+A torchmetrics ``Metric`` may be logged instead of a value, as in Lightning: its step value is the
+batch value its last forward call computed, its epoch value is ``compute()`` (which syncs across
+ranks itself), and it is reset when the epoch's values have been published.
 """
 from __future__ import annotations
 
@@ -28,12 +32,14 @@ REDUCE_FX = {"mean": "mean", "avg": "mean", "sum": "sum", "max": "max", "min": "
 class _Meta:
     """How one logged name is treated; decided on the first call and reused afterwards."""
 
-    __slots__ = ("name", "on_step", "on_epoch", "prog_bar", "logger", "reduce", "sync_dist", "dl_suffix", "dl_idx")
+    __slots__ = ("name", "on_step", "on_epoch", "prog_bar", "logger", "reduce", "sync_dist", "dl_suffix", "dl_idx",
+                 "metric")
 
     def __init__(self, name: str, on_step: bool, on_epoch: bool, prog_bar: bool, logger: bool,
-                 reduce: str, sync_dist: bool, dl_suffix: str = "") -> None:
+                 reduce: str, sync_dist: bool, dl_suffix: str = "", metric: bool = False) -> None:
         self.name, self.on_step, self.on_epoch = name, on_step, on_epoch
         self.prog_bar, self.logger, self.reduce, self.sync_dist = prog_bar, logger, reduce, sync_dist
+        self.metric = metric  # a torchmetrics Metric object, not a value
         self.dl_suffix = dl_suffix  # "/dataloader_idx_N", already part of name
         self.dl_idx: int | None = None  # the evaluation dataloader it was logged from, when there are several
 
@@ -75,6 +81,12 @@ class _Accum:
         return v / self.weight if reduce == "mean" else v
 
 
+def is_metric(value: Any) -> bool:
+    """Whether ``value`` is a torchmetrics Metric (recognised by its interface; torchmetrics is not imported)."""
+    return isinstance(value, torch.nn.Module) and callable(getattr(value, "compute", None)) \
+        and callable(getattr(value, "reset", None)) and hasattr(value, "_forward_cache")
+
+
 def to_float(v: Any) -> float:
     return float(v.item()) if isinstance(v, torch.Tensor) else float(v)
 
@@ -87,6 +99,7 @@ class Results:
         self.meta: dict[str, _Meta] = {}
         self.step_values: dict[str, Any] = {}      # name -> latest raw value (on_step names)
         self.accum: dict[str, _Accum] = {}          # name -> epoch accumulator (on_epoch names)
+        self.metrics: dict[str, Any] = {}           # name -> torchmetrics Metric logged this epoch
         self.dataloader_suffix = ""
         self.fx = ""       # the hook or step now running (decides self.log defaults)
         self.batch: Any = None  # the batch now processed (batch size inference); None outside batches
@@ -94,6 +107,13 @@ class Results:
     def reset_epoch(self) -> None:
         self.accum.clear()
         self.step_values.clear()
+        self.reset_metrics()
+
+    def reset_metrics(self) -> None:
+        """Reset every Metric logged this epoch (Lightning does so once the epoch's values are published)."""
+        for metric in self.metrics.values():
+            metric.reset()
+        self.metrics.clear()
 
     def log(self, fx: str, name: str, value: Any, prog_bar: bool, logger: bool, on_step: bool | None,
             on_epoch: bool | None, reduce_fx: Any, sync_dist: bool, batch_size: int | None,
@@ -106,6 +126,11 @@ class Results:
             meta.dl_suffix = suffix
             if self.dataloader_suffix:
                 meta.dl_idx = int(self.dataloader_suffix.rsplit("_", 1)[1])
+        if meta.metric:
+            self.metrics[full] = value
+            if meta.on_step:
+                self.step_values[full] = value
+            return
         if meta.on_step:
             self.step_values[full] = value
         if meta.on_epoch:
@@ -122,12 +147,13 @@ class Results:
         if fx in NO_LOG_FX:
             raise RuntimeError(f"self.log({name!r}) was called in `{fx}`, where logging is not supported. "
                                "Log from training/validation/test steps or their batch/epoch hooks.")
+        metric = is_metric(value)
         if isinstance(value, torch.Tensor) and value.numel() != 1:
             raise ValueError(f"self.log({name!r}, value) needs a scalar (one-element tensor or number), "
                              f"got a tensor of shape {tuple(value.shape)}. Reduce it first, e.g. value.mean().")
-        if not isinstance(value, (torch.Tensor, numbers.Number)):
-            raise TypeError(f"self.log({name!r}, value): value must be a number or a scalar tensor, "
-                            f"got {type(value).__name__}. For several values use self.log_dict.")
+        if not metric and not isinstance(value, (torch.Tensor, numbers.Number)):
+            raise TypeError(f"self.log({name!r}, value): value must be a number, a scalar tensor or a torchmetrics "
+                            f"Metric, got {type(value).__name__}. For several values use self.log_dict.")
         step_default = fx in STEP_LEVEL_FX and self.stage == "train"
         on_step = step_default if on_step is None else bool(on_step)
         on_epoch = (not step_default) if on_epoch is None else bool(on_epoch)
@@ -140,7 +166,7 @@ class Results:
         if reduce_fx not in REDUCE_FX:
             raise ValueError(f"self.log({name!r}, reduce_fx={reduce_fx!r}): use 'mean', 'sum', 'max' or "
                              "'min' (or torch.mean/sum/max/min).")
-        meta = _Meta(name, on_step, on_epoch, prog_bar, logger, REDUCE_FX[reduce_fx], sync_dist)
+        meta = _Meta(name, on_step, on_epoch, prog_bar, logger, REDUCE_FX[reduce_fx], sync_dist, metric=metric)
         self.meta[name] = meta
         return meta
 
@@ -177,6 +203,13 @@ class Results:
         out = {}
         for name, value in self.step_values.items():
             meta = self.meta[name]
+            if meta.metric:
+                # the batch value of the metric's last forward(); None when only update() ran (nothing to log)
+                value = value._forward_cache
+                if value is None:
+                    continue
+                out[meta.key("step")] = (meta, _scalar(value.detach(), meta.name))
+                continue
             if isinstance(value, torch.Tensor):
                 value = value.detach()
                 if meta.sync_dist and reduce is not None:
@@ -188,13 +221,26 @@ class Results:
                       sync_all: bool) -> dict[str, tuple[_Meta, torch.Tensor]]:
         """Reduce every on_epoch value over the epoch, and across ranks when asked or when sync_all."""
         out = {}
-        for name in sorted(self.accum):  # same order on every rank, so collectives line up
+        metrics = [n for n, m in self.metrics.items() if self.meta[n].on_epoch]
+        for name in sorted([*self.accum, *metrics]):  # same order on every rank, so collectives line up
             meta = self.meta[name]
+            if meta.metric:  # compute() gathers the metric's state from every rank itself
+                out[meta.key("epoch")] = (meta, _scalar(self.metrics[name].compute(), meta.name))
+                continue
             value = self.accum[name].value(meta.reduce)
             if reduce is not None and (meta.sync_dist or sync_all):
                 value = reduce(value, meta.reduce)
             out[meta.key("epoch")] = (meta, value)
         return out
+
+
+def _scalar(value: Any, name: str) -> torch.Tensor:
+    """A logged Metric's value as a float tensor; a Metric that computes several values cannot be logged."""
+    value = torch.as_tensor(value)
+    if value.numel() != 1:
+        raise ValueError(f"self.log({name!r}, metric): the metric computes a value of shape {tuple(value.shape)}, "
+                         "not a scalar. Log a scalar metric (e.g. average='macro'), or log each element yourself.")
+    return value.detach().float().reshape(())
 
 
 def infer_batch_size(batch: Any) -> int:

@@ -21,7 +21,7 @@ from raytrainer.checkpoint.resolve import resolve_ckpt_path
 from raytrainer.core import control, loops, step
 from raytrainer.core.config import RunConfig
 from raytrainer.core.events import EventLog, command_fields
-from raytrainer.core.hooks import Hooks, callback_order, defines
+from raytrainer.core.hooks import Hooks, batch_transfer, callback_order, defines
 from raytrainer.core.optimization import LRSchedulerConfig, parse_optimizers
 from raytrainer.core.precision import Precision, make_precision
 from raytrainer.core.results import Results, to_float
@@ -70,7 +70,8 @@ class RankSession:
         self.closure_optimizer = False
         self.hooks: Hooks | None = None
         self.step_model: nn.Module | None = None     # what training_step runs through (the DDP wrapper)
-        self.to_device: Callable[[Any], Any] | None = None
+        # (batch, dataloader_idx) -> batch through the batch transfer hooks; None: use the batch as it is
+        self.to_device: Callable[[Any, int], Any] | None = None
         # what this call is doing
         self.fn: str | None = None
         self.should_stop = False
@@ -199,7 +200,7 @@ class RankSession:
                 model.to(strategy.root_device)
                 strategy.model = model
                 self.step_model = model
-            self.to_device = None if strategy.root_device.type == "cpu" else strategy.batch_to_device
+            self.to_device = batch_transfer(model, datamodule, strategy)
             if fn == "fit":
                 self._setup_optimizers(model)
             if ckpt_path is not None:
@@ -515,6 +516,7 @@ class RankSession:
         logged = {key: to_float(v) for key, (meta, v) in epoch_vals.items() if meta.logger}
         if logged:
             self.send_to_loggers(logged, max(self.state.batches_that_stepped - 1, 0), self.state.current_epoch)
+        self.results["train"].reset_metrics()  # logged torchmetrics start the next epoch empty, as in Lightning
 
     def publish_eval_epoch_metrics(self, stage: str) -> None:
         """Validation/test epoch reductions into callback/progress-bar metrics before on_*_epoch_end (Lightning)."""
@@ -551,6 +553,7 @@ class RankSession:
             stepped = self.state.batches_that_stepped
             self.send_to_loggers(logged, max(stepped - 1, 0) if self.fn == "fit" else stepped,
                                  self.state.current_epoch)
+        results.reset_metrics()
         return per_loader
 
     def _log_hparams(self, model: LightningModule, datamodule: Any) -> None:

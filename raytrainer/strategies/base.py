@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from raytrainer.utilities import move_to_device
+
 
 @dataclass
 class RankContext:
@@ -70,6 +72,9 @@ class Strategy:
         """Release what setup_environment took."""
 
     # -- data ---------------------------------------------------------------------------------
+    def start_batch(self) -> None:
+        """Called before each batch is transferred (the XLA strategy cuts the previous step's graph here)."""
+
     def batch_to_device(self, batch: Any) -> Any:
         return move_to_device(batch, self.root_device)
 
@@ -109,20 +114,6 @@ class Strategy:
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer, closure: Callable[[], Any] | None) -> Any:
         return optimizer.step(closure) if closure is not None else optimizer.step()
-
-
-def move_to_device(batch: Any, device: torch.device) -> Any:
-    """Recursively move tensors in lists, tuples, dicts and dataclass-free containers to device."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=device.type == "cuda")
-    if isinstance(batch, (list, tuple)):
-        moved = [move_to_device(b, device) for b in batch]
-        if hasattr(batch, "_fields"):  # namedtuple
-            return type(batch)(*moved)
-        return type(batch)(moved) if isinstance(batch, tuple) else moved
-    if isinstance(batch, dict):
-        return type(batch)((k, move_to_device(v, device)) for k, v in batch.items())
-    return batch
 
 
 class LaggedAgreement:

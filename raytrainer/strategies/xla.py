@@ -3,7 +3,7 @@ precision plugin through which every optimizer step reaches XLA.
 
 XLA tensors are lazy: operations build a graph that runs when it is cut (``torch_xla.sync()``) or a
 value is read. The graph is cut after every optimizer step (``XLAPrecision.optimizer_step``) and
-before every batch is put on the device (``XLAStrategy.batch_to_device``), so evaluation and
+before every batch is put on the device (``XLAStrategy.start_batch``), so evaluation and
 prediction run batch by batch as well. torch_xla is imported only when an XLA run starts.
 """
 from __future__ import annotations
@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from raytrainer.core.precision import Precision
-from raytrainer.strategies.base import REDUCE_OPS, RankContext, Strategy, move_to_device
+from raytrainer.strategies.base import REDUCE_OPS, RankContext, Strategy
+from raytrainer.utilities import move_to_device
 
 INSTALL_HINT = 'pip install "raytrainer[tpu]"'
 XLA_PRECISIONS = ("32-true", "bf16-mixed")
@@ -120,10 +121,12 @@ class XLAStrategy(Strategy):
         return XLAPrecision(precision)
 
     # -- data ---------------------------------------------------------------------------------
-    def batch_to_device(self, batch: Any) -> Any:
-        """Cut the previous batch's graph (as torch_xla's device loader does), then move this batch."""
+    def start_batch(self) -> None:
+        """Cut the previous batch's graph before the next batch moves (as torch_xla's device loader does)."""
         torch_xla, _, _ = import_xla()
         torch_xla.sync()
+
+    def batch_to_device(self, batch: Any) -> Any:
         return move_to_device(batch, self.root_device)
 
     # -- checkpoints ------------------------------------------------------------------------------

@@ -169,8 +169,16 @@ class Trainer:
         return trainer
 
     def __reduce__(self) -> Any:
-        """A Trainer pickles as what it is built from (config, callbacks, loggers, counters), never its run."""
-        return (type(self).for_rank, (self.config, self.callbacks, self.loggers, self.session.state.counters()))
+        """A Trainer pickles as what it is built from (config, callbacks, loggers, counters), never its run.
+
+        Callbacks and loggers travel as state, set after the Trainer exists, so a callback that holds its
+        Trainer (a cycle) pickles too."""
+        return (type(self).for_rank, (self.config, [], []),
+                {"callbacks": self.callbacks, "loggers": self.loggers, "counters": self.session.state.counters()})
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.callbacks, self.loggers = list(state["callbacks"]), list(state["loggers"])
+        self.session.state.load_counters(state["counters"])
 
     # ------------------------------------------------------------------ construction helpers
     def _default_callbacks(self, user: list[Callback]) -> list[Callback]:

@@ -67,6 +67,23 @@ class MyTrainer(pl.Trainer):
     """A user's Trainer subclass: ranks run under the same class."""
 
 
+class HoldsTrainer(pl.Callback):
+    """Keeps its Trainer, as user callbacks often do: a Trainer -> callback -> Trainer cycle."""
+
+    def setup(self, trainer, pl_module, stage):
+        self.trainer = trainer
+
+
+def test_a_trainer_held_by_its_own_callback_pickles(tmp_path):
+    t = _trainer(tmp_path, max_epochs=1, callbacks=[HoldsTrainer()])
+    t.fit(Tiny(), _loader())
+    copy = pickle.loads(pickle.dumps(t))
+    held = next(c for c in copy.callbacks if isinstance(c, HoldsTrainer))
+    assert held.trainer is copy and copy.global_step == 4
+    payload = pickle.loads(pickle.dumps(RankPayload.of(t)))
+    assert next(c for c in payload.callbacks if isinstance(c, HoldsTrainer)).trainer.global_step == 4
+
+
 def test_rank_payload_rebuilds_the_users_trainer_subclass(tmp_path):
     t = MyTrainer(default_root_dir=str(tmp_path), enable_progress_bar=False, max_steps=3)
     rank_trainer = pickle.loads(pickle.dumps(RankPayload.of(t))).build()

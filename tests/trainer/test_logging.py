@@ -299,7 +299,8 @@ def test_log_of_a_non_scalar_tensor_says_how_to_fix():
 
 
 def test_log_of_a_string_is_a_type_error():
-    with pytest.raises(TypeError, match=r"must be a number or a scalar tensor, got str.*self\.log_dict"):
+    with pytest.raises(TypeError,
+                       match=r"must be a number, a scalar tensor or a torchmetrics Metric, got str.*self\.log_dict"):
         pl.Trainer(**QUIET).fit(log_module("training_step", "high"), data(4))
 
 

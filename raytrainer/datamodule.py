@@ -3,12 +3,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
+from raytrainer.module import DataHooks
+from raytrainer.utilities import AttributeDict
 
-from raytrainer.utilities import AttributeDict, move_to_device
 
-
-class LightningDataModule:
+class LightningDataModule(DataHooks):
     """Override prepare_data, setup(stage) and the *_dataloader methods you need."""
 
     def __init__(self) -> None:
@@ -45,19 +44,6 @@ class LightningDataModule:
         if "_hparams" not in self.__dict__:
             self.__dict__["_hparams"] = AttributeDict()
         return self.__dict__["_hparams"]
-
-    # The batch transfer hooks: when a datamodule overrides one, it is used instead of the module's (Lightning).
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Change a batch before it moves to the device (e.g. augment on CPU); returns the batch."""
-        return batch
-
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        """Move a batch to ``device``; override for custom batch types (tensors in lists, tuples, dicts move)."""
-        return move_to_device(batch, device)
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Change a batch once it is on the device (e.g. augment on the GPU); returns the batch."""
-        return batch
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -21,7 +21,23 @@ if TYPE_CHECKING:
 _TRAINER_ONLY = "is only available while a Trainer runs this module (attach it with trainer.fit/validate/...)"
 
 
-class LightningModule(nn.Module):
+class DataHooks:
+    """The batch transfer hooks LightningModule and LightningDataModule share (a datamodule's override wins)."""
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Change a batch before it moves to the device (e.g. augment on CPU); returns the batch."""
+        return batch
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """Move a batch to ``device``; override for custom batch types (tensors in lists, tuples, dicts move)."""
+        return move_to_device(batch, device)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Change a batch once it is on the device (e.g. augment on the GPU); returns the batch."""
+        return batch
+
+
+class LightningModule(DataHooks, nn.Module):
     """A torch.nn.Module with Lightning's training API; run it with ``raytrainer.Trainer``."""
 
     # Properties TorchScript must skip when scripting the module (they touch the Trainer).
@@ -145,19 +161,6 @@ class LightningModule(nn.Module):
 
     def configure_callbacks(self) -> Sequence[Any] | Any:
         return []
-
-    # ------------------------------------------------------------------ batch transfer (also on LightningDataModule)
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Change a batch before it moves to the device (e.g. augment on CPU); returns the batch."""
-        return batch
-
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        """Move a batch to ``device``; override for custom batch types (tensors in lists, tuples, dicts move)."""
-        return move_to_device(batch, device)
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Change a batch once it is on the device (e.g. augment on the GPU); returns the batch."""
-        return batch
 
     def freeze(self) -> LightningModule:
         """Freeze every parameter (requires_grad=False) and switch to eval mode, for inference."""

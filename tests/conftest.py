@@ -1,4 +1,4 @@
-"""Shared fixtures: a real S3-compatible server (moto) on a free local port."""
+"""Shared fixtures: a real S3-compatible server (moto) on a free local port; pytorch_lightning as the oracle."""
 from __future__ import annotations
 
 import logging
@@ -51,3 +51,12 @@ def s3_server(_moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[
                                    connect_timeout=10)
     yield {"endpoint": _moto_endpoint, "bucket": bucket, "uri": f"s3://{bucket}", "env": env,
            "filesystem": filesystem, "client": client}
+
+
+@pytest.fixture(scope="session")
+def L():
+    """pytorch_lightning, the oracle that interop tests compare against, with its console chatter off."""
+    lightning = pytest.importorskip("pytorch_lightning")
+    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    return lightning

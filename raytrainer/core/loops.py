@@ -10,7 +10,7 @@ import inspect
 import itertools
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -254,12 +254,7 @@ def evaluation_loop(session: RankSession, stage: str, dataloaders: list[Any], li
         session.hooks.call(f"on_{prefix}_epoch_start")
         for dl_idx, loader in enumerate(dataloaders):
             results.dataloader_suffix = f"/dataloader_idx_{dl_idx}" if len(dataloaders) > 1 else ""
-            batches: Iterable[Any] = iter(loader)
-            if counts[dl_idx] is not None:
-                batches = itertools.islice(batches, counts[dl_idx])
-            for batch_idx, batch in enumerate(batches):
-                if to_device is not None:
-                    batch = to_device(batch, dl_idx)
+            for batch_idx, batch in _eval_batches(loader, counts[dl_idx], to_device, dl_idx):
                 results.batch = batch
                 extra = (dl_idx,) if len(dataloaders) > 1 else ()
                 results.fx = f"on_{prefix}_batch_start"
@@ -282,6 +277,16 @@ def evaluation_loop(session: RankSession, stage: str, dataloaders: list[Any], li
     session.hooks.call(f"on_{prefix}_end", monitoring_last=stage == "validate")
     _restore_modes(module, modes, f"on_{prefix}_model_train")
     return per_loader
+
+
+def _eval_batches(loader: Any, count: int | float | None, to_device: Any, dl_idx: int) -> Iterator[tuple[int, Any]]:
+    """(batch_idx, batch) of one evaluation/predict loader: at most ``count`` batches, through the batch
+    transfer hooks."""
+    batches: Iterable[Any] = iter(loader)
+    if count is not None:
+        batches = itertools.islice(batches, count)
+    for batch_idx, batch in enumerate(batches):
+        yield batch_idx, (to_device(batch, dl_idx) if to_device is not None else batch)
 
 
 def _capture_modes(module: torch.nn.Module) -> list[tuple[torch.nn.Module, bool]]:
@@ -334,12 +339,7 @@ def predict_loop(session: RankSession, dataloaders: list[Any], return_prediction
         session.hooks.call("on_predict_epoch_start")
         for dl_idx, loader in enumerate(dataloaders):
             preds: list[Any] = []
-            batches: Iterable[Any] = iter(loader)
-            if counts[dl_idx] is not None:
-                batches = itertools.islice(batches, counts[dl_idx])
-            for batch_idx, batch in enumerate(batches):
-                if to_device is not None:
-                    batch = to_device(batch, dl_idx)
+            for batch_idx, batch in _eval_batches(loader, counts[dl_idx], to_device, dl_idx):
                 extra = (dl_idx,) if len(dataloaders) > 1 else ()
                 session.hooks.call("on_predict_batch_start", batch, batch_idx, *extra)
                 with session.precision.forward_context():

@@ -14,14 +14,6 @@ import raytrainer as pl
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 
 
-@pytest.fixture(scope="module")
-def L():
-    lightning = pytest.importorskip("pytorch_lightning")
-    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    return lightning
-
-
 def loader(n: int = 6) -> DataLoader:
     x = torch.arange(n * 3, dtype=torch.float32).reshape(n, 3)
     return DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=2)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import logging
 import os
 import re
 import time
@@ -15,15 +14,6 @@ from torch.utils.data import DataLoader, TensorDataset
 import raytrainer as pl
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning", "ignore::FutureWarning")
-
-
-@pytest.fixture(scope="module")
-def L():
-    """pytorch_lightning, the oracle, with its console chatter off."""
-    lightning = pytest.importorskip("pytorch_lightning")
-    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    return lightning
 
 
 def quiet(**kwargs):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import difflib
-import logging
 
 import pytest
 import torch
@@ -36,14 +35,6 @@ CALLBACK_HOOKS = [
     "on_predict_batch_start", "on_predict_batch_end", "on_before_backward", "on_after_backward",
     "on_before_optimizer_step", "on_before_zero_grad",
 ]
-
-
-@pytest.fixture(scope="module")
-def L():
-    lightning = pytest.importorskip("pytorch_lightning")
-    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    return lightning
 
 
 def describe(value) -> str:

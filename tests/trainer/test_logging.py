@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import logging
 import os
 
 import pytest
@@ -16,14 +15,6 @@ import raytrainer as pl
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning", "ignore::FutureWarning",
                                         "ignore::RuntimeWarning")
-
-
-@pytest.fixture(scope="module")
-def L():
-    lightning = pytest.importorskip("pytorch_lightning")
-    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    return lightning
 
 
 def data(n: int = 8, batch_size: int = 2, seed: int = 0) -> DataLoader:

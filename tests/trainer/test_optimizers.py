@@ -1,8 +1,6 @@
 """configure_optimizers in every Lightning form, scheduler stepping, optimizer hooks; Lightning 2.x is the oracle."""
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
 from torch import nn
@@ -13,14 +11,6 @@ from raytrainer.core.optimization import ACCEPTED_FORMS, parse_optimizers
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning", "ignore::FutureWarning",
                                         "ignore::RuntimeWarning")
-
-
-@pytest.fixture(scope="module")
-def L():
-    lightning = pytest.importorskip("pytorch_lightning")
-    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    return lightning
 
 
 def quiet(**kwargs):

@@ -3,7 +3,6 @@ pytorch_lightning 2.x, and the global value over every rank's data on Ray."""
 from __future__ import annotations
 
 import csv
-import logging
 
 import pytest
 import torch
@@ -14,14 +13,6 @@ import raytrainer as pl
 
 torchmetrics = pytest.importorskip("torchmetrics")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning", "ignore::FutureWarning")
-
-
-@pytest.fixture(scope="module")
-def L():
-    lightning = pytest.importorskip("pytorch_lightning")
-    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    return lightning
 
 
 def data(n: int = 40, batch_size: int = 8, seed: int = 0) -> DataLoader:

@@ -84,6 +84,11 @@ class RunConfig:
             raise ValueError(f"gradient_clip_val={gradient_clip_val!r} must be >= 0.")
         if max_failures < 0:
             raise ValueError(f"max_failures={max_failures!r} must be >= 0.")
+        if sync_batchnorm and plan.accelerator != "cuda":
+            raise ValueError(f"sync_batchnorm=True needs CUDA devices, but this run is on {plan.accelerator}: torch's "
+                             "SyncBatchNorm synchronises batch statistics only between GPUs. Remove sync_batchnorm "
+                             "(each rank then normalises with its own batch's statistics), or train on GPUs "
+                             "(accelerator='gpu', devices=N).")
         if fdr:
             max_epochs, max_steps, num_sanity_val_steps = 1, fdr, 0
             limit_train_batches = limit_val_batches = limit_test_batches = limit_predict_batches = fdr

@@ -28,12 +28,13 @@ class DDPStrategy(Strategy):
     wraps_model = True
 
     def __init__(self, device: torch.device | str = "cpu", ctx: RankContext | None = None,
-                 timeout_s: float = 300, find_unused_parameters: bool = False) -> None:
+                 timeout_s: float = 300, find_unused_parameters: bool = False, sync_batchnorm: bool = False) -> None:
         super().__init__(device, ctx)
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0 seconds, got {timeout_s}")
         self.timeout_s = timeout_s
         self.find_unused_parameters = find_unused_parameters
+        self.sync_batchnorm = sync_batchnorm  # BatchNorm layers become SyncBatchNorm before wrapping
         self._module: nn.Module | None = None  # the unwrapped module
         self._owns_process_group = False
 
@@ -68,7 +69,10 @@ class DDPStrategy(Strategy):
         self._owns_process_group = True
 
     def setup_module(self, module: nn.Module) -> nn.Module:
-        """Move the module to the device and wrap it in DistributedDataParallel."""
+        """Move the module to the device (its BatchNorm layers made SyncBatchNorm when asked) and wrap it in
+        DistributedDataParallel."""
+        if self.sync_batchnorm:  # children are replaced in place; the parameters stay the same objects
+            module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
         module.to(self.root_device)
         self._module = module
         if not any(p.requires_grad for p in module.parameters()):

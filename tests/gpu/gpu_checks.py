@@ -101,7 +101,8 @@ class Checks:
                 ("bf16_mixed", self.bf16_mixed),
                 ("gpus_list_selects_device", self.gpus_list_selects_device),
                 ("checkpoint_gpu_to_cpu_map_location", self.checkpoint_to_cpu),
-                ("export_torchscript_onnx", self.export)]
+                ("export_torchscript_onnx", self.export),
+                ("ddp_sync_batchnorm", self.ddp_sync_batchnorm)]
 
     # ------------------------------------------------------------------ helpers
     def trainer(self, name: str, **kwargs: Any) -> Any:
@@ -226,6 +227,37 @@ class Checks:
             assert trainer.strategy.root_device == self.torch.device("cuda", index), trainer.strategy.root_device
             picked.append(f"gpus=[{index}] -> {trainer.strategy.root_device}")
         return "; ".join(picked) + ("" if len(picked) > 1 else " (one GPU: only index 0 checked)")
+
+    def ddp_sync_batchnorm(self) -> str:
+        """Trainer(sync_batchnorm=True)'s strategy step on CUDA: BatchNorm -> SyncBatchNorm, then DDP over NCCL
+        (a one-process group here) trains through it."""
+        import os
+        import socket
+
+        import torch.distributed as dist
+
+        from raytrainer.strategies.base import RankContext
+        from raytrainer.strategies.ddp import DDPStrategy
+
+        if self.cpu:
+            raise Skip("SyncBatchNorm needs CUDA devices")
+        torch, nn = self.torch, self.torch.nn
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1"})
+        model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 1))
+        strategy = DDPStrategy("cuda:0", RankContext(), timeout_s=60, sync_batchnorm=True)
+        strategy.setup_environment()
+        try:
+            wrapped = strategy.setup_module(model)
+            assert isinstance(model[1], nn.SyncBatchNorm), type(model[1])
+            loss = wrapped(torch.randn(16, 4, device="cuda")).pow(2).mean()
+            loss.backward()
+            assert model[1].weight.grad is not None and dist.get_backend() == "nccl"
+        finally:
+            strategy.teardown()
+        return "BatchNorm1d -> SyncBatchNorm, forward/backward through DDP on NCCL"
 
     def checkpoint_to_cpu(self) -> str:
         from autoencoder import LitAutoEncoder

@@ -173,3 +173,26 @@ def test_missing_process_group_is_explained(monkeypatch):
 def test_rejects_bad_timeout():
     with pytest.raises(ValueError, match="timeout_s"):
         DDPStrategy("cpu", RankContext(), timeout_s=0)
+
+
+def test_sync_batchnorm_converts_batchnorm_layers_before_wrapping(monkeypatch):
+    """Trainer(sync_batchnorm=True) on GPUs: every BatchNorm becomes SyncBatchNorm, with the same parameters,
+    before DDP wraps the module. (On CPU, DDP then refuses the SyncBatchNorm module, which the Trainer never
+    lets happen: it refuses sync_batchnorm off CUDA before any work.)"""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0",
+                       "WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(key, value)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU())
+    weight = model[1].weight
+    s = DDPStrategy("cpu", RankContext(), timeout_s=30, sync_batchnorm=True)
+    s.setup_environment()
+    try:
+        # DDP itself refuses SyncBatchNorm on CPU modules: that it sees one proves the conversion came first
+        with pytest.raises(ValueError, match="SyncBatchNorm layers only work with GPU modules"):
+            s.setup_module(model)
+        assert isinstance(model[1], torch.nn.SyncBatchNorm) and model[1].weight is weight
+    finally:
+        s.teardown()

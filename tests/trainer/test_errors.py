@@ -232,3 +232,10 @@ def test_trainer_only_attributes_before_fit():
     assert (model.current_epoch, model.global_step) == (0, 0)
     with pytest.raises(RuntimeError, match=r"save_checkpoint needs a model"):
         pl.Trainer(**QUIET).save_checkpoint("x.ckpt")
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"num_processes": 2}])
+def test_sync_batchnorm_off_cuda_is_refused_before_any_work(kwargs):
+    with pytest.raises(ValueError, match=r"sync_batchnorm=True needs CUDA devices, but this run is on cpu.*Remove "
+                                         r"sync_batchnorm"):
+        pl.Trainer(sync_batchnorm=True, **kwargs)

@@ -27,6 +27,7 @@ def rank_entry(info: Any, payload: RankPayload, fn: str, model: Any, kwargs: dic
     # Manual optimization (GANs: each loss touches only some parameters) needs DDP to find unused parameters.
     find_unused = trainer.plan.strategy == "ddp_find_unused_parameters_true" or not model.automatic_optimization
     strategy = DDPStrategy(info.device, info, timeout_s=trainer.config.collective_timeout_s,
+                           sync_batchnorm=trainer.config.sync_batchnorm,
                            find_unused_parameters=find_unused)
     rank0 = info.global_rank == 0
     bar = trainer.progress_bar_callback

@@ -74,18 +74,24 @@ def test_failure_after_an_optimizer_step_never_resumes_from_moved_on_parameters(
 def test_exhausted_budget_is_clear_and_releases_everything(local_ray, tmp_path, alive_actors):
     import ray
 
-    free_before = ray.available_resources().get("CPU", 0)
+    total = ray.cluster_resources().get("CPU", 0)
+
+    def wait_all_free() -> float:
+        # Ray's view of free resources lags a placement group's removal by a moment (this test's, and the
+        # previous test's when this one starts): poll, bounded.
+        deadline = time.monotonic() + 15
+        while ray.available_resources().get("CPU", 0) != total and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return ray.available_resources().get("CPU", 0)
+
+    assert wait_all_free() == total, "an earlier test still holds CPUs"
     trainer = _trainer(tmp_path, max_failures=0, callbacks=[SignalAt(3, str(tmp_path / "marker"))])
     with pytest.raises(FailuresExhausted) as info:
         trainer.fit(Regression(), loader())
     msg = str(info.value)
     assert "max_failures=0" in msg and "rank 1" in msg and "step" in msg and "died" in msg
     assert alive_actors() == []
-    # Ray's view of free resources lags the placement group's removal by a moment: poll, bounded.
-    deadline = time.monotonic() + 10
-    while ray.available_resources().get("CPU", 0) != free_before and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert ray.available_resources().get("CPU", 0) == free_before
+    assert wait_all_free() == total
 
 
 def test_crash_loop_exhausts_budget(local_ray, tmp_path):

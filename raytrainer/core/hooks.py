@@ -90,9 +90,8 @@ class Hooks:
         self.trainer, self.module, self.callbacks = trainer, module, callbacks
         self._set_fx = set_fx                  # tells the running Results which hook logs
         self._before_monitors = before_monitors  # publishes what on_train_epoch_end logged, for monitors
-        self.hot: dict[str, list[Callable[..., Any]]] = {}
+        self.hot: dict[str, list[Callable[..., Any]]] = {}           # filled by collect()
         self.module_overrides: dict[str, Callable[..., Any] | None] = {}
-        self.collect()
 
     def collect(self) -> None:
         """Look up the hot hooks and module overrides once (callbacks may change between runs)."""

@@ -7,6 +7,7 @@ Every launcher runs one call (fit, validate, test, predict) with ``RankSession.r
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 import uuid
@@ -438,7 +439,7 @@ class RankSession:
         wrapper = self.step_model
         if name == "training_step" and wrapper is not None and wrapper is not module:
             if module.automatic_optimization:
-                return lambda *args: wrapper(*args, _fx=name)
+                return functools.partial(wrapper, _fx=name)
 
             def manual_step(*args: Any) -> Any:
                 try:

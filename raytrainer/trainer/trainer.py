@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -24,40 +25,32 @@ from raytrainer.plan import Env, Plan, as_sequence
 from raytrainer.utilities import closest
 
 
-def _config_property(name: str, doc: str) -> property:
-    """A Trainer attribute that reads (and, as in Lightning, may overwrite) a RunConfig field."""
+def _forward(owner: Callable[[Trainer], Any], name: str, doc: str, settable: bool = True) -> property:
+    """A Trainer attribute that is ``owner(trainer).name``: the RunConfig's (arguments), the RankSession's
+    (run state) or its LoopState's (counters)."""
 
     def get(self: Trainer) -> Any:
-        return getattr(self.config, name)
+        return getattr(owner(self), name)
 
     def set_(self: Trainer, value: Any) -> None:
-        setattr(self.config, name, value)
-
-    return property(get, set_, doc=doc)
-
-
-def _session_property(name: str, doc: str, settable: bool = False) -> property:
-    """A Trainer attribute that is the RankSession's (the run state lives there)."""
-
-    def get(self: Trainer) -> Any:
-        return getattr(self.session, name)
-
-    def set_(self: Trainer, value: Any) -> None:
-        setattr(self.session, name, value)
+        setattr(owner(self), name, value)
 
     return property(get, set_ if settable else None, doc=doc)
 
 
+def _config_property(name: str, doc: str) -> property:
+    """An argument: reads (and, as in Lightning, may overwrite) a RunConfig field."""
+    return _forward(lambda t: t.config, name, doc)
+
+
+def _session_property(name: str, doc: str, settable: bool = False) -> property:
+    """Run state: the RankSession's attribute."""
+    return _forward(lambda t: t.session, name, doc, settable)
+
+
 def _state_property(name: str, doc: str) -> property:
     """A loop counter (current_epoch, global_step): the session's LoopState holds it."""
-
-    def get(self: Trainer) -> Any:
-        return getattr(self.session.state, name)
-
-    def set_(self: Trainer, value: Any) -> None:
-        setattr(self.session.state, name, value)
-
-    return property(get, set_, doc=doc)
+    return _forward(lambda t: t.session.state, name, doc)
 
 
 class Trainer:

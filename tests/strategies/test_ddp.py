@@ -145,13 +145,18 @@ def test_ddp_two_ranks_match_one_process(pair, micro_batches):
     assert not torch.allclose(expected["0.weight"], make_model().state_dict()["0.weight"])
 
 
-def test_joins_from_torchrun_variables_and_owns_that_group(monkeypatch):
+def _torchrun_env_of_one(monkeypatch) -> None:
+    """torchrun's variables for a world of one process on a free local port."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0",
                        "WORLD_SIZE": "1"}.items():
         monkeypatch.setenv(key, value)
+
+
+def test_joins_from_torchrun_variables_and_owns_that_group(monkeypatch):
+    _torchrun_env_of_one(monkeypatch)
     assert not dist.is_initialized()
     s = DDPStrategy("cpu", RankContext(), timeout_s=30)
     s.setup_environment()
@@ -179,12 +184,7 @@ def test_sync_batchnorm_converts_batchnorm_layers_before_wrapping(monkeypatch):
     """Trainer(sync_batchnorm=True) on GPUs: every BatchNorm becomes SyncBatchNorm, with the same parameters,
     before DDP wraps the module. (On CPU, DDP then refuses the SyncBatchNorm module, which the Trainer never
     lets happen: it refuses sync_batchnorm off CUDA before any work.)"""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0",
-                       "WORLD_SIZE": "1"}.items():
-        monkeypatch.setenv(key, value)
+    _torchrun_env_of_one(monkeypatch)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU())
     weight = model[1].weight
     s = DDPStrategy("cpu", RankContext(), timeout_s=30, sync_batchnorm=True)

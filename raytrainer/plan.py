@@ -209,6 +209,8 @@ def _require(cond: bool, message: str) -> None:
 
 
 def _resolve_precision(precision: Any) -> str:
+    if precision is None:  # Lightning 2.x's default: full precision unless a plugin says otherwise
+        return "32-true"
     key = str(precision).strip()
     if key.endswith(".0"):
         key = key[:-2]

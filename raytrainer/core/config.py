@@ -5,11 +5,11 @@ facade and RankSession from it, so nothing of a driver-side Trainer is ever pick
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from raytrainer.plan import Plan
+from raytrainer.plan import Plan, as_sequence
 
 
 @dataclass
@@ -27,6 +27,7 @@ class RunConfig:
     limit_val_batches: int | float | None = None
     limit_test_batches: int | float | None = None
     limit_predict_batches: int | float | None = None
+    overfit_batches: int | float = 0.0
     val_check_interval: int | float | None = None
     check_val_every_n_epoch: int | None = 1
     num_sanity_val_steps: int = 2
@@ -39,6 +40,11 @@ class RunConfig:
     inference_mode: bool = True
     use_distributed_sampler: bool = True
     detect_anomaly: bool = False
+    profiler: Any = None
+    barebones: bool = False
+    plugins: list[Any] = field(default_factory=list)
+    enable_autolog_hparams: bool = True
+    model_registry: str | None = None
     default_root_dir: str = "."
     enable_progress_bar: bool = True
     enable_model_summary: bool = True
@@ -60,11 +66,14 @@ class RunConfig:
     def from_args(cls, plan: Plan, *, fast_dev_run: bool | int, max_epochs: int | None, min_epochs: int | None,
                   max_steps: int, min_steps: int | None, max_time: Any, limit_train_batches: Any,
                   limit_val_batches: Any, limit_test_batches: Any, limit_predict_batches: Any,
-                  val_check_interval: Any, check_val_every_n_epoch: int | None, num_sanity_val_steps: int | None,
+                  overfit_batches: int | float, val_check_interval: Any, check_val_every_n_epoch: int | None,
+                  num_sanity_val_steps: int | None,
                   log_every_n_steps: int | None, enable_checkpointing: bool | None, enable_progress_bar: bool | None,
                   enable_model_summary: bool | None, accumulate_grad_batches: int, gradient_clip_val: float | None,
                   gradient_clip_algorithm: str | None, deterministic: bool | str | None, benchmark: bool | None,
                   inference_mode: bool, use_distributed_sampler: bool, detect_anomaly: bool,
+                  profiler: Any, barebones: bool, plugins: Any, enable_autolog_hparams: bool,
+                  model_registry: str | None,
                   default_root_dir: str, sync_batchnorm: bool, reload_dataloaders_every_n_epochs: int,
                   max_failures: int, placement_timeout_s: float, collective_timeout_s: float,
                   snapshot_every_n_steps: int | None, heartbeat_timeout_s: float, elastic_batch_policy: str,
@@ -141,6 +150,9 @@ class RunConfig:
             gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm,
             deterministic=deterministic, benchmark=benchmark, inference_mode=bool(inference_mode),
             use_distributed_sampler=use_distributed_sampler, detect_anomaly=detect_anomaly,
+            overfit_batches=overfit_batches, profiler=profiler, barebones=bool(barebones),
+            plugins=list(as_sequence(plugins)), enable_autolog_hparams=bool(enable_autolog_hparams),
+            model_registry=model_registry,
             default_root_dir=str(default_root_dir),
             enable_progress_bar=True if enable_progress_bar is None else bool(enable_progress_bar),
             enable_model_summary=True if enable_model_summary is None else bool(enable_model_summary),

@@ -4,15 +4,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import inspect
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from raytrainer.utilities import AttributeDict, check_plain_hparams, move_to_device
+from raytrainer.utilities.exceptions import MisconfigurationException, MisconfigurationRuntimeError
 
 if TYPE_CHECKING:
     from raytrainer.core.step import LightningOptimizer
@@ -22,7 +25,31 @@ _TRAINER_ONLY = "is only available while a Trainer runs this module (attach it w
 
 
 class DataHooks:
-    """The batch transfer hooks LightningModule and LightningDataModule share (a datamodule's override wins)."""
+    """The data hooks LightningModule and LightningDataModule share: dataloaders, prepare_data placement and the
+    batch transfer hooks (a datamodule's override wins)."""
+
+    # True: prepare_data runs on local rank 0 of every node; False: only on global rank 0 (a shared filesystem).
+    prepare_data_per_node: bool = True
+
+    def train_dataloader(self) -> Any:
+        """The training data (a DataLoader or any iterable of batches); override to give fit its data."""
+        raise MisconfigurationException("`train_dataloader` must be implemented to be used with the Trainer: "
+                                        f"define it on {type(self).__name__}, or pass train_dataloaders to fit.")
+
+    def val_dataloader(self) -> Any:
+        """The validation data; override to validate during fit and in Trainer.validate."""
+        raise MisconfigurationException("`val_dataloader` must be implemented to be used with the Trainer: "
+                                        f"define it on {type(self).__name__}, or pass the dataloaders.")
+
+    def test_dataloader(self) -> Any:
+        """The test data; override to give Trainer.test its data."""
+        raise MisconfigurationException("`test_dataloader` must be implemented to be used with the Trainer: "
+                                        f"define it on {type(self).__name__}, or pass the dataloaders.")
+
+    def predict_dataloader(self) -> Any:
+        """The prediction data; override to give Trainer.predict its data."""
+        raise MisconfigurationException("`predict_dataloader` must be implemented to be used with the Trainer: "
+                                        f"define it on {type(self).__name__}, or pass the dataloaders.")
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Change a batch before it moves to the device (e.g. augment on CPU); returns the batch."""
@@ -37,18 +64,99 @@ class DataHooks:
         return batch
 
 
-class LightningModule(DataHooks, nn.Module):
+class restricted_classmethod(classmethod):  # noqa: N801 - used as a decorator, like classmethod
+    """A classmethod that refuses to run on an instance (``model.load_from_checkpoint(p)`` would silently drop its
+    result), as Lightning's ``load_from_checkpoint`` does."""
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:  # type: ignore[override]
+        method = self.__func__
+        cls = owner if owner is not None else type(instance)
+
+        @functools.wraps(method)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if instance is not None:
+                raise TypeError(f"The classmethod `{cls.__name__}.{method.__name__}` cannot be called on an "
+                                f"instance. Call it on the class and use the return value: "
+                                f"obj = {cls.__name__}.{method.__name__}(...).")
+            return method(cls, *args, **kwargs)
+
+        return call
+
+
+class HyperparametersMixin:
+    """``save_hyperparameters``, ``hparams`` and ``hparams_initial``: shared by LightningModule and
+    LightningDataModule. State lives in ``__dict__`` (no nn.Module attribute bookkeeping, no __init__ needed)."""
+
+    def save_hyperparameters(self, *args: Any, ignore: Sequence[str] | str | None = None,
+                             frame: Any = None, logger: bool = True) -> None:
+        """Record __init__ arguments (or a dict / Namespace / named args) into ``self.hparams``."""
+        if len(args) == 1 and not isinstance(args[0], str) and not args[0]:
+            return  # an empty dict/Namespace: nothing to record (Lightning)
+        ignore = [ignore] if isinstance(ignore, str) else [i for i in (ignore or []) if isinstance(i, str)]
+        hparams_type = None
+        init_args = _collect_init_args(frame or inspect.currentframe().f_back, type(self))
+        if len(args) == 1 and isinstance(args[0], (dict, argparse.Namespace)):
+            values = dict(vars(args[0]) if isinstance(args[0], argparse.Namespace) else args[0])
+            # the __init__ argument holding this object, so load_from_checkpoint can pass it back whole
+            name = next((k for k, v in init_args.items() if v is args[0]), None)
+            if isinstance(args[0], argparse.Namespace):
+                hparams_type = "Namespace"
+        else:
+            if args:
+                missing = [a for a in args if a not in init_args]
+                if missing:
+                    raise ValueError(f"save_hyperparameters{args}: {missing} are not arguments of "
+                                     f"{type(self).__name__}.__init__ ({sorted(init_args)}).")
+                values = {a: init_args[a] for a in args}
+            else:
+                values = init_args
+            name = "kwargs"
+        values = {k: v for k, v in values.items() if k not in ignore}
+        check_plain_hparams(values, type(self).__name__)
+        d = self.__dict__
+        hparams = d.setdefault("_hparams", AttributeDict())
+        hparams.update(values)
+        self.remove_ignored_hparams(ignore)  # a subclass may drop what its base class saved (Lightning)
+        d["_hparams_initial"] = AttributeDict(copy.deepcopy(dict(hparams)))
+        d["_hparams_name"] = name
+        d["_log_hyperparams"] = bool(logger)
+        d["_hparams_type"] = hparams_type
+
+    def remove_ignored_hparams(self, ignore_list: Sequence[str]) -> None:
+        """Drop these names from ``self.hparams`` (what save_hyperparameters(ignore=...) does after saving)."""
+        hparams = self.__dict__.get("_hparams")
+        if hparams is not None:
+            for key in ignore_list:
+                hparams.pop(key, None)
+
+    @property
+    def hparams(self) -> AttributeDict:
+        """The saved hyper-parameters; mutable (``hparams_initial`` keeps what was first saved)."""
+        return self.__dict__.setdefault("_hparams", AttributeDict())
+
+    @property
+    def hparams_initial(self) -> AttributeDict:
+        """A copy of the hyper-parameters as save_hyperparameters recorded them (what loggers receive)."""
+        return AttributeDict(copy.deepcopy(dict(self.__dict__.get("_hparams_initial") or {})))
+
+
+class LightningModule(HyperparametersMixin, DataHooks, nn.Module):
     """A torch.nn.Module with Lightning's training API; run it with ``raytrainer.Trainer``."""
 
     # Properties TorchScript must skip when scripting the module (they touch the Trainer).
     __jit_unused_properties__: list[str] = [
         "trainer", "device", "current_epoch", "global_step", "hparams", "hparams_initial",
         "automatic_optimization", "example_input_array", "local_rank", "global_rank", "on_gpu",
-        "dtype", "logger", "loggers",
+        "dtype", "logger", "loggers", "strict_loading", "on_gpu",
     ]
     # Set by raytrainer.export while torch.jit.script/trace inspect the module: they read every
     # property, so `trainer` must not raise then.
     _jit_is_scripting = False  # no annotation: TorchScript would try to resolve the string "bool"
+
+    # The checkpoint keys of save_hyperparameters' values, the argument name and its type (Lightning's).
+    CHECKPOINT_HYPER_PARAMS_KEY = "hyper_parameters"
+    CHECKPOINT_HYPER_PARAMS_NAME = "hparams_name"
+    CHECKPOINT_HYPER_PARAMS_TYPE = "hparams_type"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -62,6 +170,8 @@ class LightningModule(DataHooks, nn.Module):
         d["_hparams_type"] = None
         d["_param_requires_grad_state"] = {}
         d["_warned_no_trainer"] = False
+        d["_strict_loading"] = None    # None: not set by the user (strict); see strict_loading
+        d["_compiler_ctx"] = None      # set by from_compiled: torch.compile's context and the original methods
 
     # ------------------------------------------------------------------ steps (user overrides)
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -104,6 +214,10 @@ class LightningModule(DataHooks, nn.Module):
     def on_validation_epoch_end(self) -> None: ...
     def on_validation_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None: ...
     def on_validation_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None: ...
+    def on_validation_model_zero_grad(self) -> None:
+        """Called in fit before validation (outside an accumulation window) to release the gradients' memory."""
+        self.zero_grad(set_to_none=True)
+
     def on_validation_model_eval(self) -> None:
         self.eval()
 
@@ -162,6 +276,10 @@ class LightningModule(DataHooks, nn.Module):
     def configure_callbacks(self) -> Sequence[Any] | Any:
         return []
 
+    def configure_model(self) -> None:
+        """Create layers here to have them made on the rank's device and in the true precision's dtype. Called at
+        the start of every fit/validate/test/predict: return early when the layers already exist."""
+
     def freeze(self) -> LightningModule:
         """Freeze every parameter (requires_grad=False) and switch to eval mode, for inference."""
         for param in self.parameters():
@@ -199,6 +317,11 @@ class LightningModule(DataHooks, nn.Module):
         for p in self.parameters():
             return p.dtype
         return torch.get_default_dtype()
+
+    @property
+    def on_gpu(self) -> bool:
+        """Whether the module's parameters are on a CUDA device."""
+        return self.device.type == "cuda"
 
     @property
     def current_epoch(self) -> int:
@@ -257,9 +380,10 @@ class LightningModule(DataHooks, nn.Module):
         session = trainer.session if trainer is not None else None
         results = session.active_results if session is not None else None
         if results is None and session is not None and session.fn:
-            raise RuntimeError(f"self.log({name!r}) was called outside the training, validation and test loops "
-                               "(in predict, configure_optimizers, setup or after the run), where logging is not "
-                               "supported. Log from training/validation/test steps or their batch/epoch hooks.")
+            raise MisconfigurationRuntimeError(
+                f"self.log({name!r}) was called outside the training, validation and test loops "
+                "(in predict, configure_optimizers, setup or after the run), where logging is not "
+                "supported. Log from training/validation/test steps or their batch/epoch hooks.")
         if results is None:
             if not self.__dict__["_warned_no_trainer"]:
                 self.__dict__["_warned_no_trainer"] = True
@@ -267,23 +391,47 @@ class LightningModule(DataHooks, nn.Module):
                               "the value is dropped.", stacklevel=2)
             return
         results.log(results.fx, name, value, prog_bar, logger, on_step, on_epoch, reduce_fx, sync_dist,
-                    batch_size, results.batch, add_dataloader_idx)
+                    batch_size, results.batch, add_dataloader_idx, sync_dist_group, metric_attribute,
+                    rank_zero_only, self)
 
     def log_dict(self, dictionary: Mapping[str, Any], prog_bar: bool = False, logger: bool = True,
                  on_step: bool | None = None, on_epoch: bool | None = None, reduce_fx: Any = "mean",
                  enable_graph: bool = False, sync_dist: bool = False, sync_dist_group: Any = None,
                  add_dataloader_idx: bool = True, batch_size: int | None = None,
                  rank_zero_only: bool = False) -> None:
-        """``self.log`` for every item of a mapping."""
-        for k, v in dictionary.items():
+        """``self.log`` for every item of a mapping, or every Metric of a torchmetrics MetricCollection."""
+        items: Any = dictionary.items()
+        if isinstance(dictionary, nn.Module):
+            from torchmetrics import MetricCollection
+
+            if isinstance(dictionary, MetricCollection):  # its Metrics by their prefixed names, as Lightning
+                items = dictionary.items(keep_base=False, copy_state=not dictionary._enable_compute_groups)
+        for k, v in items:
             self.log(k, v, prog_bar=prog_bar, logger=logger, on_step=on_step, on_epoch=on_epoch,
-                     reduce_fx=reduce_fx, sync_dist=sync_dist, add_dataloader_idx=add_dataloader_idx,
-                     batch_size=batch_size)
+                     reduce_fx=reduce_fx, enable_graph=enable_graph, sync_dist=sync_dist,
+                     sync_dist_group=sync_dist_group, add_dataloader_idx=add_dataloader_idx,
+                     batch_size=batch_size, rank_zero_only=rank_zero_only)
 
     def print(self, *args: Any, **kwargs: Any) -> None:
         """Print from global rank 0 only."""
         if self.global_rank == 0:
             print(*args, **kwargs)
+
+    def all_gather(self, data: Any, group: Any = None, sync_grads: bool = False) -> Any:
+        """Gather a tensor, number or collection of them from every rank: each tensor gains a leading world-size
+        dimension (one process: returned as it is, as Lightning). Every rank must call it with the same shapes.
+
+        ``sync_grads=True`` keeps the result in the autograd graph, so gradients flow back to each rank's input.
+        """
+        trainer = self.__dict__["_trainer"]
+        if trainer is None:
+            raise RuntimeError(f"{type(self).__name__}.all_gather {_TRAINER_ONLY}.")
+        strategy = trainer.strategy
+        device = self.device
+        if strategy is None:  # no run in this process (e.g. the driver after a Ray run): one process, as Lightning
+            return _map_tensors(data, lambda t: t, device)
+        return _map_tensors(data, functools.partial(strategy.all_gather, group=group, sync_grads=sync_grads),
+                            device)
 
     # ------------------------------------------------------------------ optimization API
     def optimizers(self, use_pl_optimizer: bool = True) -> LightningOptimizer | list[Any] | Any:
@@ -356,55 +504,27 @@ class LightningModule(DataHooks, nn.Module):
         clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm,
                        t.precision_plugin if t is not None else None)
 
-    # ------------------------------------------------------------------ hyper-parameters
-    def save_hyperparameters(self, *args: Any, ignore: Sequence[str] | str | None = None,
-                             frame: Any = None, logger: bool = True) -> None:
-        """Record __init__ arguments (or a dict / Namespace / named args) into ``self.hparams``."""
-        ignore = [ignore] if isinstance(ignore, str) else list(ignore or [])
-        hparams_type = None
-        if len(args) == 1 and isinstance(args[0], (dict, argparse.Namespace)):
-            values = dict(vars(args[0]) if isinstance(args[0], argparse.Namespace) else args[0])
-            # the __init__ argument holding this object, so load_from_checkpoint can pass it back whole
-            init_args = _collect_init_args(frame or inspect.currentframe().f_back, type(self))
-            name = next((k for k, v in init_args.items() if v is args[0]), None)
-            if isinstance(args[0], argparse.Namespace):
-                hparams_type = "Namespace"
-        else:
-            init_args = _collect_init_args(frame or inspect.currentframe().f_back, type(self))
-            if args:
-                missing = [a for a in args if a not in init_args]
-                if missing:
-                    raise ValueError(f"save_hyperparameters{args}: {missing} are not arguments of "
-                                     f"{type(self).__name__}.__init__ ({sorted(init_args)}).")
-                values = {a: init_args[a] for a in args}
-            else:
-                values = init_args
-            name = "kwargs"
-        values = {k: v for k, v in values.items() if k not in ignore}
-        check_plain_hparams(values, type(self).__name__)
-        self.__dict__["_hparams"].update(values)
-        self.__dict__["_hparams_initial"] = AttributeDict(copy.deepcopy(dict(self.__dict__["_hparams"])))
-        self.__dict__["_hparams_name"] = name
-        self.__dict__["_log_hyperparams"] = bool(logger)
-        self.__dict__["_hparams_type"] = hparams_type
-
-    @property
-    def hparams(self) -> AttributeDict:
-        return self.__dict__["_hparams"]
-
-    @property
-    def hparams_initial(self) -> AttributeDict:
-        return self.__dict__["_hparams_initial"]
-
     # ------------------------------------------------------------------ checkpoints and export
-    @classmethod
-    def load_from_checkpoint(cls, checkpoint_path: str, map_location: Any = None, hparams_file: Any = None,
-                             strict: bool = True, weights_only: bool = True, **kwargs: Any) -> LightningModule:
-        """Rebuild the module from a checkpoint's hyper_parameters (overridable) and load its weights."""
+    @property
+    def strict_loading(self) -> bool:
+        """Whether restoring a checkpoint needs its state_dict keys to match the module's exactly (default True);
+        set False to load modules that keep some weights elsewhere (e.g. a frozen backbone left out)."""
+        return self.__dict__.get("_strict_loading") in (None, True)
+
+    @strict_loading.setter
+    def strict_loading(self, value: bool) -> None:
+        self.__dict__["_strict_loading"] = value
+
+    @restricted_classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, map_location: Any = None, hparams_file: Any = None,
+                             strict: bool | None = None, weights_only: bool | None = None,
+                             **kwargs: Any) -> LightningModule:
+        """Rebuild the module from a checkpoint's hyper_parameters (overridden by ``hparams_file`` and kwargs) and
+        load its weights; ``strict=None`` follows the module's ``strict_loading``."""
         from raytrainer.checkpoint.resolve import load_module
 
         return load_module(cls, checkpoint_path, map_location=map_location, strict=strict,
-                           weights_only=weights_only, overrides=kwargs)
+                           weights_only=weights_only, overrides=kwargs, hparams_file=hparams_file)
 
     def to_torchscript(self, file_path: str | None = None, method: str = "script",
                        example_inputs: Any = None, **kwargs: Any) -> Any:
@@ -424,7 +544,19 @@ class LightningModule(DataHooks, nn.Module):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_trainer"] = None
+        ctx = state.get("_compiler_ctx")
+        if ctx is not None:
+            # torch.compile's wrapped methods do not pickle; its context does: the copy compiles them again
+            for name in _COMPILED_METHODS:
+                state.pop(name, None)
+            state["_compiler_ctx"] = {"compiler": ctx["compiler"], "dynamo_ctx": ctx["dynamo_ctx"]}
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        ctx = state.get("_compiler_ctx")
+        if ctx is not None:
+            _apply_compile(self, ctx["dynamo_ctx"])
 
 
 def _collect_init_args(frame: Any, cls: type) -> dict[str, Any]:
@@ -463,3 +595,105 @@ def hparams_origin(module: Any) -> tuple[str | None, str | None]:
 def logs_hyperparameters(obj: Any) -> bool:
     """Whether save_hyperparameters(logger=True) ran on ``obj`` (a LightningModule or LightningDataModule)."""
     return bool(getattr(obj, "__dict__", {}).get("_log_hyperparams", False))
+
+
+def _to_tensor(value: Any, device: torch.device) -> Any:
+    """A number or array as a tensor on ``device`` (Lightning's dtypes: bool->uint8, int->int32, float->float32);
+    tensors move to ``device``; anything else is returned unchanged."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, bool):  # before int: bool is an int; torch.bool cannot travel through NCCL
+        return torch.tensor(value, dtype=torch.uint8, device=device)
+    if isinstance(value, int):
+        return torch.tensor(value, dtype=torch.int, device=device)
+    if isinstance(value, float):
+        return torch.tensor(value, dtype=torch.float, device=device)
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value).to(device)
+    return value
+
+
+def _map_tensors(data: Any, fn: Callable[[torch.Tensor], torch.Tensor], device: torch.device) -> Any:
+    """``fn`` applied to every tensor (numbers and arrays converted first) of a nested dict/list/tuple."""
+    if isinstance(data, Mapping):
+        items = [(k, _map_tensors(v, fn, device)) for k, v in data.items()]
+        try:
+            return type(data)(items)
+        except TypeError:  # a mapping type that cannot be built from pairs
+            return dict(items)
+    if isinstance(data, tuple) and hasattr(data, "_fields"):  # namedtuple
+        return type(data)(*(_map_tensors(v, fn, device) for v in data))
+    if isinstance(data, (list, tuple)):
+        return type(data)(_map_tensors(v, fn, device) for v in data)
+    value = _to_tensor(data, device)
+    return fn(value) if isinstance(value, torch.Tensor) else value
+
+
+def prepares_data_here(obj: Any, local_rank: int, node_rank: int) -> bool:
+    """Whether this rank calls ``obj.prepare_data()``: local rank 0 of each node, or only global rank 0 (local rank
+    0 of node 0) when ``obj.prepare_data_per_node`` is False (Lightning's rule)."""
+    if local_rank != 0:
+        return False
+    return bool(getattr(obj, "prepare_data_per_node", True)) or node_rank == 0
+
+
+# The methods torch.compile's context wraps on a compiled LightningModule (Lightning's from_compiled).
+_COMPILED_METHODS = ("forward", "training_step", "validation_step", "test_step", "predict_step")
+
+
+def _apply_compile(module: LightningModule, dynamo_ctx: Any) -> None:
+    """Wrap the module's forward and step methods with torch.compile's context; remember the originals."""
+    ctx: dict[str, Any] = {"compiler": "dynamo", "dynamo_ctx": dynamo_ctx}
+    for name in _COMPILED_METHODS:
+        module.__dict__.pop(name, None)  # compiled before: wrap the plain method, not the earlier wrapper
+        original = getattr(module, name)
+        ctx[f"original_{name}"] = original
+        module.__dict__[name] = dynamo_ctx(original)
+    module.__dict__["_compiler_ctx"] = ctx
+
+
+def from_compiled(model: Any) -> LightningModule:
+    """The LightningModule inside ``torch.compile(module)``, with its forward and step methods compiled the same
+    way, so the Trainer trains (and checkpoints) the module itself while running compiled code."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    if not isinstance(model, OptimizedModule):
+        raise ValueError(f"`model` must be the result of torch.compile(...), got {type(model).__name__}.")
+    original = model._orig_mod
+    if not isinstance(original, LightningModule):
+        # ValueError as Lightning's from_compiled, TypeError as the Trainer's refusal of other modules
+        raise MisconfigurationException(f"`model` is a compiled {type(original).__name__}, not a compiled raytrainer "
+                                        "LightningModule. Compile a LightningModule: torch.compile(MyModule()).")
+    _apply_compile(original, model.dynamo_ctx)
+    return original
+
+
+def to_uncompiled(model: Any) -> LightningModule:
+    """Undo ``from_compiled`` (or unwrap ``torch.compile``'s result): the module with its plain methods."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    if isinstance(model, OptimizedModule):
+        original = model._orig_mod
+        if not isinstance(original, LightningModule):
+            raise TypeError(f"the compiled module wraps a {type(original).__name__}, not a LightningModule.")
+    elif isinstance(model, LightningModule):
+        if model.__dict__.get("_compiler_ctx") is None:
+            raise ValueError("`model` is a LightningModule that was not compiled (neither torch.compile's result "
+                             "nor from_compiled's).")
+        original = model
+    else:
+        raise ValueError(f"`model` must be torch.compile's result or a LightningModule, got {type(model).__name__}.")
+    ctx = original.__dict__.get("_compiler_ctx")
+    if ctx is not None:
+        for name in _COMPILED_METHODS:
+            original.__dict__.pop(name, None)
+        original.__dict__["_compiler_ctx"] = None
+    return original
+
+
+def is_compiled_module(model: Any) -> bool:
+    """Whether ``model`` is torch.compile's wrapper (an OptimizedModule), without importing dynamo otherwise."""
+    import sys
+
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    return eval_frame is not None and isinstance(model, eval_frame.OptimizedModule)

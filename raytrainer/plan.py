@@ -15,9 +15,23 @@ PRECISIONS = {
     "32": "32-true", "32-true": "32-true", "32-TRUE": "32-true",
     "16": "16-mixed", "16-mixed": "16-mixed",
     "bf16": "bf16-mixed", "bf16-mixed": "bf16-mixed",
+    "16-true": "16-true", "bf16-true": "bf16-true",
+    "64": "64-true", "64-true": "64-true",
 }
-STRATEGIES = {"auto", "single_device", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true",
-              "ray", "ray_ddp", "xla"}
+# Lightning's DDP names: how the processes start differs there; on raytrainer Ray starts the ranks for all of them.
+DDP_STRATEGIES = {f"{base}{suffix}": unused
+                  for base in ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook")
+                  for suffix, unused in (("", None), ("_find_unused_parameters_true", True),
+                                         ("_find_unused_parameters_false", False))}
+STRATEGIES = {"auto", "single_device", "ray", "ray_ddp", "xla", "xla_debug", "single_xla", *DDP_STRATEGIES}
+_FSDP_NEXT = "FSDP is planned for the next raytrainer release"
+UNSUPPORTED_STRATEGIES = {
+    **{name: "DeepSpeed is not supported by raytrainer" for name in (
+        "deepspeed", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_2_offload", "deepspeed_stage_3",
+        "deepspeed_stage_3_offload", "deepspeed_stage_3_offload_nvme")},
+    "fsdp": _FSDP_NEXT, "fsdp_cpu_offload": _FSDP_NEXT,
+    "single_tpu": "Lightning's legacy name; use strategy='single_xla'",
+}
 ACCELERATORS = {"auto": "auto", "cpu": "cpu", "gpu": "cuda", "cuda": "cuda", "tpu": "tpu"}
 
 
@@ -56,6 +70,13 @@ class Plan:
     strategy: str = "auto"
     launcher: str = "in_process"             # in_process | xla | ray
     requested: dict[str, Any] = field(default_factory=dict)
+    # the user's strategy object (raytrainer.strategies.DDPStrategy(...)), which carries its settings to the ranks
+    strategy_object: Any = field(default=None, compare=False, repr=False)
+
+    @property
+    def find_unused_parameters(self) -> bool | None:
+        """What a strategy name says about DDP's find_unused_parameters (None: it says nothing)."""
+        return DDP_STRATEGIES.get(self.strategy)
 
     @property
     def world_size(self) -> int:
@@ -102,7 +123,7 @@ class Plan:
         *,
         accelerator: str | None = "auto",
         devices: Any = "auto",
-        strategy: str | None = "auto",
+        strategy: Any = "auto",
         num_nodes: Any = 1,
         precision: Any = "32-true",
         num_processes: Any = None,
@@ -117,13 +138,24 @@ class Plan:
             precision=precision, num_processes=num_processes, gpus=gpus, tpu_cores=tpu_cores,
         ).items() if v is not None and not (v == "auto" or (k == "num_nodes" and v == 1)
                                             or (k == "precision" and v == "32-true"))}
-        strategy = "auto" if strategy is None else str(strategy)
+        strategy_object = None
+        if strategy is not None and not isinstance(strategy, str):
+            strategy_object, strategy = strategy, _strategy_object_name(strategy)
+            accelerator, devices = _devices_of_strategy(strategy_object, strategy, accelerator, devices)
+        strategy = "auto" if strategy is None else str(strategy).lower()
+        if strategy in UNSUPPORTED_STRATEGIES:
+            raise ValueError(f"strategy={strategy!r} is not supported: {UNSUPPORTED_STRATEGIES[strategy]}. "
+                             "raytrainer runs 'ddp' (and its Lightning aliases) on Ray, and 'xla' on TPUs.")
         if strategy not in STRATEGIES:
-            raise ValueError(f"strategy={strategy!r} is not known. Use one of {sorted(STRATEGIES)}.")
+            raise ValueError(f"strategy={strategy!r} is not known. Use one of {sorted(STRATEGIES)}, or a strategy "
+                             "object from raytrainer.strategies (DDPStrategy(...), SingleDeviceStrategy(...)).")
         acc_in = "auto" if accelerator is None else str(accelerator).lower()
         if acc_in not in ACCELERATORS:
             raise ValueError(f"accelerator={accelerator!r} is not known. Use one of {sorted(ACCELERATORS)}.")
         acc = ACCELERATORS[acc_in]
+        if strategy in ("xla_debug", "single_xla"):
+            _require(acc in ("auto", "tpu"), f"strategy={strategy!r} needs accelerator='tpu' (or tpu_cores=N).")
+            acc = "tpu"
 
         legacy = {k: v for k, v in (("gpus", gpus), ("tpu_cores", tpu_cores),
                                     ("num_processes", num_processes)) if _given(v)}
@@ -194,9 +226,14 @@ class Plan:
             launcher = "in_process"
         if strategy == "xla" and acc != "tpu":
             raise ValueError("strategy='xla' needs accelerator='tpu' (or tpu_cores=N).")
+        if strategy in ("single_device", "single_xla") and (max_r > 1 or n_nodes > 1):
+            raise ValueError(f"strategy={strategy!r} runs one device, but the arguments ask for {max_r} rank(s) on "
+                             f"{n_nodes} node(s). Use strategy='ddp' (or DDPStrategy(...)) for several devices.")
+        if DDP_STRATEGIES.get(strategy) is not None and acc == "tpu":
+            raise ValueError(f"strategy={strategy!r} is a DDP strategy; TPUs run strategy='xla'.")
         return Plan(accelerator=acc, device_ids=ids, ranks_per_node=per_node, num_nodes=n_nodes,
                     min_ranks=min_r, max_ranks=max_r, nodes_elastic=nodes_elastic, precision=prec,
-                    strategy=strategy, launcher=launcher, requested=requested)
+                    strategy=strategy, launcher=launcher, requested=requested, strategy_object=strategy_object)
 
 
 def _given(v: Any) -> bool:
@@ -214,10 +251,42 @@ def _resolve_precision(precision: Any) -> str:
     key = str(precision).strip()
     if key.endswith(".0"):
         key = key[:-2]
+    if key.startswith("transformer-engine"):
+        raise ValueError(f"precision={precision!r} needs NVIDIA Transformer Engine (FP8 layers), which raytrainer "
+                         "does not support. Use 'bf16-mixed' or 'bf16-true' on GPUs that have FP8, or '16-mixed'.")
     if key not in PRECISIONS:
         raise ValueError(f"precision={precision!r} is not supported. Use one of 32 / '32-true', "
-                         "16 / '16-mixed' (CUDA), 'bf16' / 'bf16-mixed'.")
+                         "16 / '16-mixed' (CUDA), 'bf16' / 'bf16-mixed', '16-true', 'bf16-true', 64 / '64-true'.")
     return PRECISIONS[key]
+
+
+def _strategy_object_name(strategy: Any) -> str:
+    """The registry name of a raytrainer strategy object; a clear error for anything else."""
+    name = getattr(strategy, "strategy_name", None)
+    module = type(strategy).__module__
+    if module.startswith(("pytorch_lightning", "lightning")):
+        raise ValueError(f"strategy={type(strategy).__name__}(...) is pytorch_lightning's class. Use raytrainer's "
+                         f"class of the same name (from raytrainer.strategies import {type(strategy).__name__}).")
+    if not isinstance(name, str) or (name not in STRATEGIES and name not in UNSUPPORTED_STRATEGIES):
+        raise ValueError(f"strategy={strategy!r} is neither a strategy name nor a raytrainer strategy object. Use "
+                         "a name such as 'ddp' or an object from raytrainer.strategies (DDPStrategy(...)).")
+    return name
+
+
+def _devices_of_strategy(strategy: Any, name: str, accelerator: Any, devices: Any) -> tuple[Any, Any]:
+    """A SingleDeviceStrategy(device) object picks the accelerator and device, as in Lightning."""
+    if name != "single_device":
+        return accelerator, devices
+    device = strategy.root_device
+    acc = "cuda" if device.type == "cuda" else "cpu"
+    if accelerator not in (None, "auto") and ACCELERATORS.get(str(accelerator).lower()) != acc:
+        raise ValueError(f"strategy=SingleDeviceStrategy({str(device)!r}) runs on {acc}, but "
+                         f"accelerator={accelerator!r}; give one of them only.")
+    if devices not in ("auto", None, 1, "1", [device.index]) and acc == "cpu" or \
+            acc == "cuda" and devices not in ("auto", None, 1, "1", [device.index or 0]):
+        raise ValueError(f"strategy=SingleDeviceStrategy({str(device)!r}) runs one device, but devices={devices!r}."
+                         " Drop devices=..., or use DDPStrategy(...) for several.")
+    return acc, ([device.index or 0] if acc == "cuda" else 1)
 
 
 def parse_range(value: Any, name: str) -> tuple[int, int] | None:

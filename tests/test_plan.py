@@ -131,12 +131,13 @@ def test_devices_and_accelerator(kwargs, expected):
     (32, "32-true"), ("32", "32-true"), ("32-true", "32-true"), (32.0, "32-true"),
     (16, "16-mixed"), ("16", "16-mixed"), ("16-mixed", "16-mixed"),
     ("bf16", "bf16-mixed"), ("bf16-mixed", "bf16-mixed"),
+    ("16-true", "16-true"), ("bf16-true", "bf16-true"), (64, "64-true"), ("64", "64-true"), ("64-true", "64-true"),
 ])
 def test_precision_aliases(precision, resolved):
     assert plan(EIGHT_GPUS, precision=precision).precision == resolved
 
 
-@pytest.mark.parametrize("precision", ["64", 64, "8-mixed", "half", None])
+@pytest.mark.parametrize("precision", ["8-mixed", "half", "64-mixed"])
 def test_unknown_precision_lists_the_accepted_ones(precision):
     with pytest.raises(ValueError, match=r"is not supported\. Use one of 32 / '32-true'"):
         plan(precision=precision)

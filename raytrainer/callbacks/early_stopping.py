@@ -2,12 +2,25 @@
 from __future__ import annotations
 
 import math
+import warnings
+from enum import Enum
 from typing import Any
 
 import torch
 
 from raytrainer.callbacks.callback import Callback
 from raytrainer.utilities import log
+from raytrainer.utilities.exceptions import MisconfigurationException
+
+
+class EarlyStoppingReason(Enum):
+    """Why EarlyStopping stopped the run (Lightning's values, which checkpoints store)."""
+
+    NOT_STOPPED = 0
+    STOPPING_THRESHOLD = 1
+    DIVERGENCE_THRESHOLD = 2
+    PATIENCE_EXHAUSTED = 3
+    NON_FINITE_METRIC = 4
 
 
 class EarlyStopping(Callback):
@@ -18,7 +31,7 @@ class EarlyStopping(Callback):
                  stopping_threshold: float | None = None, divergence_threshold: float | None = None,
                  check_on_train_epoch_end: bool | None = None, log_rank_zero_only: bool = False) -> None:
         if mode not in ("min", "max"):
-            raise ValueError(f"EarlyStopping(mode={mode!r}): use 'min' or 'max'.")
+            raise MisconfigurationException(f"EarlyStopping(mode={mode!r}): use 'min' or 'max'.")
         if patience < 0:
             raise ValueError(f"EarlyStopping(patience={patience}) must be >= 0.")
         self.monitor = monitor
@@ -30,11 +43,13 @@ class EarlyStopping(Callback):
         self.stopping_threshold = stopping_threshold
         self.divergence_threshold = divergence_threshold
         self.check_on_train_epoch_end = check_on_train_epoch_end
+        self.log_rank_zero_only = log_rank_zero_only  # verbose messages from rank 0 only
         # min_delta counts as improvement in the monitored direction
         self.min_delta = torch.tensor(abs(min_delta) if mode == "max" else -abs(min_delta))
         self.wait_count = 0
         self.stopped_epoch = 0
         self.best_score = torch.tensor(math.inf if mode == "min" else -math.inf)
+        self.stopping_reason = EarlyStoppingReason.NOT_STOPPED  # set by the check that fires on this rank
         self.stopping_reason_message: str | None = None
 
     @property
@@ -42,14 +57,20 @@ class EarlyStopping(Callback):
         return f"EarlyStopping{{'monitor': {self.monitor!r}, 'mode': {self.mode!r}}}"
 
     def state_dict(self) -> dict[str, Any]:
+        """Lightning's keys; the stopping reason as its enum value, so checkpoints load in either framework."""
         return {"wait_count": self.wait_count, "stopped_epoch": self.stopped_epoch,
-                "best_score": self.best_score, "patience": self.patience}
+                "best_score": self.best_score, "patience": self.patience,
+                "stopping_reason": self.stopping_reason.value, "stopping_reason_message": self.stopping_reason_message}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a state from ``state_dict`` (older checkpoints without a stopping reason: not stopped)."""
         self.wait_count = int(state_dict["wait_count"])
         self.stopped_epoch = int(state_dict["stopped_epoch"])
         self.best_score = torch.as_tensor(state_dict["best_score"])
         self.patience = int(state_dict.get("patience", self.patience))
+        self.stopping_reason = EarlyStoppingReason(
+            state_dict.get("stopping_reason", EarlyStoppingReason.NOT_STOPPED.value))
+        self.stopping_reason_message = state_dict.get("stopping_reason_message")
 
     def _on_epoch_end_hook(self, trainer: Any) -> bool:
         """Check in on_train_epoch_end (after that epoch's validation) unless validation runs mid-epoch or
@@ -69,12 +90,17 @@ class EarlyStopping(Callback):
             self._check(trainer)
 
     def _check(self, trainer: Any) -> None:
+        if trainer.fast_dev_run:  # as in Lightning: a fast_dev_run never stops early
+            return
         metrics = trainer.callback_metrics
         if self.monitor not in metrics:
+            message = (f"EarlyStopping(monitor={self.monitor!r}) found no such metric at epoch "
+                       f"{trainer.current_epoch}. Logged: {sorted(metrics)}. Log it with self.log, "
+                       "or pass strict=False.")
             if self.strict:
-                raise RuntimeError(f"EarlyStopping(monitor={self.monitor!r}) found no such metric at epoch "
-                                   f"{trainer.current_epoch}. Logged: {sorted(metrics)}. Log it with self.log, "
-                                   "or pass strict=False.")
+                raise RuntimeError(message)
+            if self.verbose:
+                warnings.warn(message, RuntimeWarning, stacklevel=2)
             return
         current = torch.as_tensor(metrics[self.monitor]).detach().float().cpu().squeeze()
         stop, reason = self._evaluate(current)
@@ -83,27 +109,35 @@ class EarlyStopping(Callback):
         if stop:
             trainer.should_stop = True
             self.stopped_epoch = trainer.current_epoch
+            # None on a rank that agreed to another rank's stop (its own check did not fire), as in Lightning
             self.stopping_reason_message = reason
-            if self.verbose and trainer.is_global_zero:
+            if self.verbose and reason and (trainer.is_global_zero or not self.log_rank_zero_only):
                 log.info("EarlyStopping: %s", reason)
 
     def _evaluate(self, current: torch.Tensor) -> tuple[bool, str | None]:
+        """Whether to stop and why, checked in Lightning's order; sets ``stopping_reason`` when stopping."""
         better = torch.lt if self.mode == "min" else torch.gt
+        order = "<" if self.mode == "min" else ">"
         if self.check_finite and not torch.isfinite(current):
-            return True, (f"{self.monitor} = {float(current)} is not finite. Previous best score: "
-                          f"{float(self.best_score):.4g}. Signaling Trainer to stop.")
+            self.stopping_reason = EarlyStoppingReason.NON_FINITE_METRIC
+            return True, (f"Monitored metric {self.monitor} = {current} is not finite. Previous best value was "
+                          f"{float(self.best_score):.3f}. Signaling Trainer to stop.")
         if self.stopping_threshold is not None and better(current, torch.tensor(self.stopping_threshold)):
-            return True, (f"Stopping threshold reached: {self.monitor} = {float(current):.4g} "
-                          f"{'<' if self.mode == 'min' else '>'} {self.stopping_threshold}.")
+            self.stopping_reason = EarlyStoppingReason.STOPPING_THRESHOLD
+            return True, (f"Stopping threshold reached: {self.monitor} = {current} {order} "
+                          f"{self.stopping_threshold}. Signaling Trainer to stop.")
         if self.divergence_threshold is not None and better(-current, -torch.tensor(self.divergence_threshold)):
-            return True, (f"Divergence threshold reached: {self.monitor} = {float(current):.4g} "
-                          f"{'>' if self.mode == 'min' else '<'} {self.divergence_threshold}.")
+            self.stopping_reason = EarlyStoppingReason.DIVERGENCE_THRESHOLD
+            # the comparison that fired (Lightning's message shows the mode's sign, the opposite one, here)
+            return True, (f"Divergence threshold reached: {self.monitor} = {current} {'>' if order == '<' else '<'} "
+                          f"{self.divergence_threshold}. Signaling Trainer to stop.")
         if better(current - self.min_delta, self.best_score.to(current.device)):
             self.best_score = current
             self.wait_count = 0
             return False, None
         self.wait_count += 1
         if self.wait_count >= self.patience:
-            return True, (f"{self.monitor} did not improve in the last {self.wait_count} checks. Best score: "
-                          f"{float(self.best_score):.4g}.")
+            self.stopping_reason = EarlyStoppingReason.PATIENCE_EXHAUSTED
+            return True, (f"Monitored metric {self.monitor} did not improve in the last {self.wait_count} records. "
+                          f"Best score: {float(self.best_score):.3f}. Signaling Trainer to stop.")
         return False, None

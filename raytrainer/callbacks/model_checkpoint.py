@@ -23,6 +23,7 @@ import torch
 from raytrainer.callbacks.callback import Callback
 from raytrainer.checkpoint.host_copy import HostCopy, view_key
 from raytrainer.utilities import log
+from raytrainer.utilities.exceptions import MisconfigurationException, MisconfigurationRuntimeError
 
 _MODES = {"min": (torch.tensor(math.inf), torch.lt), "max": (torch.tensor(-math.inf), torch.gt)}
 
@@ -38,29 +39,32 @@ class ModelCheckpoint(Callback):
 
     def __init__(self, dirpath: str | None = None, filename: str | None = None, monitor: str | None = None,
                  verbose: bool = False, save_last: bool | None = None, save_top_k: int = 1,
-                 save_weights_only: bool = False, mode: str = "min", auto_insert_metric_name: bool = True,
+                 save_on_exception: bool = False, save_weights_only: bool = False, mode: str = "min",
+                 auto_insert_metric_name: bool = True,
                  every_n_train_steps: int | None = None, train_time_interval: timedelta | None = None,
                  every_n_epochs: int | None = None, save_on_train_epoch_end: bool | None = None,
                  enable_version_counter: bool = True, async_save: bool = True) -> None:
-        """Arguments as in Lightning; ``async_save=False`` writes on the training thread instead."""
+        """Arguments as in Lightning (``save_on_exception``: also write a checkpoint when the run raises);
+        ``async_save=False`` writes on the training thread instead."""
         if mode not in _MODES:
-            raise ValueError(f"ModelCheckpoint(mode={mode!r}): use 'min' or 'max'.")
+            raise MisconfigurationException(f"ModelCheckpoint(mode={mode!r}): use 'min' or 'max'.")
         if not isinstance(save_top_k, int) or save_top_k < -1:
-            raise ValueError(f"ModelCheckpoint(save_top_k={save_top_k!r}): use -1 (all), 0 (none) or k >= 1.")
+            raise MisconfigurationException(
+                f"ModelCheckpoint(save_top_k={save_top_k!r}): use -1 (all), 0 (none) or k >= 1.")
         if monitor is None and save_top_k not in (-1, 0, 1):
-            raise ValueError(f"ModelCheckpoint(save_top_k={save_top_k}) ranks checkpoints by a metric: "
-                             "pass monitor='val_loss' (or another logged name).")
+            raise MisconfigurationException(f"ModelCheckpoint(save_top_k={save_top_k}) ranks checkpoints by a "
+                                            "metric: pass monitor='val_loss' (or another logged name).")
         if train_time_interval is not None and not isinstance(train_time_interval, timedelta):
             raise TypeError(f"ModelCheckpoint(train_time_interval={train_time_interval!r}) must be a "
                             "datetime.timedelta, e.g. timedelta(minutes=30).")
         given = [n for n, v in (("every_n_train_steps", every_n_train_steps),
                                 ("train_time_interval", train_time_interval),
                                 ("every_n_epochs", every_n_epochs)) if v]
-        if len(given) > 1:
-            raise ValueError(f"ModelCheckpoint: {given} are mutually exclusive; pick one trigger.")
         for n, v in (("every_n_train_steps", every_n_train_steps), ("every_n_epochs", every_n_epochs)):
             if v is not None and (not isinstance(v, int) or v < 0):
-                raise ValueError(f"ModelCheckpoint({n}={v!r}) must be an int >= 0.")
+                raise MisconfigurationException(f"ModelCheckpoint({n}={v!r}) must be an int >= 0.")
+        if len(given) > 1:
+            raise MisconfigurationException(f"ModelCheckpoint: {given} are mutually exclusive; pick one trigger.")
         self._dirpath_given = dirpath is not None
         self.dirpath = str(dirpath) if dirpath is not None else None
         self.filename = filename
@@ -68,6 +72,7 @@ class ModelCheckpoint(Callback):
         self.verbose = verbose
         self.save_last = save_last
         self.save_top_k = save_top_k
+        self.save_on_exception = save_on_exception
         self.save_weights_only = save_weights_only
         self.mode = mode
         self.auto_insert_metric_name = auto_insert_metric_name
@@ -184,13 +189,36 @@ class ModelCheckpoint(Callback):
             self._snapshot.wait_copied()
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        """Let queued writes finish; a write failure is logged so the original exception stays visible."""
+        """Let queued writes finish; with ``save_on_exception`` write a checkpoint of the state the exception left
+        (named by the filename template, plus last.ckpt with save_last), as Lightning does. A write failure is
+        logged so the original exception stays visible (the caller re-raises it)."""
         try:
             self._join_snapshot()
             if self._writer is not None:
                 self._writer.wait()
         except Exception as exc:
             log.warning("a background checkpoint write also failed: %s", exc)
+        if not self._should_save_on_exception(trainer):
+            return
+        try:
+            metrics = self._metrics(trainer)
+            paths = [self.format_checkpoint_name(metrics)]
+            if self.save_last:
+                self.last_model_path = self._last_path()
+                paths.append(self.last_model_path)
+            self._write_now(trainer, paths)
+        except Exception as exc:
+            log.warning("ModelCheckpoint(save_on_exception=True) could not write a checkpoint after %s: %s",
+                        type(exception).__name__, exc)
+            return
+        if trainer.is_global_zero:
+            log.info("An %s was raised with message: %s, saved checkpoint to %s", type(exception).__name__,
+                     exception, paths[0])
+
+    def _should_save_on_exception(self, trainer: Any) -> bool:
+        """Lightning's rule: not in a fast_dev_run or the sanity check, and not again at an already saved step."""
+        return (self.save_on_exception and not trainer.fast_dev_run and not trainer.sanity_checking
+                and trainer.session.module is not None and self._last_global_step_saved != trainer.global_step)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         """Finish writes and deferred deletions, and stop the writer thread."""
@@ -265,7 +293,7 @@ class ModelCheckpoint(Callback):
                        f"{sorted(k for k in metrics if k not in ('epoch', 'step'))}. Log it with self.log, "
                        "or change monitor.")
             if self._val_ran or not trainer.session.val_dataloaders:
-                raise RuntimeError(message)
+                raise MisconfigurationRuntimeError(message)
             if self.monitor not in self._warned_missing:  # e.g. a val metric before the first validation
                 self._warned_missing.add(self.monitor)
                 log.warning("%s Skipping this save.", message)
@@ -346,6 +374,20 @@ class ModelCheckpoint(Callback):
             for path in paths:
                 storage.save(ckpt, path)
         for path in paths:
+            trainer.session.on_checkpoint_saved(path)
+
+    def _write_now(self, trainer: Any, paths: list[str]) -> None:
+        """Write the current state to ``paths`` on this thread (rank 0 writes); returns once it is on storage."""
+        from raytrainer.checkpoint.bridge import capture
+        from raytrainer.io import storage
+
+        ckpt = capture(trainer.session, self.save_weights_only)
+        self._last_global_step_saved = trainer.global_step
+        if not trainer.is_global_zero:
+            return
+        for path in paths:
+            storage.save(ckpt, path)
+            self._written.add(path)
             trainer.session.on_checkpoint_saved(path)
 
     def _join_snapshot(self) -> None:

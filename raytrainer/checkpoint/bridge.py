@@ -77,7 +77,9 @@ def capture(session: RankSession, weights_only: bool = False, check: bool = True
     hparams_name, hparams_type = session.hparams_origin()
     ckpt = format.build(progress=progress(session), state_dict=module.state_dict(), hparams_name=hparams_name,
                         hyper_parameters=dict(module.hparams), hparams_type=hparams_type, training=training,
-                        datamodule=datamodule)
+                        datamodule=datamodule, hparams_keys=hparams_keys(module, format.MODULE_HPARAMS_KEYS),
+                        datamodule_hparams_name=getattr(dm, "__dict__", {}).get("_hparams_name"),
+                        datamodule_hparams_keys=hparams_keys(dm, format.DATAMODULE_HPARAMS_KEYS))
     for cb in session.callbacks:
         cb.on_save_checkpoint(trainer, module, ckpt)
     module.on_save_checkpoint(ckpt)
@@ -89,27 +91,38 @@ def capture(session: RankSession, weights_only: bool = False, check: bool = True
     return ckpt
 
 
-def restore(session: RankSession, path: str | dict[str, Any], full: bool) -> None:
+def hparams_keys(obj: Any, default: tuple[str, str, str]) -> tuple[str, str, str]:
+    """The (values, name, type) checkpoint keys of ``obj``'s hyper-parameters: its class's
+    CHECKPOINT_HYPER_PARAMS_KEY/NAME/TYPE, else ``default``."""
+    return (getattr(obj, "CHECKPOINT_HYPER_PARAMS_KEY", default[0]),
+            getattr(obj, "CHECKPOINT_HYPER_PARAMS_NAME", default[1]),
+            getattr(obj, "CHECKPOINT_HYPER_PARAMS_TYPE", default[2]))
+
+
+def restore(session: RankSession, path: str | dict[str, Any], full: bool, weights_only: bool | None = None) -> None:
     """Load weights (and with full=True: optimizers, schedulers, counters, callbacks, RNG, data position).
 
-    ``path`` is a checkpoint file, or an already loaded checkpoint dict (an in-memory snapshot)."""
+    ``path`` is a checkpoint file, or an already loaded checkpoint dict (an in-memory snapshot).
+    ``weights_only`` goes to torch.load (None: torch's default, True). The weights load with
+    ``strict=module.strict_loading``, as Lightning's."""
     module, trainer = session.module, session.trainer
     if isinstance(path, dict):
         ckpt, path = path, "<in-memory snapshot>"
     else:
         # torch.load cannot map onto an XLA device: load on CPU, load_state_dict copies onto the device
-        ckpt = read_checkpoint(path, map_location="cpu" if module.device.type == "xla" else module.device)
+        ckpt = read_checkpoint(path, map_location="cpu" if module.device.type == "xla" else module.device,
+                               weights_only=weights_only)
     module.on_load_checkpoint(ckpt)
-    load_state_dict_checked(module, ckpt["state_dict"], path, strict=True)
+    load_state_dict_checked(module, ckpt["state_dict"], path, strict=module.strict_loading)
+    dm = session.datamodule
+    if dm is not None and type(dm).__qualname__ in ckpt:  # every entry point, as Lightning's restore_datamodule
+        dm.load_state_dict(ckpt[type(dm).__qualname__])
     if not full:
         return
     if session.optimizers and "optimizer_states" not in ckpt:
         raise ValueError(f"{path} holds only model weights (saved with save_weights_only=True), so fit cannot resume "
                          "from it. Load the weights with Model.load_from_checkpoint(path) and call fit without "
                          "ckpt_path, or resume from a full checkpoint.")
-    dm = session.datamodule
-    if dm is not None and type(dm).__qualname__ in ckpt:
-        dm.load_state_dict(ckpt[type(dm).__qualname__])
     for cb in session.callbacks:
         cb.on_load_checkpoint(trainer, module, ckpt)
     states = ckpt.get("callbacks", {})

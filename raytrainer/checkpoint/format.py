@@ -30,6 +30,10 @@ LIGHTNING_FORMAT_VERSION = "2.6.6"
 FORMAT_VERSION = 1
 FORMAT_KEYS = ("epoch", "global_step", "pytorch-lightning_version", "state_dict", "loops", "callbacks",
                "optimizer_states", "lr_schedulers", "hparams_name", "hyper_parameters")
+# Where save_hyperparameters' values, argument name and type go: (values, name, type) keys, as Lightning's
+# LightningModule / LightningDataModule CHECKPOINT_HYPER_PARAMS_KEY/NAME/TYPE (a class may override them).
+MODULE_HPARAMS_KEYS = ("hyper_parameters", "hparams_name", "hparams_type")
+DATAMODULE_HPARAMS_KEYS = ("datamodule_hyper_parameters", "datamodule_hparams_name", "datamodule_hparams_type")
 # Leaves torch.load(weights_only=True) accepts besides tensors and containers.
 _PLAIN_LEAVES = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
 
@@ -67,19 +71,26 @@ class TrainingParts:
 def build(*, progress: Progress, state_dict: dict[str, Any], hparams_name: str | None,
           hyper_parameters: dict[str, Any], hparams_type: str | None = None,
           training: TrainingParts | None = None,
-          datamodule: tuple[str, dict[str, Any] | None, dict[str, Any] | None] | None = None) -> dict[str, Any]:
-    """The checkpoint dict, in Lightning 2.x's layout, from plain parts (no copies of tensors)."""
+          datamodule: tuple[str, dict[str, Any] | None, dict[str, Any] | None] | None = None,
+          hparams_keys: tuple[str, str, str] = MODULE_HPARAMS_KEYS,
+          datamodule_hparams_name: str | None = None,
+          datamodule_hparams_keys: tuple[str, str, str] = DATAMODULE_HPARAMS_KEYS) -> dict[str, Any]:
+    """The checkpoint dict, in Lightning 2.x's layout, from plain parts (no copies of tensors).
+
+    ``datamodule`` is (its class's qualified name, its hparams, its state_dict); the ``*_keys`` say where
+    hyper-parameters go (the classes' CHECKPOINT_HYPER_PARAMS_KEY/NAME/TYPE)."""
+    values_key, name_key, type_key = hparams_keys
     ckpt: dict[str, Any] = {
         "epoch": progress.current_epoch,
         "global_step": progress.global_step,
         "pytorch-lightning_version": LIGHTNING_FORMAT_VERSION,
         "state_dict": state_dict,
         "loops": lightning_loops(progress),
-        "hparams_name": hparams_name,
-        "hyper_parameters": dict(hyper_parameters),
+        name_key: hparams_name,
+        values_key: dict(hyper_parameters),
     }
     if hparams_type:
-        ckpt["hparams_type"] = hparams_type
+        ckpt[type_key] = hparams_type
     if training is not None:
         ckpt["callbacks"] = training.callbacks
         ckpt["optimizer_states"] = training.optimizer_states
@@ -100,7 +111,9 @@ def build(*, progress: Progress, state_dict: dict[str, Any], hparams_name: str |
     if datamodule is not None:
         key, hparams, state = datamodule
         if hparams:
-            ckpt["datamodule_hyper_parameters"] = dict(hparams)
+            ckpt[datamodule_hparams_keys[0]] = dict(hparams)
+            if datamodule_hparams_name:
+                ckpt[datamodule_hparams_keys[1]] = datamodule_hparams_name
         if state:
             ckpt[key] = state  # Lightning's key for datamodule state: the class's qualified name
     return ckpt

@@ -19,9 +19,12 @@ if TYPE_CHECKING:
 CHECKPOINT_EXTENSION = ".ckpt"
 
 
-def read_checkpoint(path: str, map_location: Any = None, weights_only: bool = True) -> dict[str, Any]:
-    """Load and verify a checkpoint file; clear errors for missing, damaged and non-checkpoint files."""
-    ckpt = storage.load(str(path), map_location=map_location, weights_only=weights_only)
+def read_checkpoint(path: str, map_location: Any = None, weights_only: bool | None = True) -> dict[str, Any]:
+    """Load and verify a checkpoint file; clear errors for missing, damaged and non-checkpoint files.
+
+    ``weights_only`` goes to torch.load; None means torch's default (True)."""
+    ckpt = storage.load(str(path), map_location=map_location, weights_only=True if weights_only is None
+                        else bool(weights_only))
     if "state_dict" not in ckpt:
         raise ValueError(f"{path} is not a Lightning/raytrainer checkpoint: it has no 'state_dict' "
                          f"(top-level keys: {sorted(map(str, ckpt))}).")
@@ -95,18 +98,57 @@ def load_state_dict_checked(module: torch.nn.Module, state_dict: dict[str, Any],
         log.warning("%s loaded with strict=False: missing keys %s, unexpected keys %s", path,
                     result.missing_keys, result.unexpected_keys)
 
+def read_hparams_file(path: Any) -> dict[str, Any]:
+    """Hyper-parameters from a ``.yaml``/``.yml`` file (as CSVLogger's hparams.yaml) or a ``key,value`` ``.csv``."""
+    import csv
+    import io
+
+    import yaml
+
+    path = str(path)
+    suffix = path.rsplit(".", 1)[-1].lower()
+    if suffix not in ("yaml", "yml", "csv"):
+        raise ValueError(f"hparams_file={path!r}: use a .yaml, .yml or .csv file.")
+    if not storage.exists(path):
+        raise FileNotFoundError(f"hparams_file={path!r} does not exist.")
+    text = storage.read_verified(path).decode("utf-8")
+    if suffix == "csv":
+        rows = list(csv.DictReader(io.StringIO(text)))
+        if rows and set(rows[0]) != {"key", "value"}:
+            raise ValueError(f"hparams_file={path!r}: a .csv needs the columns key,value; got {sorted(rows[0])}.")
+        return {row["key"]: _csv_value(row["value"]) for row in rows}
+    values = yaml.safe_load(text) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"hparams_file={path!r} holds a {type(values).__name__}, not a mapping of names to values.")
+    return values
+
+
+def _csv_value(text: str) -> Any:
+    """A csv cell as the Python value it spells (number, bool, None, list...), else the string itself."""
+    import ast
+
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
 def init_kwargs_from_checkpoint(cls: type, ckpt: dict[str, Any], path: str,
                                 overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The keyword arguments that rebuild ``cls`` from a checkpoint's hyper_parameters (plus overrides)."""
-    hparams = dict(ckpt.get("hyper_parameters") or {})
+    """The keyword arguments that rebuild ``cls`` from a checkpoint's hyper-parameters (plus overrides), read under
+    ``cls.CHECKPOINT_HYPER_PARAMS_KEY/NAME/TYPE`` (a module's or a datamodule's keys)."""
+    values_key = getattr(cls, "CHECKPOINT_HYPER_PARAMS_KEY", "hyper_parameters")
+    name_key = getattr(cls, "CHECKPOINT_HYPER_PARAMS_NAME", "hparams_name")
+    type_key = getattr(cls, "CHECKPOINT_HYPER_PARAMS_TYPE", "hparams_type")
+    hparams = dict(ckpt.get(values_key) or {})
     sig = inspect.signature(cls.__init__)
     params = {n: p for n, p in list(sig.parameters.items())[1:]
               if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
     takes_kwargs = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
-    name = ckpt.get("hparams_name")
+    name = ckpt.get(name_key)
     if name and name != "kwargs" and name in params:
         # save_hyperparameters(config) recorded one dict/Namespace argument: pass it back whole
-        value: Any = argparse.Namespace(**hparams) if ckpt.get("hparams_type") == "Namespace" else hparams
+        value: Any = argparse.Namespace(**hparams) if ckpt.get(type_key) == "Namespace" else hparams
         kwargs = {name: value}
     else:
         kwargs = hparams
@@ -125,24 +167,66 @@ def init_kwargs_from_checkpoint(cls: type, ckpt: dict[str, Any], path: str,
                         + ", ".join(f"{m}=..." for m in missing) + ").")
     return kwargs
 
-def load_module(cls: type[LightningModule], path: str, map_location: Any = None, strict: bool = True,
-                weights_only: bool = True, overrides: dict[str, Any] | None = None) -> LightningModule:
-    """Rebuild ``cls`` from a checkpoint's hyper_parameters (plus overrides) and load its state_dict.
+def load_module(cls: type[LightningModule], path: str, map_location: Any = None, strict: bool | None = None,
+                weights_only: bool | None = True, overrides: dict[str, Any] | None = None,
+                hparams_file: Any = None) -> LightningModule:
+    """Rebuild ``cls`` from a checkpoint's hyper_parameters (``hparams_file`` replaces them, overrides win) and load
+    its state_dict.
 
     Tensors load onto ``map_location`` (default: CPU). ``weights_only=False`` allows pickled Python
-    objects inside the file: use it only for files you trust.
+    objects inside the file: use it only for files you trust. ``strict=None`` follows the module's
+    ``strict_loading`` (True unless the module sets it False).
     """
     path = str(path)
-    ckpt = read_checkpoint(path, map_location=map_location if map_location is not None else "cpu",
-                           weights_only=weights_only)
+    ckpt = _read_with_hparams(cls, path, map_location, weights_only, hparams_file)
     kwargs = init_kwargs_from_checkpoint(cls, ckpt, path, overrides)
-    try:
-        model = cls(**kwargs)
-    except TypeError as exc:
-        exc.add_note(f"while rebuilding {cls.__name__} from the hyper_parameters of {path}: {sorted(kwargs)}")
-        raise
+    model = _construct(cls, kwargs, path)
+    if model.__dict__.get("_strict_loading") is not None and strict is not None and strict != model.strict_loading:
+        raise ValueError(f"load_from_checkpoint(..., strict={strict!r}) conflicts with {cls.__name__}.strict_loading="
+                         f"{model.strict_loading!r}; set the same value for both, or leave strict unset.")
+    strict = model.strict_loading if strict is None else strict
+    if _user_defines(model, "configure_model"):  # layers it creates must exist before the weights load (Lightning)
+        model.configure_model()
     model.on_load_checkpoint(ckpt)
     load_state_dict_checked(model, ckpt["state_dict"], path, strict)
     if isinstance(map_location, (str, torch.device)):
         model.to(map_location)
     return model
+
+
+def load_datamodule(cls: type, path: str, map_location: Any = None, weights_only: bool | None = True,
+                    overrides: dict[str, Any] | None = None, hparams_file: Any = None) -> Any:
+    """Rebuild a LightningDataModule class from a checkpoint's ``datamodule_hyper_parameters`` (``hparams_file``
+    replaces them, overrides win) and load the datamodule state the checkpoint holds under its class's name."""
+    path = str(path)
+    ckpt = _read_with_hparams(cls, path, map_location, weights_only, hparams_file)
+    datamodule = _construct(cls, init_kwargs_from_checkpoint(cls, ckpt, path, overrides), path)
+    if cls.__qualname__ in ckpt:
+        datamodule.load_state_dict(ckpt[cls.__qualname__])
+    return datamodule
+
+
+def _read_with_hparams(cls: type, path: str, map_location: Any, weights_only: bool | None,
+                       hparams_file: Any) -> dict[str, Any]:
+    """The checkpoint at ``path`` (on CPU unless ``map_location``), with ``hparams_file``'s values as ``cls``'s
+    hyper-parameters when given."""
+    ckpt = read_checkpoint(path, map_location=map_location if map_location is not None else "cpu",
+                           weights_only=weights_only)
+    if hparams_file is not None:
+        ckpt[getattr(cls, "CHECKPOINT_HYPER_PARAMS_KEY", "hyper_parameters")] = read_hparams_file(hparams_file)
+    return ckpt
+
+
+def _user_defines(obj: Any, name: str) -> bool:
+    """Whether a class of the user's (not raytrainer's base class) defines ``name``."""
+    owner = next((k for k in type(obj).__mro__ if name in k.__dict__), None)
+    return owner is not None and not owner.__module__.startswith("raytrainer.")
+
+
+def _construct(cls: type, kwargs: dict[str, Any], path: str) -> Any:
+    """``cls(**kwargs)``, naming the checkpoint when the arguments do not fit."""
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        exc.add_note(f"while rebuilding {cls.__name__} from the hyper-parameters of {path}: {sorted(kwargs)}")
+        raise

@@ -10,6 +10,9 @@ from datetime import timedelta
 from typing import Any
 
 from raytrainer.plan import Plan, as_sequence
+from raytrainer.profilers import make_profiler
+from raytrainer.utilities import log
+from raytrainer.utilities.exceptions import MisconfigurationException
 
 
 @dataclass
@@ -29,6 +32,7 @@ class RunConfig:
     limit_predict_batches: int | float | None = None
     overfit_batches: int | float = 0.0
     val_check_interval: int | float | None = None
+    val_check_time_s: float | None = None   # val_check_interval given as a duration (Lightning 2.6)
     check_val_every_n_epoch: int | None = 1
     num_sanity_val_steps: int = 2
     log_every_n_steps: int = 50
@@ -80,6 +84,19 @@ class RunConfig:
                   scale_check_interval_s: float, ray_address: str | None, spare_ranks_per_node: int | None,
                   logger: Any = None) -> tuple[RunConfig, Any]:
         """Validate Lightning's arguments; returns the config and the logger argument after fast_dev_run."""
+        if barebones:
+            check_barebones(enable_checkpointing=enable_checkpointing, logger=logger,
+                            enable_progress_bar=enable_progress_bar, log_every_n_steps=log_every_n_steps,
+                            enable_model_summary=enable_model_summary, num_sanity_val_steps=num_sanity_val_steps,
+                            fast_dev_run=fast_dev_run, detect_anomaly=detect_anomaly, profiler=profiler)
+            enable_checkpointing = enable_progress_bar = enable_model_summary = logger = False
+            log_every_n_steps = num_sanity_val_steps = 0
+        if model_registry is not None:
+            raise MisconfigurationException(
+                f"Trainer(model_registry={model_registry!r}) uploads checkpoints to Lightning AI's model registry "
+                "(litmodels), which raytrainer does not support. Remove model_registry: ModelCheckpoint writes the "
+                "checkpoints to its dirpath (a local path or a URI such as s3://bucket/run), and you can upload "
+                "them from there with your registry's client.")
         fdr = int(fast_dev_run) if not isinstance(fast_dev_run, bool) else (1 if fast_dev_run else 0)
         if fdr < 0:
             raise ValueError(f"fast_dev_run={fast_dev_run!r} must be a bool or a non-negative int.")
@@ -100,22 +117,12 @@ class RunConfig:
                              "(accelerator='gpu', devices=N).")
         if fdr:
             max_epochs, max_steps, num_sanity_val_steps = 1, fdr, 0
-            limit_train_batches = limit_val_batches = limit_test_batches = limit_predict_batches = fdr
-            val_check_interval, logger, enable_checkpointing = 1.0, False, False
-        if val_check_interval is not None and (val_check_interval <= 0 or
-                                               (isinstance(val_check_interval, float) and val_check_interval > 1)):
-            raise ValueError(f"val_check_interval={val_check_interval!r}: use a float in (0, 1] (fraction of an "
-                             "epoch) or an int >= 1 (number of training batches).")
-        if check_val_every_n_epoch is None and isinstance(val_check_interval, float):
-            raise ValueError(f"val_check_interval={val_check_interval!r} is a fraction of an epoch, but "
-                             "check_val_every_n_epoch=None counts batches across epochs: give an int number of "
-                             "training batches, or set check_val_every_n_epoch.")
-        if check_val_every_n_epoch is not None and (not isinstance(check_val_every_n_epoch, int)
-                                                     or check_val_every_n_epoch < 1):
-            raise ValueError(f"check_val_every_n_epoch={check_val_every_n_epoch!r} must be an int >= 1, or None "
-                             "(validate every val_check_interval batches, across epochs).")
+            logger, enable_checkpointing = False, False
+        data = data_schedule(fdr, overfit_batches, limit_train_batches, limit_val_batches, limit_test_batches,
+                             limit_predict_batches, val_check_interval, check_val_every_n_epoch,
+                             reload_dataloaders_every_n_epochs)
         log_every = 50 if log_every_n_steps is None else int(log_every_n_steps)
-        if log_every < 1:
+        if log_every < 1 and not barebones:  # barebones: 0, no step logging (Lightning's value)
             raise ValueError(f"log_every_n_steps={log_every_n_steps!r} must be >= 1.")
         if snapshot_every_n_steps is not None and snapshot_every_n_steps < 0:
             raise ValueError(f"snapshot_every_n_steps={snapshot_every_n_steps!r}: use an int >= 1, 0 to turn "
@@ -140,24 +147,20 @@ class RunConfig:
             max_epochs=max_epochs if max_epochs is not None else (1000 if max_steps == -1 and max_time is None
                                                                   else -1),
             min_epochs=min_epochs, max_steps=max_steps, min_steps=min_steps, max_time_s=parse_max_time(max_time),
-            limit_train_batches=check_limit("limit_train_batches", limit_train_batches),
-            limit_val_batches=check_limit("limit_val_batches", limit_val_batches),
-            limit_test_batches=check_limit("limit_test_batches", limit_test_batches),
-            limit_predict_batches=check_limit("limit_predict_batches", limit_predict_batches),
-            val_check_interval=val_check_interval, check_val_every_n_epoch=check_val_every_n_epoch,
+            **data,
             num_sanity_val_steps=2 if num_sanity_val_steps is None else int(num_sanity_val_steps),
             log_every_n_steps=log_every, accumulate_grad_batches=accumulate_grad_batches,
             gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm,
             deterministic=deterministic, benchmark=benchmark, inference_mode=bool(inference_mode),
             use_distributed_sampler=use_distributed_sampler, detect_anomaly=detect_anomaly,
-            overfit_batches=overfit_batches, profiler=profiler, barebones=bool(barebones),
+            profiler=make_profiler(profiler), barebones=bool(barebones),
             plugins=list(as_sequence(plugins)), enable_autolog_hparams=bool(enable_autolog_hparams),
             model_registry=model_registry,
             default_root_dir=str(default_root_dir),
             enable_progress_bar=True if enable_progress_bar is None else bool(enable_progress_bar),
             enable_model_summary=True if enable_model_summary is None else bool(enable_model_summary),
             enable_checkpointing=True if enable_checkpointing is None else bool(enable_checkpointing),
-            sync_batchnorm=sync_batchnorm, reload_dataloaders_every_n_epochs=reload_dataloaders_every_n_epochs,
+            sync_batchnorm=sync_batchnorm,
             max_failures=max_failures, placement_timeout_s=float(placement_timeout_s),
             collective_timeout_s=float(collective_timeout_s), snapshot_every_n_steps=snapshot_every_n_steps,
             heartbeat_timeout_s=float(heartbeat_timeout_s), elastic_batch_policy=elastic_batch_policy,
@@ -198,3 +201,111 @@ def parse_max_time(value: Any) -> float | None:
         d, h, m, s = map(int, parts)
         return timedelta(days=d, hours=h, minutes=m, seconds=s).total_seconds()
     raise ValueError(f"max_time={value!r}: use 'DD:HH:MM:SS', a timedelta or a dict like {{'hours': 1}}.")
+
+
+def _info_if_one(name: str, value: Any) -> None:
+    """Lightning's note when a batch argument is 1 or 1.0: the int and float read very differently."""
+    if isinstance(value, bool):
+        return
+    if isinstance(value, int) and value == 1:
+        what = {"limit_train_batches": "1 batch per epoch will be used.",
+                "val_check_interval": "validation will run after every batch."}.get(name, "1 batch will be used.")
+        log.info("`Trainer(%s=1)` was configured so %s", name, what)
+    elif isinstance(value, float) and value == 1.0:
+        what = {"limit_train_batches": "100% of the batches per epoch will be used",
+                "val_check_interval": "validation will run at the end of the training epoch"}.get(
+                    name, "100% of the batches will be used")
+        log.info("`Trainer(%s=1.0)` was configured so %s.", name, what)
+
+
+def _duration_s(name: str, value: Any) -> float:
+    """A duration given as 'DD:HH:MM:SS', a timedelta or a dict of timedelta arguments, in seconds (> 0)."""
+    try:
+        seconds = parse_max_time(value)
+    except (ValueError, TypeError):
+        raise MisconfigurationException(f"{name}={value!r}: a duration must be 'DD:HH:MM:SS' (integers), a "
+                                        "datetime.timedelta, or a dict of timedelta arguments like "
+                                        "{'minutes': 10}.") from None
+    if seconds is None or seconds <= 0:
+        raise MisconfigurationException(f"{name}={value!r} must be a positive duration.")
+    return seconds
+
+
+def data_schedule(fdr: int, overfit_batches: Any, limit_train: Any, limit_val: Any, limit_test: Any,
+                  limit_predict: Any, val_check_interval: Any, check_val_every_n_epoch: Any,
+                  reload_every: Any) -> dict[str, Any]:
+    """Lightning's rules for the batch limits, overfit_batches, fast_dev_run and the validation schedule.
+
+    Returns the RunConfig fields they set; logs Lightning's notes for values of 1 and for fast_dev_run."""
+    if isinstance(overfit_batches, bool) or not isinstance(overfit_batches, (int, float)) or overfit_batches < 0 \
+            or (overfit_batches > 1 and overfit_batches % 1 != 0):
+        raise MisconfigurationException(f"overfit_batches={overfit_batches!r}: use a float in [0.0, 1.0] (a fraction "
+                                        "of the training batches) or an int >= 0 (a number of batches).")
+    if isinstance(overfit_batches, float) and overfit_batches > 1:
+        overfit_batches = int(overfit_batches)
+    _info_if_one("overfit_batches", overfit_batches)
+    if check_val_every_n_epoch is not None and (isinstance(check_val_every_n_epoch, bool)
+                                                 or not isinstance(check_val_every_n_epoch, int)
+                                                 or check_val_every_n_epoch < 1):
+        raise MisconfigurationException(f"check_val_every_n_epoch={check_val_every_n_epoch!r} must be an int >= 1, "
+                                        "or None (validate every val_check_interval batches, across epochs).")
+    if isinstance(reload_every, bool) or not isinstance(reload_every, int) or reload_every < 0:
+        raise MisconfigurationException(f"reload_dataloaders_every_n_epochs={reload_every!r} should be an int >= 0 "
+                                        "(0: load the dataloaders once).")
+    time_s = None
+    if isinstance(val_check_interval, (str, timedelta, dict)):
+        time_s = _duration_s("val_check_interval", val_check_interval)
+    elif val_check_interval is not None:
+        if isinstance(val_check_interval, bool) or not isinstance(val_check_interval, (int, float)) \
+                or val_check_interval <= 0 or (val_check_interval > 1 and val_check_interval % 1 != 0):
+            raise MisconfigurationException(
+                f"val_check_interval={val_check_interval!r}: use a float in (0, 1] (fraction of an epoch), an int "
+                ">= 1 (number of training batches), or a duration ('DD:HH:MM:SS', a timedelta or a dict).")
+        if isinstance(val_check_interval, float) and val_check_interval > 1:
+            val_check_interval = int(val_check_interval)
+        if check_val_every_n_epoch is None and isinstance(val_check_interval, float):
+            raise MisconfigurationException(
+                f"val_check_interval={val_check_interval!r} is a fraction of an epoch, but check_val_every_n_epoch="
+                "None counts batches across epochs: give an int number of training batches or a duration "
+                "('DD:HH:MM:SS', a timedelta or a dict), or set check_val_every_n_epoch.")
+    limits = {"limit_train_batches": limit_train, "limit_val_batches": limit_val,
+              "limit_test_batches": limit_test, "limit_predict_batches": limit_predict}
+    limits = {name: check_limit(name, value) for name, value in limits.items()}
+    if fdr:
+        log.info("Running in `fast_dev_run` mode: will run the requested loop using %d batch(es). Logging and "
+                 "checkpointing is suppressed.", fdr)
+        limits = {name: fdr for name in limits}
+        val_check_interval, time_s, check_val_every_n_epoch = 1.0, None, 1
+    else:
+        for name, value in limits.items():
+            if not (overfit_batches > 0 and name in ("limit_train_batches", "limit_val_batches")):
+                _info_if_one(name, value)
+        if time_s is None:
+            _info_if_one("val_check_interval", val_check_interval)
+    if overfit_batches > 0:
+        limits["limit_train_batches"] = limits["limit_val_batches"] = overfit_batches
+    return {**limits, "overfit_batches": overfit_batches, "val_check_interval": val_check_interval,
+            "val_check_time_s": time_s, "check_val_every_n_epoch": check_val_every_n_epoch,
+            "reload_dataloaders_every_n_epochs": reload_every}
+
+
+BAREBONES_OFF = (
+    ("enable_checkpointing", "Checkpointing"), ("logger", "Logging"), ("enable_progress_bar", "The progress bar"),
+    ("log_every_n_steps", "Logging"), ("enable_model_summary", "The model summary"),
+    ("num_sanity_val_steps", "Sanity checking"), ("fast_dev_run", "A development run"),
+    ("detect_anomaly", "Anomaly detection"), ("profiler", "Profiling"))
+
+
+def check_barebones(**given: Any) -> None:
+    """Trainer(barebones=True) turns off everything that costs speed; refuse an argument that turns one back on
+    (Lightning's rule: None, False and 0 are accepted, any other value is refused)."""
+    for name, what in BAREBONES_OFF:
+        value = given[name]
+        if value is None or (name != "profiler" and (value is False or (value == 0 and value is not True))):
+            continue
+        raise MisconfigurationException(
+            f"`Trainer(barebones=True, {name}={value!r})` was passed. {what} costs speed, so barebones mode turns it "
+            f"off: drop {name}=..., or drop barebones=True to use it.")
+    log.info("Trainer(barebones=True): checkpointing, the progress bar, the model summary, logging (loggers, "
+             "log_every_n_steps, self.log), sanity checking, fast_dev_run, anomaly detection and profiling are off, "
+             "so the run measures the Trainer's own overhead.")

@@ -6,12 +6,14 @@ are called, so an empty hook costs nothing in the training step.
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
 from raytrainer.callbacks.callback import Callback, overrides
 from raytrainer.datamodule import LightningDataModule
 from raytrainer.module import LightningModule
+from raytrainer.profilers import Profiler, profiled
 from raytrainer.utilities import log
 
 HOT_HOOKS = ("on_train_batch_start", "on_train_batch_end", "on_before_backward", "on_after_backward",
@@ -76,26 +78,39 @@ def defines(obj: Any, name: str) -> bool:
         return False
     for klass in type(obj).__mro__:
         if klass.__module__.startswith("raytrainer."):
-            return False
+            break
         if name in klass.__dict__:
             return True
-    return name in getattr(obj, "__dict__", {})
+    own = getattr(obj, "__dict__", {}).get(name)  # set on the instance (LightningDataModule.from_datasets' loaders)
+    if own is None:
+        return False
+    # ... but a base method that torch.compile wrapped (from_compiled) is still the empty base hook
+    inner = getattr(inspect.unwrap(own), "__func__", None)
+    return inner is None or not inner.__module__.startswith("raytrainer.")
 
 
 class Hooks:
     """Calls the hooks of one run: ``trainer`` is what callbacks receive, ``module`` the LightningModule."""
 
     def __init__(self, trainer: Any, module: LightningModule, callbacks: list[Callback],
-                 set_fx: Callable[[str], None], before_monitors: Callable[[], None]) -> None:
+                 set_fx: Callable[[str], None], before_monitors: Callable[[], None],
+                 profiler: Profiler | None = None) -> None:
         self.trainer, self.module, self.callbacks = trainer, module, callbacks
         self._set_fx = set_fx                  # tells the running Results which hook logs
         self._before_monitors = before_monitors  # publishes what on_train_epoch_end logged, for monitors
         self.hot: dict[str, list[Callable[..., Any]]] = {}           # filled by collect()
         self.module_overrides: dict[str, Callable[..., Any] | None] = {}
+        self.profiler = profiler
+        if profiler is not None:
+            # Only a profiled run pays for recording: its dispatch methods replace the plain ones on this instance.
+            self.call, self.callbacks_only = self._profiled_call, self._profiled_callbacks_only  # type: ignore
 
     def collect(self) -> None:
         """Look up the hot hooks and module overrides once (callbacks may change between runs)."""
-        model, trainer = self.module, self.trainer
+        model, trainer, profiler = self.module, self.trainer, self.profiler
+        if profiler is not None:
+            self._collect_profiled(profiler)
+            return
         for name in HOT_HOOKS:
             fns: list[Callable[..., Any]] = [functools.partial(getattr(cb, name), trainer, model)
                                              for cb in self.callbacks if overrides(cb, Callback, name)]
@@ -104,6 +119,50 @@ class Hooks:
             self.hot[name] = fns
         self.module_overrides = {name: getattr(model, name) if overrides(model, LightningModule, name) else None
                                  for name in MODULE_OVERRIDES}
+
+    # ------------------------------------------------------------------ profiled dispatch (Trainer(profiler=...))
+    def _callback_fn(self, cb: Callback, name: str) -> Callable[..., Any]:
+        """A callback's hook, recorded as ``[Callback]<state_key>.<hook>`` (Lightning's action name)."""
+        return profiled(self.profiler, f"[Callback]{cb.state_key}.{name}",
+                        functools.partial(getattr(cb, name), self.trainer, self.module))
+
+    def _module_fn(self, name: str) -> Callable[..., Any]:
+        """A module hook, recorded as ``[LightningModule]<class>.<hook>``."""
+        return profiled(self.profiler, f"[LightningModule]{type(self.module).__name__}.{name}",
+                        getattr(self.module, name))
+
+    def _collect_profiled(self, profiler: Profiler) -> None:
+        """As collect, but every callback and the module are called (as Lightning does when profiling, so each
+        hook shows in the report), each recorded under its action name."""
+        model = self.module
+        for name in HOT_HOOKS:
+            self.hot[name] = [self._callback_fn(cb, name) for cb in self.callbacks] + [self._module_fn(name)]
+        self.module_overrides = {name: self._module_fn(name) if overrides(model, LightningModule, name) else None
+                                 for name in MODULE_OVERRIDES}
+        # the module's optimizer_zero_grad and configure_gradient_clipping do what the loop does without an
+        # override; call them so they are recorded, as in Lightning's report
+        for name in ("optimizer_zero_grad", "configure_gradient_clipping"):
+            self.module_overrides[name] = self._module_fn(name)
+
+    def _profiled_callbacks_only(self, name: str, *args: Any) -> None:
+        for cb in self.callbacks:
+            self._callback_fn(cb, name)(*args)
+
+    def _profiled_call(self, name: str, *args: Any, monitoring_last: bool = False) -> Any:
+        model = self.module
+        self._set_fx(name)
+        late = []
+        for cb in self.callbacks:
+            if monitoring_last and type(cb).__name__ in MONITORING:
+                late.append(cb)
+                continue
+            self._callback_fn(cb, name)(*args)
+        out = self._module_fn(name)(*args) if hasattr(model, name) else None
+        if late and name == "on_train_epoch_end":
+            self._before_monitors()
+        for cb in late:
+            self._callback_fn(cb, name)(*args)
+        return out
 
     def callbacks_only(self, name: str, *args: Any) -> None:
         """A hook only callbacks have (setup, teardown, on_sanity_check_start, ...)."""

@@ -6,16 +6,20 @@ nothing in the training step.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import itertools
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from raytrainer.core import step
+from raytrainer.profilers import Profiler, profiled, profiled_iter
+from raytrainer.utilities.combined_loader import CombinedLoader
 
 if TYPE_CHECKING:
     from raytrainer.core.session import RankSession
@@ -27,19 +31,25 @@ def fit_loop(session: RankSession) -> None:
     module, state, sanity_steps = session.module, session.state, session.config.num_sanity_val_steps
     session.hooks.call("on_fit_start")
     if session.val_dataloaders and sanity_steps != 0 and not state.resuming:
+        if session.config.reload_dataloaders_every_n_epochs and session.should_validate_epoch(state.current_epoch):
+            session.reload_val_if_due(state.current_epoch)  # marks the validation loaders as loaded for this epoch
+        stage = session.trainer_state.stage
         session.sanity_checking = True
         session.hooks.callbacks_only("on_sanity_check_start")
         # num_sanity_val_steps=-1 checks every validation batch (up to limit_val_batches), as in Lightning
         evaluation_loop(session, "validate", session.val_dataloaders,
                         limit=None if sanity_steps < 0 else sanity_steps)
         session.hooks.callbacks_only("on_sanity_check_end")
-        session.sanity_checking = False
+        session.trainer_state.stage = stage  # back to training, as Lightning
         session.results["validate"].reset_epoch()
     session.bind_results(session.results["train"])  # self.log in on_train_start belongs to training
     session.hooks.call("on_train_start")
+    session.last_val_time = time.monotonic()  # time-based val_check_interval counts from here (Lightning)
     deadline = time.monotonic() + session.config.max_time_s if session.config.max_time_s else None
+    run_epoch = train_epoch if session.profiler is None else profiled(session.profiler, "run_training_epoch",
+                                                                       train_epoch)
     while not _fit_done(session):
-        completed = train_epoch(session, module, deadline)
+        completed = run_epoch(session, module, deadline)
         if not completed:
             break
         state.current_epoch += 1
@@ -76,13 +86,18 @@ def train_epoch(session: RankSession, module: Any, deadline: float | None) -> bo
     results.reset_epoch()
     session.bind_results(results)
     strategy = session.strategy
+    if config.reload_dataloaders_every_n_epochs:
+        session.reload_train_if_due(epoch)
     loader = session.train_dataloader
-    sampler = getattr(loader, "sampler", None)
-    if hasattr(sampler, "set_epoch"):
-        sampler.set_epoch(epoch)
-    batch_sampler = getattr(loader, "batch_sampler", None)
-    if hasattr(batch_sampler, "set_epoch"):
-        batch_sampler.set_epoch(epoch)
+    combined = loader if isinstance(loader, CombinedLoader) else None
+    batch_sampler = None
+    for dl in combined.flattened if combined is not None else (loader,):
+        sampler = getattr(dl, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        batch_sampler = getattr(dl, "batch_sampler", None)
+        if hasattr(batch_sampler, "set_epoch"):
+            batch_sampler.set_epoch(epoch)
 
     # No module.train() here: as in Lightning 2.x the module keeps the modes the user gave its submodules
     # (a frozen backbone stays in eval); evaluation restores them when it ends.
@@ -107,7 +122,8 @@ def train_epoch(session: RankSession, module: Any, deadline: float | None) -> bo
         first = 0
         session.num_training_batches = session.limit(loader, "train")
     limit = session.num_training_batches
-    batches: Iterable[Any] = iter(loader)
+    batches: Iterable[Any] = iter(loader) if combined is None else \
+        combined.batches(_cycle_restarts(state.epoch_start_rng) if combined.mode == "max_size_cycle" else None)
     if first:
         # ... skip what was trained now (the sampler draws its order on the first batch, so this must happen
         # before the RNG moves on) ...
@@ -116,17 +132,22 @@ def train_epoch(session: RankSession, module: Any, deadline: float | None) -> bo
         session.restore_rng(start)                         # ... and continue with the RNG of that moment
     if limit is not None and not math.isinf(limit):
         batches = itertools.islice(batches, max(int(limit) - first, 0))
+    if session.profiler is not None:
+        batches = profiled_iter(session.profiler, "[_TrainingEpochLoop].train_dataloader_next", batches)
 
     hooks = session.hooks.hot
     on_batch_start, on_batch_end = hooks["on_train_batch_start"], hooks["on_train_batch_end"]
     automatic = module.automatic_optimization
     step_fn = session.step_callable("training_step")
+    automatic_step = step.automatic_step if session.profiler is None else \
+        profiled(session.profiler, "run_training_batch", step.automatic_step)
     to_device = session.to_device
     val_every = session.val_check_batches
+    val_time = config.val_check_time_s
     check_val = session.should_validate_epoch(epoch)
     accumulate = config.accumulate_grad_batches
     detect = config.detect_anomaly
-    log_every = config.log_every_n_steps
+    log_every = config.log_every_n_steps or math.inf  # 0 (barebones): never a step to log
     max_steps = config.max_steps
     n_batches = session.num_training_batches
     batch_idx = first - 1
@@ -139,6 +160,8 @@ def train_epoch(session: RankSession, module: Any, deadline: float | None) -> bo
             batch = to_device(batch, 0)
         results.batch = batch
         skip_rest = False
+        if on_batch_start:
+            results.fx = "on_train_batch_start"  # self.log there: step-level defaults and checks (Lightning)
         for fn in on_batch_start:
             if fn(batch, batch_idx) == -1:
                 skip_rest = True
@@ -148,8 +171,7 @@ def train_epoch(session: RankSession, module: Any, deadline: float | None) -> bo
         if automatic:
             is_last = n_batches is not None and batch_idx + 1 >= n_batches
             window_end = (batch_idx + 1) % accumulate == 0 or is_last
-            outputs = step.automatic_step(session, step_fn, batch, batch_idx, epoch, window_end, accumulate,
-                                          detect)
+            outputs = automatic_step(session, step_fn, batch, batch_idx, epoch, window_end, accumulate, detect)
         else:
             with session.precision.forward_context():
                 outputs = step_fn(batch, batch_idx)
@@ -168,8 +190,11 @@ def train_epoch(session: RankSession, module: Any, deadline: float | None) -> bo
                 session.log_step_metrics()
         not_last = n_batches is None or batch_idx + 1 < n_batches
         if check_val and not_last and ((val_every and _val_count(session, batch_idx) % val_every == 0)
-                                       or (session.should_stop and _can_stop_early(session))):
-            run_validation_in_fit(session)  # as Lightning, a stop request mid-epoch validates before stopping
+                                       or (session.should_stop and _can_stop_early(session))
+                                       or (val_time is not None and time.monotonic() - session.last_val_time
+                                           >= val_time)):
+            # as Lightning, a stop request mid-epoch validates before stopping
+            run_validation_in_fit(session, zero_grad=not automatic or window_end)
         if automatic and window_end and session.lr_scheduler_configs:
             step.step_schedulers(session, "step", plateau=True)  # step-interval ReduceLROnPlateau, after validation
         if snapshotter is not None:
@@ -189,16 +214,17 @@ def train_epoch(session: RankSession, module: Any, deadline: float | None) -> bo
     if stopped_mid_epoch:
         # Stopped inside the epoch (max_steps, should_stop, max_time, preemption): the state is that of the
         # last finished step, so a checkpoint taken now resumes exactly where this run left off.
-        session.training = False
         session.finish_train_epoch_logging()
         return False
     state.epoch_done = True
     # As in Lightning: epoch schedulers step before validation and the epoch-end hooks (so an epoch-end
     # checkpoint holds the stepped scheduler); ReduceLROnPlateau waits for this epoch's metrics.
     step.step_schedulers(session, "epoch", plateau=False)
-    # As in Lightning: with val_check_interval the epoch's last batch validates only when it is a check batch.
-    if check_val and (not val_every or _val_count(session, batch_idx) % val_every == 0):
-        run_validation_in_fit(session)
+    # As in Lightning: with val_check_interval the epoch's last batch validates only when it is a check batch
+    # (or, time-based, when the interval has passed).
+    if check_val and (time.monotonic() - session.last_val_time >= val_time if val_time is not None
+                      else not val_every or _val_count(session, batch_idx) % val_every == 0):
+        run_validation_in_fit(session, zero_grad=True)
     results.fx = "on_train_epoch_end"
     session.publish_train_epoch_metrics()  # on_train_epoch_end hooks read this epoch's reductions
     session.hooks.call("on_train_epoch_end", monitoring_last=True)
@@ -206,7 +232,6 @@ def train_epoch(session: RankSession, module: Any, deadline: float | None) -> bo
     step.step_schedulers(session, "epoch", plateau=True)
     state.batches_done_in_epoch = 0
     state.epoch_done = False
-    session.training = False
     if hasattr(batch_sampler, "resume_from"):
         # Elastic run: this epoch may have been the remainder of an earlier world's; the next one is whole.
         state.epoch_segments = []
@@ -220,14 +245,39 @@ def _val_count(session: RankSession, batch_idx: int) -> int:
     return batch_idx + 1 if session.config.check_val_every_n_epoch is not None else session.state.total_batches_seen
 
 
-def run_validation_in_fit(session: RankSession) -> None:
-    """Validation during fit: eval mode, no grad, then back to training."""
+def _cycle_restarts(epoch_rng: torch.Tensor | None) -> Callable[[int], AbstractContextManager[Any]]:
+    """How a max_size_cycle loader restarts a shorter loader: under a CPU RNG seeded from the epoch's start RNG,
+    the loader index and the restart count, so a resumed run's skip rebuilds the same order (the training
+    steps in between moved the global RNG, which a skip cannot replay)."""
+    gen = torch.Generator()
+    if epoch_rng is not None:
+        gen.set_state(epoch_rng)
+    base = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+    restarts: dict[int, int] = {}
+
+    @contextlib.contextmanager
+    def context(i: int) -> Iterator[None]:
+        restarts[i] = restarts.get(i, 0) + 1
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(base + 100_003 * i + restarts[i])
+            yield
+    return context
+
+
+def run_validation_in_fit(session: RankSession, zero_grad: bool = False) -> None:
+    """Validation during fit: eval mode, no grad, then back to training. ``zero_grad``: no accumulation window is
+    open, so on_validation_model_zero_grad releases the gradients first (Lightning)."""
     if not session.val_dataloaders:
         return
-    was_training = session.training
-    session.training = False
+    if session.config.reload_dataloaders_every_n_epochs:
+        session.reload_val_if_due(session.state.current_epoch)
+    if zero_grad:
+        session.module.on_validation_model_zero_grad()
+    stage = session.trainer_state.stage
+    session.validating = True
     evaluation_loop(session, "validate", session.val_dataloaders, limit=None)
-    session.training = was_training
+    session.trainer_state.stage = stage  # back to training, as Lightning
+    session.last_val_time = time.monotonic()
     session.bind_results(session.results["train"])
 
 
@@ -240,10 +290,10 @@ def evaluation_loop(session: RankSession, stage: str, dataloaders: list[Any], li
     takes_dl_idx = _accepts_dataloader_idx(getattr(module, f"{prefix}_step"))
     results = session.results[stage]
     session.bind_results(results)
-    counts = [session.limit(dl, stage) for dl in dataloaders]
+    counts = [session.unit_batches(dl, stage) for dl in dataloaders]
     if limit is not None:
         counts = [min(c, limit) if c is not None else limit for c in counts]
-    session.eval_batch_counts = [c or 0 for c in counts]
+    session.eval_batch_counts = [0 if not c or math.isinf(c) else int(c) for c in counts]  # 0: unknown
     to_device = session.to_device
     modes = _capture_modes(module)
     getattr(module, f"on_{prefix}_model_eval")()
@@ -254,7 +304,8 @@ def evaluation_loop(session: RankSession, stage: str, dataloaders: list[Any], li
         session.hooks.call(f"on_{prefix}_epoch_start")
         for dl_idx, loader in enumerate(dataloaders):
             results.dataloader_suffix = f"/dataloader_idx_{dl_idx}" if len(dataloaders) > 1 else ""
-            for batch_idx, batch in _eval_batches(loader, counts[dl_idx], to_device, dl_idx):
+            for batch_idx, batch in _eval_batches(loader, counts[dl_idx], to_device, dl_idx, session.profiler,
+                                                  f"[_EvaluationLoop].{'val' if stage == 'validate' else 'test'}_next"):
                 results.batch = batch
                 extra = (dl_idx,) if len(dataloaders) > 1 else ()
                 results.fx = f"on_{prefix}_batch_start"
@@ -279,12 +330,16 @@ def evaluation_loop(session: RankSession, stage: str, dataloaders: list[Any], li
     return per_loader
 
 
-def _eval_batches(loader: Any, count: int | float | None, to_device: Any, dl_idx: int) -> Iterator[tuple[int, Any]]:
+def _eval_batches(loader: Any, count: int | float | None, to_device: Any, dl_idx: int,
+                  profiler: Profiler | None = None, action: str = "") -> Iterator[tuple[int, Any]]:
     """(batch_idx, batch) of one evaluation/predict loader: at most ``count`` batches, through the batch
-    transfer hooks."""
-    batches: Iterable[Any] = iter(loader)
-    if count is not None:
-        batches = itertools.islice(batches, count)
+    transfer hooks; each fetch recorded as ``action`` when a profiler is on."""
+    batches: Iterable[Any] = iter(loader) if not isinstance(loader, CombinedLoader) else \
+        (batch for batch, _, _ in loader)  # a CombinedLoader of a non-sequential mode: one loader of combined batches
+    if count is not None and not math.isinf(count):
+        batches = itertools.islice(batches, int(count))
+    if profiler is not None:
+        batches = profiled_iter(profiler, action, batches)
     for batch_idx, batch in enumerate(batches):
         yield batch_idx, (to_device(batch, dl_idx) if to_device is not None else batch)
 
@@ -326,10 +381,10 @@ def _accepts_dataloader_idx(fn: Any) -> bool:
 def predict_loop(session: RankSession, dataloaders: list[Any], return_predictions: bool) -> list[Any] | None:
     """Run predict_step over every dataloader under inference_mode, in dataset order."""
     module = session.module
-    step_fn = module.predict_step
+    step_fn = session.step_callable("predict_step")
     session.bind_results(None)
-    counts = [session.limit(dl, "predict") for dl in dataloaders]
-    session.eval_batch_counts = [c or 0 for c in counts]
+    counts = [session.unit_batches(dl, "predict") for dl in dataloaders]
+    session.eval_batch_counts = [0 if not c or math.isinf(c) else int(c) for c in counts]  # 0: unknown
     to_device = session.to_device
     modes = _capture_modes(module)
     module.on_predict_model_eval()
@@ -339,7 +394,8 @@ def predict_loop(session: RankSession, dataloaders: list[Any], return_prediction
         session.hooks.call("on_predict_epoch_start")
         for dl_idx, loader in enumerate(dataloaders):
             preds: list[Any] = []
-            for batch_idx, batch in _eval_batches(loader, counts[dl_idx], to_device, dl_idx):
+            for batch_idx, batch in _eval_batches(loader, counts[dl_idx], to_device, dl_idx, session.profiler,
+                                                  "[_PredictionLoop].predict_next"):
                 extra = (dl_idx,) if len(dataloaders) > 1 else ()
                 session.hooks.call("on_predict_batch_start", batch, batch_idx, *extra)
                 with session.precision.forward_context():

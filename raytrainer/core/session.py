@@ -7,10 +7,13 @@ Every launcher runs one call (fit, validate, test, predict) with ``RankSession.r
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import os
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -24,14 +27,18 @@ from raytrainer.core.config import RunConfig
 from raytrainer.core.events import EventLog, command_fields
 from raytrainer.core.hooks import Hooks, batch_transfer, callback_order, defines
 from raytrainer.core.optimization import LRSchedulerConfig, parse_optimizers
-from raytrainer.core.precision import Precision, make_precision
+from raytrainer.core.precision import Precision, make_precision, precision_plugin
 from raytrainer.core.results import Results, to_float
 from raytrainer.core.state import LoopState, ResumePosition
 from raytrainer.core.step import LightningOptimizer
 from raytrainer.io import storage
-from raytrainer.module import hparams_origin, logs_hyperparameters
+from raytrainer.module import hparams_origin, logs_hyperparameters, prepares_data_here
 from raytrainer.plan import as_sequence
+from raytrainer.profilers import PassThroughProfiler, Profiler, profiled
 from raytrainer.utilities import log, set_rng_states
+from raytrainer.utilities.combined_loader import CombinedLoader, sized_len, tree_flatten
+from raytrainer.utilities.exceptions import MisconfigurationException
+from raytrainer.utilities.states import FN_STAGE, RunningStage, TrainerFn, TrainerState, TrainerStatus
 
 if TYPE_CHECKING:
     from raytrainer.datamodule import LightningDataModule
@@ -54,6 +61,15 @@ class StepDispatch(nn.Module):
         return out
 
 
+class BarebonesResults(Results):
+    """Trainer(barebones=True): ``self.log`` warns and drops the value, as in Lightning, so no step does logging
+    work (nothing accumulates, nothing reaches callback_metrics or a logger)."""
+
+    def log(self, fx: str, name: str, *args: Any, **kwargs: Any) -> None:
+        warnings.warn(f"self.log({name!r}) was called, but Trainer(barebones=True) turns logging off (it costs "
+                      "speed): the value is dropped. Drop barebones=True to log.", UserWarning, stacklevel=3)
+
+
 class RankSession:
     """One rank's run: ``trainer`` is the Lightning-facing facade that hooks and callbacks receive."""
 
@@ -74,10 +90,9 @@ class RankSession:
         # (batch, dataloader_idx) -> batch through the batch transfer hooks; None: use the batch as it is
         self.to_device: Callable[[Any, int], Any] | None = None
         # what this call is doing
-        self.fn: str | None = None
+        self.trainer_state = TrainerState()    # trainer.state: status, entry point (fn) and stage
+        self.profiler: Profiler | None = None   # the running call's profiler; None when profiling is off
         self.should_stop = False
-        self.training = False
-        self.sanity_checking = False
         # logged values
         self.results: dict[str, Results] = {}
         self.active_results: Results | None = None   # where self.log writes now
@@ -91,6 +106,13 @@ class RankSession:
         self.val_dataloaders: list[Any] = []
         self.num_training_batches: float | int | None = 0
         self.val_check_batches: int | None = None
+        self.last_val_time = 0.0                       # time-based val_check_interval: when validation last ended
+        self.dataloader_iterables: dict[str, Any] = {}  # per stage, the loaders as Lightning's Trainer shows them
+        self.max_batches: dict[str, list[int | float]] = {}  # per evaluation stage, batches per loader
+        self.data_sources: dict[str, Callable[[], Any] | None] = {}  # per stage, what (re)loads its loaders
+        self.reloadable: dict[str, bool] = {}          # loaders from a hook (reload_dataloaders_every_n_epochs)
+        self.last_reload: dict[str, int] = {}          # the epoch each stage's loaders were last (re)loaded for
+        self.loaded_at: dict[str, int] = {}            # the epoch each stage's loaders were last loaded in
         # set by a launcher on ranks that run elsewhere than the driver
         self.snapshotter: Any = None       # takes in-memory snapshots at step boundaries (Ray)
         self.elastic = False               # data is re-sharded on resize (elastic Ray runs)
@@ -124,6 +146,41 @@ class RankSession:
     @property
     def callbacks(self) -> list[Any]:
         return self.trainer.callbacks
+
+    # ------------------------------------------------------------------ trainer.state
+    @property
+    def fn(self) -> TrainerFn | None:
+        """The running (or last) entry point; compares equal to "fit", "validate", "test", "predict"."""
+        return self.trainer_state.fn
+
+    @fn.setter
+    def fn(self, fn: str | None) -> None:
+        self.trainer_state.fn = TrainerFn.from_str(fn) if fn is not None else None
+
+    def _stage_flag(self, stage: RunningStage) -> bool:
+        return self.trainer_state.stage == stage
+
+    def _set_stage(self, stage: RunningStage, on: bool) -> None:
+        """Lightning's stage flags: setting one True enters that stage; False leaves it (only if it is current)."""
+        if on:
+            self.trainer_state.stage = stage
+        elif self.trainer_state.stage == stage:
+            self.trainer_state.stage = None
+
+    training = property(lambda self: self._stage_flag(RunningStage.TRAINING),
+                        lambda self, on: self._set_stage(RunningStage.TRAINING, on),
+                        doc="Whether the fit loop trains (fit's stage outside sanity check and validation).")
+    sanity_checking = property(lambda self: self._stage_flag(RunningStage.SANITY_CHECKING),
+                               lambda self, on: self._set_stage(RunningStage.SANITY_CHECKING, on),
+                               doc="Whether the sanity check (validation before fit) runs.")
+    validating = property(lambda self: self._stage_flag(RunningStage.VALIDATING),
+                          lambda self, on: self._set_stage(RunningStage.VALIDATING, on),
+                          doc="Whether validation runs (in fit, or trainer.validate).")
+    testing = property(lambda self: self._stage_flag(RunningStage.TESTING),
+                       lambda self, on: self._set_stage(RunningStage.TESTING, on), doc="Whether trainer.test runs.")
+    predicting = property(lambda self: self._stage_flag(RunningStage.PREDICTING),
+                          lambda self, on: self._set_stage(RunningStage.PREDICTING, on),
+                          doc="Whether trainer.predict runs.")
 
     @property
     def loggers(self) -> list[Any]:
@@ -161,10 +218,13 @@ class RankSession:
     # ------------------------------------------------------------------ one call
     def run(self, fn: str, model: LightningModule, strategy: Any, *, train: Any = None, val: Any = None,
             dataloaders: Any = None, datamodule: LightningDataModule | None = None,
-            ckpt_path: str | dict[str, Any] | None = None, return_predictions: bool = True) -> Any:
+            ckpt_path: str | dict[str, Any] | None = None, return_predictions: bool = True,
+            weights_only: bool | None = None) -> Any:
         """Set up, run one entry point's loop on this process, tear down. Used by every launcher."""
         config = self.config
         self.fn = fn
+        self.trainer_state.status = TrainerStatus.RUNNING
+        self.trainer_state.stage = FN_STAGE[self.trainer_state.fn]
         self.strategy = strategy
         self.module = model
         self.datamodule = datamodule
@@ -173,28 +233,33 @@ class RankSession:
         if datamodule is not None:
             datamodule.trainer = self.trainer
         self.precision = self._make_precision()
-        self.results = {s: Results(s) for s in ("train", "validate", "test")}
+        strategy.precision_plugin = self.precision
+        results_type = BarebonesResults if config.barebones else Results
+        self.results = {s: results_type(s) for s in ("train", "validate", "test")}
         # as Lightning: each fit/validate/test/predict starts with empty metrics
         self.callback_metrics_store, self.logged_metrics_store, self.progress_bar_metrics_store = {}, {}, {}
         self.eval_steps_seen = {}
         self._add_module_callbacks(model)
-        self.hooks = Hooks(self.trainer, model, self.callbacks, self._set_fx, self.publish_train_epoch_metrics)
-        if config.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=config.deterministic == "warn")
+        self.profiler = self._setup_profiler(fn)
+        self.hooks = Hooks(self.trainer, model, self.callbacks, self._set_fx, self.publish_train_epoch_metrics,
+                           self.profiler)
+        set_determinism(config.deterministic)
         if config.benchmark is not None and torch.backends.cudnn.is_available():
             torch.backends.cudnn.benchmark = bool(config.benchmark)
         strategy.setup_environment()
         try:
-            if self.local_rank == 0:
-                if datamodule is not None:
-                    datamodule.prepare_data()
-                model.prepare_data()
+            node_rank = strategy.ctx.node_rank
+            for owner in (datamodule, model):  # per node, or once in all (prepare_data_per_node=False)
+                if owner is not None and prepares_data_here(owner, self.local_rank, node_rank):
+                    owner.prepare_data()
             strategy.barrier("prepare_data")
             if datamodule is not None:
                 datamodule.setup(fn)
             self.hooks.callbacks_only("setup", fn)
             model.setup(fn)
+            self._configure_model(model)
             self._resolve_dataloaders(fn, model, datamodule, train, val, dataloaders)
+            self.precision.convert_module(model)  # true precisions (16/bf16/64-true): parameters to their dtype
             if fn == "fit":
                 self.step_model = strategy.setup_module(StepDispatch(model) if strategy.wraps_model else model)
             else:
@@ -202,11 +267,18 @@ class RankSession:
                 strategy.model = model
                 self.step_model = model
             self.to_device = batch_transfer(model, datamodule, strategy)
+            if self.precision.converts_input:  # as Lightning: floats to the precision's dtype before the transfer
+                self.to_device = _converting(self.precision.convert_input, self.to_device)
             if fn == "fit":
                 self._setup_optimizers(model)
             if ckpt_path is not None:
-                self.restore_from(ckpt_path, fn)
+                self.restore_from(ckpt_path, fn, weights_only)
             self.hooks.collect()
+            if self.profiler is not None:
+                self._profile_steps(model)
+            if config.barebones and self.is_global_zero:
+                log.info("Trainer(barebones=True) started running; the progress bar is off, so print progress from "
+                         "your module if you want to see it.")
             if fn == "fit":
                 self._log_hparams(model, datamodule)
                 out: Any = self._fit_with_preemption()
@@ -216,12 +288,19 @@ class RankSession:
             else:
                 out = loops.predict_loop(self, self.val_dataloaders, return_predictions)
         except BaseException as exc:
+            self.trainer_state.status = TrainerStatus.INTERRUPTED
             self.hooks.on_exception(exc)
+            if datamodule is not None:
+                datamodule.on_exception(exc)
             self._finish(model, datamodule, fn, "failed")
+            self.trainer_state.stage = None
             raise
         self._finish(model, datamodule, fn, "success")
+        self.trainer_state.stage = None
         if isinstance(out, control.Preempted):
+            self.trainer_state.status = TrainerStatus.INTERRUPTED
             raise out
+        self.trainer_state.status = TrainerStatus.FINISHED
         return out
 
     def _add_module_callbacks(self, model: LightningModule) -> None:
@@ -255,7 +334,8 @@ class RankSession:
             control.reset()  # a stop requested in an earlier fit of this process does not carry over
         previous = control.install_sigterm_handler()
         try:
-            loops.fit_loop(self)
+            with torch.autograd.set_detect_anomaly(self.config.detect_anomaly):  # as Lightning: for the fit loop
+                loops.fit_loop(self)
         finally:
             control.restore_sigterm_handler(previous)
         if control.stop_reason() != "preempt":
@@ -303,77 +383,218 @@ class RankSession:
         model.teardown(stage)
         if datamodule is not None:
             datamodule.teardown(stage)
+        if self.profiler is not None:  # as Lightning: the report of a call that ended normally
+            self.profiler.describe() if status == "success" else self.profiler.teardown(stage)
         self.bind_results(None)
         if self.strategy is not None:
             self.strategy.teardown()
 
+    # ------------------------------------------------------------------ profiling (only when a profiler is on)
+    def _setup_profiler(self, fn: str) -> Profiler | None:
+        """The call's profiler, set up with its stage, the rank (in several-rank runs) and the log dir; None when
+        profiling is off, so nothing is wrapped and the loops run exactly as without one."""
+        profiler = self.config.profiler
+        if profiler is None or isinstance(profiler, PassThroughProfiler):
+            return None
+        rank = self.global_rank if self.world_size > 1 else None
+        profiler.setup(stage=fn, local_rank=rank, log_dir=self.trainer.log_dir)
+        return profiler
+
+    def _profile_steps(self, model: LightningModule) -> None:
+        """Wrap this run's batch transfer, backward and optimizer step under Lightning's action names (the
+        precision object is made per run, so the wrappers end with it)."""
+        profiler, precision = self.profiler, self.precision
+        strategy_name = f"[Strategy]{type(self.strategy).__name__}"
+        if self.to_device is not None:
+            self.to_device = profiled(profiler, f"{strategy_name}.batch_to_device", self.to_device)
+        precision.backward = profiled(profiler, f"{strategy_name}.backward", precision.backward)
+        if not model.automatic_optimization:
+            step_name = "optimizer_step"                          # Lightning's name under manual optimization
+        elif self.hooks.module_overrides.get("optimizer_step") is not None:
+            step_name = f"{strategy_name}.optimizer_step"        # inside the module's own (profiled) optimizer_step
+        else:
+            step_name = f"[LightningModule]{type(model).__name__}.optimizer_step"
+        precision.optimizer_step = profiled(profiler, step_name, precision.optimizer_step)
+
     def _make_precision(self) -> Precision:
+        """The run's precision plugin: the one given in ``plugins`` (or on the strategy object), else the one the
+        ``precision`` argument names (the XLA strategy makes its own)."""
         device_type = self.strategy.root_device.type
+        plugin = precision_plugin(self.config.plugins, None, self.strategy)
+        if plugin is not None:
+            return plugin.for_device(device_type)
         maker = getattr(self.strategy, "make_precision", None)
         plan_precision = self.config.plan.precision
         return maker(plan_precision) if maker is not None else make_precision(plan_precision, device_type)
 
+    def _configure_model(self, model: LightningModule) -> None:
+        """``configure_model()`` when the module overrides it, under the strategy's and precision's init contexts
+        (tensors on the rank's device, in the true precision's dtype). Called in every run, as in Lightning: the
+        hook must return early when its layers already exist."""
+        if not defines(model, "configure_model"):
+            return
+        with self.strategy.tensor_init_context(), self.precision.module_init_context():
+            model.configure_model()
+
     # ------------------------------------------------------------------ data
     def _resolve_dataloaders(self, fn: str, model: Any, dm: Any, train: Any, val: Any, loaders: Any) -> None:
+        """This call's loaders, from the arguments or the data hooks: prepared (overfit, shards) and counted."""
         src = dm if dm is not None else model
 
-        def from_hook(name: str) -> list[Any]:
-            hook = getattr(src, name, None)
-            if hook is None or not defines(src, name):
-                return []
-            return list(as_sequence(hook()))
+        def from_hook(name: str) -> Callable[[], Any] | None:
+            return getattr(src, name) if defines(src, name) else None
 
+        self.last_reload, self.loaded_at = {}, {}
         if fn == "fit":
-            train = train if train is not None else (from_hook("train_dataloader") or [None])[0]
-            if train is None:
-                raise ValueError("Trainer.fit found no training data: train_dataloader() returned None.")
-            if isinstance(train, (list, tuple, dict)):
-                raise ValueError("Trainer.fit takes one training DataLoader (combining several is not supported); "
-                                 "concatenate the datasets into one DataLoader.")
-            self.train_dataloader = self._prepare_loader(train, shuffle_default=True)
-            vals = list(as_sequence(val)) if val is not None else from_hook("val_dataloader")
-            self.val_dataloaders = [] if self.config.limit_val_batches == 0 or \
-                not defines(model, "validation_step") else \
-                [self._prepare_loader(v, shuffle_default=False) for v in vals]
-            self.num_training_batches = self.limit(self.train_dataloader, "train")
-            n = self.num_training_batches
-            vci = self.config.val_check_interval
-            if vci is None or (isinstance(vci, float) and vci == 1.0) or not n:
-                self.val_check_batches = None
-            elif isinstance(vci, float):
-                self.val_check_batches = max(1, int(n * vci)) if n is not None and not math.isinf(n) else None
+            self.data_sources = {"train": (lambda: train) if train is not None else from_hook("train_dataloader"),
+                                 "validate": (lambda: val) if val is not None else from_hook("val_dataloader")}
+            self.reloadable = {"train": train is None, "validate": val is None}
+            self._load_train()
+            if self.config.limit_val_batches == 0 or not defines(model, "validation_step"):
+                self._set_eval_loaders("validate", None)
             else:
-                self.val_check_batches = int(vci)
-        else:
-            hook = {"validate": "val_dataloader", "test": "test_dataloader", "predict": "predict_dataloader"}[fn]
-            items = list(as_sequence(loaders)) if loaders is not None else from_hook(hook)
-            if not items:
-                raise ValueError(f"Trainer.{fn} found no data: {hook}() returned nothing.")
-            self.val_dataloaders = [self._prepare_loader(v, shuffle_default=False,
-                                                         ordered=fn == "predict") for v in items]
+                self._load_eval("validate")
+            return
+        hook = {"validate": "val_dataloader", "test": "test_dataloader", "predict": "predict_dataloader"}[fn]
+        self.data_sources = {fn: (lambda: loaders) if loaders is not None else from_hook(hook)}
+        self._load_eval(fn)
+        if not self.val_dataloaders:
+            raise ValueError(f"Trainer.{fn} found no data: {hook}() returned nothing.")
 
-    def _prepare_loader(self, loader: Any, shuffle_default: bool, ordered: bool = False) -> Any:
+    def _load_train(self) -> None:
+        """(Re)load the training loader from its source; sets the batches per epoch and the validation schedule."""
+        source = self.data_sources.get("train")
+        train = source() if source is not None else None
+        self.loaded_at["train"] = self.state.current_epoch
+        if train is None or (isinstance(train, (list, tuple, dict)) and not train):
+            raise ValueError("Trainer.fit found no training data: train_dataloader() returned None.")
+        combined = train if isinstance(train, CombinedLoader) else None
+        if combined is None and tree_flatten(train)[1][0] != "leaf":
+            combined = CombinedLoader(train, "max_size_cycle")  # Lightning's default for a collection of loaders
+        if combined is not None:
+            if combined.mode == "sequential":
+                raise ValueError('Training does not support the `CombinedLoader(mode="sequential")` mode. The '
+                                 "available modes are: ['min_size', 'max_size_cycle', 'max_size'].")
+            if self.elastic:
+                raise ValueError("elastic runs re-shard one training DataLoader; several training loaders (a "
+                                 "CombinedLoader, a dict or list) are not supported there. Concatenate the "
+                                 "datasets into one DataLoader, or run without elasticity.")
+            combined.flattened = [self._prepare_loader(dl, "train") for dl in combined.flattened]
+            self.train_dataloader = combined
+            self.dataloader_iterables["train"] = combined.iterables
+        else:
+            self.train_dataloader = self.dataloader_iterables["train"] = self._prepare_loader(train, "train")
+        self.num_training_batches = n = self.unit_batches(self.train_dataloader, "train")
+        config = self.config
+        vci = config.val_check_interval
+        self.val_check_batches = None
+        if config.val_check_time_s is not None:
+            self.last_val_time = time.monotonic()  # time-based: batches do not count (Lightning resets the clock)
+        elif isinstance(vci, int):
+            if vci > n and config.check_val_every_n_epoch is not None and config.limit_val_batches != 0:
+                raise ValueError(f"`val_check_interval` ({vci}) must be less than or equal to the number of the "
+                                 f"training batches ({n}). If you want to disable validation set "
+                                 "`limit_val_batches` to 0.0 instead. If you want to validate based on the total "
+                                 "training batches, set `check_val_every_n_epoch=None`.")
+            self.val_check_batches = vci
+        elif vci is not None and vci != 1.0 and n:
+            if math.isinf(n):
+                raise MisconfigurationException(
+                    f"val_check_interval={vci!r} is a fraction of an epoch, but the training dataloader has no "
+                    "length (an IterableDataset): give an int number of batches, a duration such as "
+                    "'00:00:10:00', or 1.0.")
+            self.val_check_batches = max(1, int(n * vci))
+
+    def _load_eval(self, stage: str) -> None:
+        """(Re)load the validation/test/predict loaders of ``stage`` from their source, prepared and counted."""
+        source = self.data_sources.get(stage)
+        self.loaded_at[stage] = self.state.current_epoch
+        self._set_eval_loaders(stage, source() if source is not None else None)
+
+    def _set_eval_loaders(self, stage: str, given: Any) -> None:
+        """Evaluation loaders as Lightning walks them: one after another (``sequential``), or one unit when a
+        CombinedLoader of another mode is given; ``val_dataloaders`` holds what the loop iterates."""
+        self.dataloader_iterables[stage] = given
+        if given is None:
+            self.val_dataloaders, self.max_batches[stage] = [], []
+            return
+        overfit = self.fn == "fit" and self.config.overfit_batches > 0
+        if isinstance(given, CombinedLoader) and given.mode != "sequential":
+            if stage == "predict":
+                raise ValueError('`trainer.predict()` only supports the `CombinedLoader(mode="sequential")` mode.')
+            given.flattened = [self._prepare_loader(dl, stage, overfit) for dl in given.flattened]
+            self.dataloader_iterables[stage] = given.iterables
+            self.unit_batches(given, stage)
+            self.val_dataloaders = [given]
+            self.max_batches[stage] = list(given.limits or [])
+            return
+        combined = given if isinstance(given, CombinedLoader) else CombinedLoader(given, "sequential")
+        combined.flattened = flat = [self._prepare_loader(dl, stage, overfit) for dl in combined.flattened]
+        self.dataloader_iterables[stage] = combined.iterables  # the given structure, with the prepared loaders
+        self.val_dataloaders = flat
+        self.max_batches[stage] = [self.unit_batches(dl, stage) for dl in flat]
+
+    def _prepare_loader(self, loader: Any, stage: str, overfit: bool | None = None) -> Any:
+        """One loader of ``stage``: checked, made sequential for overfit_batches, and sharded across ranks."""
         if not isinstance(loader, Iterable):
             raise TypeError(f"expected a DataLoader (or any iterable of batches), got {type(loader).__name__}.")
+        from raytrainer.data.samplers import distributed_loader, elastic_loader, sequential_loader
+
+        if overfit is None:
+            overfit = stage == "train" and self.config.overfit_batches > 0
+        if overfit:
+            loader = sequential_loader(loader, "train" if stage == "train" else "val",
+                                       warn=self.strategy is None or self.is_global_zero)
         if self.strategy is None or not self.config.use_distributed_sampler:
             return loader
-        from raytrainer.data.samplers import distributed_loader, elastic_loader
-
-        if self.elastic and shuffle_default:  # even at world size 1: the epoch may continue another world's
+        if self.elastic and stage == "train":  # even at world size 1: the epoch may continue another world's
             batch = None
             if self.config.elastic_batch_policy == "global" and getattr(loader, "batch_size", None):
                 batch = max(1, loader.batch_size * self.config.plan.max_ranks // self.strategy.world_size)
             return elastic_loader(loader, self.strategy.ctx, batch_size=batch)
         if self.strategy.distributed:
-            return distributed_loader(loader, self.strategy.ctx, ordered=ordered)
+            return distributed_loader(loader, self.strategy.ctx, ordered=stage == "predict")
         return loader
 
-    def limit(self, loader: Any, stage: str) -> int | float | None:
+    def _reload_due(self, stage: str, epoch: int) -> bool:
+        """reload_dataloaders_every_n_epochs: whether ``stage``'s loaders must come again from their hook now.
+
+        As Lightning, whose loaders load when first used: the first use in a fit reloads only if they were
+        loaded in another epoch (a resumed run); later, every N epochs."""
+        if not self.config.reload_dataloaders_every_n_epochs or not self.reloadable.get(stage):
+            return False
+        last = self.last_reload.get(stage)
+        due = (self.loaded_at.get(stage) != epoch) if last is None else \
+            epoch - last >= self.config.reload_dataloaders_every_n_epochs
+        if last is None or due:
+            self.last_reload[stage] = epoch
+        return due
+
+    def reload_train_if_due(self, epoch: int) -> None:
+        """A new training loader from its hook when reload_dataloaders_every_n_epochs says so."""
+        if self._reload_due("train", epoch):
+            self._load_train()
+
+    def reload_val_if_due(self, epoch: int) -> None:
+        """The same for the validation loaders, checked when validation runs."""
+        if self._reload_due("validate", epoch):
+            self._load_eval("validate")
+
+    def unit_batches(self, loader: Any, stage: str) -> int | float:
+        """Batches the loop takes from ``loader``: limit_*_batches applied to it, or to each loader inside a
+        CombinedLoader (then counted in its mode), as Lightning does."""
+        if not isinstance(loader, CombinedLoader):
+            return self.limit(loader, stage)
+        loader.limits = [self.limit(dl, stage) for dl in loader.flattened]
+        n = sized_len(loader)
+        return n if n is not None else float("inf")
+
+    def limit(self, loader: Any, stage: str) -> int | float:
         """How many batches of ``loader`` the stage runs (limit_*_batches applied; inf for unsized loaders)."""
         limit = self.config.limit_for(stage)
         try:
             n: int | None = len(loader)
-        except TypeError:
+        except (TypeError, NotImplementedError):
             n = None
         if limit is None:
             return n if n is not None else float("inf")
@@ -381,9 +602,16 @@ class RankSession:
             if n is None:
                 if limit == 1.0:
                     return float("inf")
-                raise ValueError(f"limit_{stage}_batches={limit} is a fraction but the {stage} dataloader has no "
-                                 "length; give an int number of batches instead.")
-            return int(n * limit) if limit < 1.0 else n
+                raise MisconfigurationException(
+                    f"limit_{stage}_batches={limit} is a fraction but the {stage} dataloader has no length; give "
+                    "an int number of batches instead.")
+            count = int(n * limit) if limit < 1.0 else n
+            if count == 0 and n > 0 and limit > 0:
+                raise MisconfigurationException(
+                    f"You requested to check {limit} of the {stage} dataloader but {limit} * {n} < 1. Please "
+                    f"increase the `limit_{stage}_batches` argument. Try at least `limit_{stage}_batches="
+                    f"{1.0 / n}`")
+            return count
         return min(int(limit), n) if n is not None else int(limit)
 
     def should_validate_epoch(self, epoch: int) -> bool:
@@ -433,8 +661,7 @@ class RankSession:
         """LightningModule.manual_backward: hooks, loss scaling, DDP's reducer armed for this backward."""
         step.backward(self, loss, None, *args, **kwargs)
 
-    def step_callable(self, name: str) -> Callable[..., Any]:
-        """The training/validation/test step to call; under DDP, through the DDP wrapper's forward."""
+    def _step_callable(self, name: str) -> Callable[..., Any]:
         module = self.module
         wrapper = self.step_model
         if name == "training_step" and wrapper is not None and wrapper is not module:
@@ -449,6 +676,14 @@ class RankSession:
             return manual_step
         return getattr(module, name)
 
+    def step_callable(self, name: str) -> Callable[..., Any]:
+        """The training/validation/test/predict step to call; under DDP, through the DDP wrapper's forward; recorded
+        as ``[Strategy]<name>.<step>`` when a profiler is on."""
+        fn = self._step_callable(name)
+        if self.profiler is not None:
+            fn = profiled(self.profiler, f"[Strategy]{type(self.strategy).__name__}.{name}", fn)
+        return fn
+
     # ------------------------------------------------------------------ logging (called by the loops)
     def log_step_metrics(self) -> None:
         train = self.results["train"]
@@ -456,9 +691,16 @@ class RankSession:
         if metrics:
             self.send_to_loggers(metrics, self.state.batches_that_stepped - 1, self.state.current_epoch)
 
-    def _reduce_fn(self) -> Callable[[torch.Tensor, str], torch.Tensor] | None:
+    def _reduce_fn(self) -> Callable[[torch.Tensor, str, Any], torch.Tensor] | None:
+        """How self.log(sync_dist=True) values are reduced: over the strategy's ranks; None on one process."""
         s = self.strategy
-        return s.reduce if s is not None and s.distributed else None
+        return self._reduce_in_group if s is not None and s.distributed else None
+
+    def _reduce_in_group(self, value: torch.Tensor, op: str, group: Any) -> torch.Tensor:
+        """strategy.reduce over every rank, or over ``sync_dist_group`` when one was given."""
+        if group is None:
+            return self.strategy.reduce(value, op)
+        return self.strategy.reduce(value, op, group=group)
 
     def send_to_loggers(self, metrics: dict[str, float], step: int, epoch: int | None = None) -> None:
         """Record in logged_metrics and write to the loggers; ``epoch`` is added for the loggers only."""
@@ -558,7 +800,7 @@ class RankSession:
         return per_loader
 
     def _log_hparams(self, model: LightningModule, datamodule: Any) -> None:
-        if not self.is_global_zero:
+        if not self.is_global_zero or not self.config.enable_autolog_hparams:  # False: the user logs them, if at all
             return
         # As Lightning: only what save_hyperparameters(logger=True) recorded is logged (no empty hparams.yaml).
         log_module = logs_hyperparameters(model)
@@ -580,21 +822,23 @@ class RankSession:
         """Write a Lightning-compatible checkpoint of the running (or just finished) fit."""
         if self.module is None:
             raise RuntimeError("save_checkpoint needs a model: call it after (or during) trainer.fit.")
-        ckpt = bridge.capture(self, weights_only)
-        if self.is_global_zero:
-            storage.save(ckpt, filepath)
+        with self.profiler.profile("save_checkpoint") if self.profiler is not None else contextlib.nullcontext():
+            ckpt = bridge.capture(self, weights_only)
+            if self.is_global_zero:
+                storage.save(ckpt, filepath)
         if self.strategy is not None:
             self.strategy.barrier("save_checkpoint")
 
-    def restore_from(self, ckpt_path: str | dict[str, Any], fn: str) -> None:
-        """Restore from a path, "last"/"best", or an in-memory snapshot dict (handed over by the Ray driver)."""
+    def restore_from(self, ckpt_path: str | dict[str, Any], fn: str, weights_only: bool | None = None) -> None:
+        """Restore from a path, "last"/"best", or an in-memory snapshot dict (handed over by the Ray driver);
+        ``weights_only`` goes to torch.load."""
         if isinstance(ckpt_path, dict):
             bridge.restore(self, ckpt_path, full=fn == "fit")
             return
         path = resolve_ckpt_path(str(ckpt_path), self.trainer.checkpoint_callback, self.trainer)
         if path is None:
             return
-        bridge.restore(self, path, full=fn == "fit")
+        bridge.restore(self, path, full=fn == "fit", weights_only=weights_only)
 
     def restore_rng(self, pos: ResumePosition) -> None:
         if pos.rng is not None:
@@ -623,3 +867,24 @@ class RankSession:
             control.request_stop("preempt")
         elif code == 2:
             control.request_stop("resize")
+
+
+def _converting(convert: Callable[[Any], Any],
+                to_device: Callable[[Any, int], Any] | None) -> Callable[[Any, int], Any]:
+    """``to_device`` preceded by the precision's ``convert_input`` (true precisions cast floating-point batches)."""
+    if to_device is None:
+        return lambda batch, dataloader_idx: convert(batch)
+    return lambda batch, dataloader_idx: to_device(convert(batch), dataloader_idx)
+
+
+def set_determinism(deterministic: bool | str | None) -> None:
+    """Lightning's ``deterministic``: True/"warn" turn on deterministic algorithms and, for cuBLAS, a fixed
+    workspace (``CUBLAS_WORKSPACE_CONFIG=:4096:8`` unless the user set one); False turns them off; None leaves
+    torch as it is."""
+    if deterministic is None:
+        return
+    if not deterministic:
+        torch.use_deterministic_algorithms(False)
+        return
+    torch.use_deterministic_algorithms(True, warn_only=deterministic == "warn")
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts on this rank

@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, Sampler, SequentialSampler
 
 if TYPE_CHECKING:
     from raytrainer.strategies.base import RankContext
-
 
 
 class ContiguousShardSampler(Sampler[int]):
@@ -24,6 +24,28 @@ class ContiguousShardSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.stop - self.start
+
+
+def sequential_loader(loader: Any, prefix: str, warn: bool = True) -> Any:
+    """``loader`` without shuffling, for overfit_batches (the same first batches every epoch), as Lightning does;
+    warns when it had to turn shuffling off."""
+    if not isinstance(loader, DataLoader) or isinstance(loader.sampler, SequentialSampler):
+        return loader
+    if type(loader.batch_sampler) is not BatchSampler:
+        raise ValueError(f"overfit_batches needs the same {prefix} batches every epoch, but this {prefix} DataLoader "
+                         f"draws them with a custom batch_sampler ({type(loader.batch_sampler).__name__}) that "
+                         "raytrainer cannot make sequential. Give it a sequential order yourself, or drop "
+                         "overfit_batches.")
+    if warn:
+        warnings.warn(f"You requested to overfit but enabled {prefix} dataloader shuffling. We are turning off the "
+                      f"{prefix} dataloader shuffling for you.", UserWarning, stacklevel=2)
+    return DataLoader(
+        loader.dataset, batch_size=loader.batch_size, shuffle=False, num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, drop_last=loader.drop_last,
+        timeout=loader.timeout, worker_init_fn=loader.worker_init_fn, generator=loader.generator,
+        persistent_workers=loader.persistent_workers if loader.num_workers > 0 else False,
+        prefetch_factor=loader.prefetch_factor if loader.num_workers > 0 else None,
+    )
 
 
 def distributed_loader(loader: Any, ctx: RankContext, ordered: bool = False, seed: int = 0) -> Any:

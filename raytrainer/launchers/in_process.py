@@ -14,5 +14,5 @@ class InProcessLauncher:
         self.plan = plan
 
     def launch(self, trainer: Any, fn: str, model: Any, kwargs: dict[str, Any]) -> Any:
-        strategy = single_device(self.plan.accelerator, self.plan.device_ids)
+        strategy = single_device(self.plan.accelerator, self.plan.device_ids, self.plan.strategy_object)
         return trainer.session.run(fn, model, strategy, **kwargs)

@@ -47,8 +47,9 @@ class XLALauncher:
     def launch(self, trainer: Any, fn: str, model: Any, kwargs: dict[str, Any]) -> Any:
         check_precision(self.plan.precision)
         if self.plan.world_size == 1:
-            index = self.plan.device_ids[0] if self.plan.device_ids else None
-            out = trainer.session.run(fn, model, XLAStrategy(index), **kwargs)
+            strategy = xla_strategy(self.plan)
+            index = self.plan.device_ids[0] if self.plan.device_ids else strategy.device_index
+            out = trainer.session.run(fn, model, strategy.bind(index, RankContext()), **kwargs)
             return _to_host(out) if fn == "predict" else out  # as Lightning: predictions come back on CPU
         return self._launch_ranks(trainer, fn, model, kwargs)
 
@@ -67,6 +68,18 @@ class XLALauncher:
         return result.output
 
 
+def xla_strategy(plan: Plan) -> XLAStrategy:
+    """The user's XLA strategy object (its settings; on a rank, that rank's copy), else a new XLAStrategy for the
+    plan's name. The launcher binds it to the rank's device."""
+    template = plan.strategy_object
+    if isinstance(template, XLAStrategy):
+        return template
+    strategy = XLAStrategy(debug=plan.strategy == "xla_debug")
+    if template is not None:
+        strategy._precision_plugin = template._precision_plugin
+    return strategy
+
+
 # ---------------------------------------------------------------------------------- on each rank
 def _rank_main(payload: bytes, fn: str, world_size: int, rng: dict[str, Any], workdir: str) -> Any:
     """One rank: unpack its own copy of the run, train/evaluate on its device, return its share."""
@@ -80,7 +93,7 @@ def _rank_main(payload: bytes, fn: str, world_size: int, rng: dict[str, Any], wo
     if beat is not None:
         trainer.callbacks.append(beat)
     try:
-        out = trainer.session.run(fn, model, XLAStrategy(ctx=ctx), **kwargs)
+        out = trainer.session.run(fn, model, xla_strategy(trainer.plan).bind(None, ctx), **kwargs)
     finally:
         if beat is not None:
             trainer.callbacks = [cb for cb in trainer.callbacks if cb is not beat]

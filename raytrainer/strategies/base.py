@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from raytrainer.utilities import move_to_device
 
@@ -30,16 +31,92 @@ class RankContext:
 REDUCE_OPS = ("mean", "sum", "max", "min")
 
 
+class SkipParameterInit(TorchFunctionMode):
+    """Inside, ``torch.nn.init`` functions leave tensors as allocated (``init_module(empty_init=True)``)."""
+
+    def __torch_function__(self, func: Callable[..., Any], types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return kwargs["tensor"] if "tensor" in kwargs else args[0]
+        return func(*args, **kwargs)
+
+
+def refuse_foreign_parts(owner: str, **parts: Any) -> None:
+    """Refuse Lightning strategy arguments that name parts raytrainer owns itself (accelerator objects,
+    checkpoint IO, cluster environments, explicit device lists), saying what to use instead."""
+    advice = {
+        "accelerator": "pass accelerator='cpu' / 'gpu' / 'tpu' to the Trainer",
+        "checkpoint_io": "raytrainer writes checkpoints itself (local paths and pyarrow.fs URIs such as s3://); "
+                         "give ModelCheckpoint(dirpath=...) the destination",
+        "cluster_environment": "Ray places the ranks and forms the process group (Trainer(ray_address=...) picks "
+                               "the cluster)",
+        "parallel_devices": "pass devices=N (or a list of GPU ids) and accelerator=... to the Trainer",
+    }
+    given = [name for name, value in parts.items() if value is not None]
+    if given:
+        raise ValueError(f"{owner}({', '.join(f'{n}=...' for n in given)}): raytrainer does not take "
+                         f"{' or '.join(given)} on a strategy: " + "; ".join(advice[n] for n in given) + ".")
+
+
 class Strategy:
     """Base strategy: one process, one device. Subclasses override the collectives."""
 
     wraps_model = False  # True when setup_module wraps the module (DDP): steps must go through the wrapper
     supports_inference_mode = True  # False where evaluation must use no_grad instead (XLA)
+    strategy_name = "single_device"  # Lightning's registry name; the Plan reads it from a strategy object
 
-    def __init__(self, device: torch.device | str = "cpu", ctx: RankContext | None = None) -> None:
+    def __init__(self, device: torch.device | str = "cpu", ctx: RankContext | None = None, *,
+                 accelerator: Any = None, checkpoint_io: Any = None, precision_plugin: Any = None) -> None:
+        refuse_foreign_parts(type(self).__name__, accelerator=accelerator, checkpoint_io=checkpoint_io)
         self.root_device = torch.device(device)
         self.ctx = ctx or RankContext()
         self.model: nn.Module | None = None  # what training calls: the module, or its DDP wrapper
+        self._precision_plugin = precision_plugin  # a raytrainer.plugins precision plugin, or None
+        self.precision_plugin_running: Any = None  # the running call's precision plugin (the session sets it)
+
+    def bind(self, device: torch.device | str, ctx: RankContext) -> Strategy:
+        """Attach this strategy (the user's settings) to one rank's device and place in the world; returns self.
+        Launchers call it on the rank that runs, so a strategy object carries settings from the driver."""
+        self.root_device = torch.device(device)
+        self.ctx = ctx
+        return self
+
+    def __getstate__(self) -> dict[str, Any]:
+        """A strategy pickles (to the Ray ranks) as its settings: the module and run state stay behind."""
+        state = dict(self.__dict__)
+        state["model"] = None
+        state.pop("_agreement", None)
+        state["precision_plugin_running"] = None
+        return state
+
+    @property
+    def precision_plugin(self) -> Any:
+        """The precision plugin: the running call's, else the one this strategy was given (Lightning's name)."""
+        return self.precision_plugin_running if self.precision_plugin_running is not None else self._precision_plugin
+
+    @precision_plugin.setter
+    def precision_plugin(self, plugin: Any) -> None:
+        self.precision_plugin_running = plugin
+
+    @property
+    def local_rank(self) -> int:
+        return self.ctx.local_rank
+
+    @property
+    def node_rank(self) -> int:
+        return self.ctx.node_rank
+
+    @contextlib.contextmanager
+    def tensor_init_context(self, empty_init: bool | None = None) -> Iterator[None]:
+        """Tensors created inside get this strategy's device and the precision's dtype (``trainer.init_module``).
+
+        ``empty_init=True`` skips the initialisation of parameters created inside (their memory is left as
+        allocated: load weights into them afterwards), as Lightning's ``_EmptyInit`` does."""
+        precision = self.precision_plugin
+        dtype_ctx = precision.tensor_init_context() if precision is not None else contextlib.nullcontext()
+        skip_init = SkipParameterInit() if empty_init else contextlib.nullcontext()
+        with skip_init, self.root_device, dtype_ctx:
+            yield
 
     # -- identity -----------------------------------------------------------------------------
     @property
@@ -79,7 +156,8 @@ class Strategy:
         return move_to_device(batch, self.root_device)
 
     # -- collectives (identity on one process) -------------------------------------------------
-    def reduce(self, tensor: torch.Tensor, op: str = "mean") -> torch.Tensor:
+    def reduce(self, tensor: torch.Tensor, op: str = "mean", group: Any = None) -> torch.Tensor:
+        """Reduce across ranks (or the ranks of process ``group``); one process keeps its value."""
         return tensor
 
     def broadcast(self, obj: Any, src: int = 0) -> Any:
@@ -90,6 +168,10 @@ class Strategy:
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         return [obj]
+
+    def all_gather(self, tensor: torch.Tensor, group: Any = None, sync_grads: bool = False) -> torch.Tensor:
+        """Every rank's ``tensor`` stacked on a new leading dimension; one process: the tensor as it is (Lightning)."""
+        return tensor
 
     def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
         """Agree across ranks: all=True needs every rank to say yes, all=False any rank."""

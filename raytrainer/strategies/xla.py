@@ -9,6 +9,7 @@ prediction run batch by batch as well. torch_xla is imported only when an XLA ru
 from __future__ import annotations
 
 import contextlib
+import os
 import pickle
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from raytrainer.core.precision import Precision
-from raytrainer.strategies.base import REDUCE_OPS, RankContext, Strategy
+from raytrainer.strategies.base import REDUCE_OPS, RankContext, Strategy, refuse_foreign_parts
 from raytrainer.utilities import move_to_device
 
 INSTALL_HINT = 'pip install "raytrainer[tpu]"'
@@ -53,7 +54,7 @@ class XLAPrecision(Precision):
     def __init__(self, precision: str = "32-true") -> None:
         check_precision(precision)
         super().__init__("xla")
-        self.name = precision
+        self.precision = precision
         self.dtype = torch.bfloat16 if precision == "bf16-mixed" else None
 
     def forward_context(self) -> AbstractContextManager[Any]:
@@ -82,27 +83,66 @@ class XLAPrecision(Precision):
 
 
 class XLAStrategy(Strategy):
-    """One XLA device per rank. Collectives use XLA's (``xm.all_reduce``, ``xm.rendezvous``)."""
+    """One XLA device per rank. Collectives use XLA's (``xm.all_reduce``, ``xm.rendezvous``).
+
+    Built as Lightning's (``XLAStrategy(debug=..., sync_module_states=...)``); the device is looked up when the
+    rank first needs it, so a strategy object made on the driver does not start the XLA runtime there."""
 
     supports_inference_mode = False  # XLA tensors cannot be created under torch.inference_mode: loops use no_grad
+    strategy_name = "xla"
 
-    def __init__(self, device_index: int | None = None, ctx: RankContext | None = None) -> None:
-        torch_xla, _, _ = import_xla()
-        if device_index is None:
-            device = torch_xla.device()
-        else:
-            devices = torch_xla.devices()
-            if not 0 <= device_index < len(devices):
-                raise ValueError(f"tpu_cores=[{device_index}] selects XLA device {device_index}, but this process "
-                                 f"sees {len(devices)} ({[str(d) for d in devices]}). Pick an index below "
-                                 f"{len(devices)}.")
-            device = devices[device_index]
-        super().__init__(device, ctx)
+    def __init__(self, accelerator: Any = None, parallel_devices: Any = None, checkpoint_io: Any = None,
+                 precision_plugin: Any = None, debug: bool = False, sync_module_states: bool = True, *,
+                 device_index: int | None = None, ctx: RankContext | None = None) -> None:
+        import_xla()
+        refuse_foreign_parts(type(self).__name__, accelerator=accelerator, parallel_devices=parallel_devices,
+                             checkpoint_io=checkpoint_io)
+        self._device: torch.device | None = None
+        self.device_index = device_index
+        super().__init__("cpu", ctx, precision_plugin=precision_plugin)
+        self.debug = debug
+        self.sync_module_states = sync_module_states  # ranks start from the same pickled module: always in sync
         self._agreement: Callable[[int], int] | None = None
+
+    @property
+    def root_device(self) -> torch.device:
+        """This rank's XLA device (``device_index`` of those this process sees, else torch_xla's default)."""
+        if self._device is None:
+            torch_xla, _, _ = import_xla()
+            if self.device_index is None:
+                self._device = torch_xla.device()
+            else:
+                devices = torch_xla.devices()
+                if not 0 <= self.device_index < len(devices):
+                    raise ValueError(f"tpu_cores=[{self.device_index}] selects XLA device {self.device_index}, but "
+                                     f"this process sees {len(devices)} ({[str(d) for d in devices]}). Pick an "
+                                     f"index below {len(devices)}.")
+                self._device = devices[self.device_index]
+        return self._device
+
+    @root_device.setter
+    def root_device(self, device: torch.device) -> None:
+        """Set by the base constructor (a placeholder) and by ``bind``: the lookup above decides the XLA device."""
+        self._device = None
+
+    def bind(self, device: Any, ctx: RankContext) -> Strategy:
+        """Attach to a rank: ``device`` is the XLA device index of this process (None: torch_xla's default)."""
+        self.device_index = device if isinstance(device, int) else None
+        self._device = None
+        self.ctx = ctx
+        return self
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_device"] = None
+        state["_agreement"] = None
+        return state
 
     # -- lifecycle ----------------------------------------------------------------------------
     def setup_environment(self) -> None:
         """Seed the device's RNG from torch's seed: ``torch.manual_seed`` alone does not reach XLA's RNG."""
+        if self.debug:
+            os.environ["PT_XLA_DEBUG"] = "1"  # as Lightning's XLAStrategy(debug=True)
         _, xm, _ = import_xla()
         xm.set_rng_state(torch.initial_seed() % (2**63), device=str(self.root_device))
 
@@ -139,9 +179,12 @@ class XLAStrategy(Strategy):
         return to_host(checkpoint)
 
     # -- collectives ----------------------------------------------------------------------------
-    def reduce(self, tensor: torch.Tensor | float, op: str = "mean") -> torch.Tensor:
+    def reduce(self, tensor: torch.Tensor | float, op: str = "mean", group: Any = None) -> torch.Tensor:
         if op not in REDUCE_OPS:
             raise ValueError(f"reduce op must be one of {REDUCE_OPS}, got {op!r}")
+        if group is not None:
+            raise ValueError("XLA reduces over every device: a process group (self.log(sync_dist_group=...)) "
+                             "is not supported there. Drop sync_dist_group, or use strategy='ddp'.")
         if not self.distributed:
             return tensor if isinstance(tensor, torch.Tensor) else torch.tensor(tensor)
         return all_reduce(tensor, op, self.world_size, self.root_device)
@@ -161,6 +204,20 @@ class XLAStrategy(Strategy):
             return [obj]
         return all_gather_objects(obj)
 
+    def all_gather(self, tensor: torch.Tensor, group: Any = None, sync_grads: bool = False) -> torch.Tensor:
+        """Every rank's ``tensor`` concatenated along dim 0 (a scalar becomes shape (world,)), as Lightning's XLA
+        strategy; one rank: the tensor as it is. ``sync_grads=True`` uses the differentiable gather."""
+        if not self.distributed:
+            return tensor
+        _, xm, _ = import_xla()
+        import torch_xla.core.functions as xf
+
+        if tensor.dim() == 0:
+            tensor = tensor.unsqueeze(0)
+        device = tensor.device
+        work = tensor.to(self.root_device)
+        return (xf.all_gather(work) if sync_grads else xm.all_gather(work)).to(device)
+
     def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
         if not self.distributed:
             return decision
@@ -177,6 +234,18 @@ class XLAStrategy(Strategy):
             self._agreement = lambda code: int(all_reduce(torch.tensor(int(code), dtype=torch.int32), "max", world,
                                                           device).item())
         return self._agreement
+
+
+class SingleDeviceXLAStrategy(XLAStrategy):
+    """One XLA device in this process (Lightning's ``SingleDeviceXLAStrategy``); ``device`` is its index."""
+
+    strategy_name = "single_xla"
+
+    def __init__(self, device: int | torch.device | None = None, accelerator: Any = None, checkpoint_io: Any = None,
+                 precision_plugin: Any = None, debug: bool = False) -> None:
+        index = device.index if isinstance(device, torch.device) else device
+        super().__init__(accelerator=accelerator, checkpoint_io=checkpoint_io, precision_plugin=precision_plugin,
+                         debug=debug, device_index=index)
 
 
 # ----------------------------------------------------------------------------------- collectives

@@ -2,27 +2,41 @@
 and shows the run's state, which a RankSession owns, through Lightning's properties."""
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import os
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
 
+import torch
+
 from raytrainer.callbacks.callback import Callback
+from raytrainer.callbacks.early_stopping import EarlyStopping
 from raytrainer.callbacks.model_checkpoint import ModelCheckpoint
 from raytrainer.callbacks.model_summary import ModelSummary
 from raytrainer.callbacks.progress import TQDMProgressBar
+from raytrainer.checkpoint.resolve import resolve_ckpt_path
+from raytrainer.core import control
 from raytrainer.core.config import RunConfig
 from raytrainer.core.hooks import callback_order, defines
+from raytrainer.core.precision import make_precision, precision_plugin
 from raytrainer.core.session import RankSession
 from raytrainer.datamodule import LightningDataModule
 from raytrainer.launchers import make_launcher
 from raytrainer.loggers.base import Logger
 from raytrainer.loggers.csv import CSVLogger
-from raytrainer.module import LightningModule
+from raytrainer.module import LightningModule, from_compiled, is_compiled_module
 from raytrainer.plan import Env, Plan, as_sequence
+from raytrainer.profilers import PassThroughProfiler, Profiler
+from raytrainer.strategies.base import SkipParameterInit
+from raytrainer.strategies.registry import strategy_for
+from raytrainer.trainer.states import TrainerState, TrainerStatus
 from raytrainer.utilities import closest
+from raytrainer.utilities.exceptions import MisconfigurationException
+from raytrainer.utilities.states import FN_STAGE
 
 
 def _forward(owner: Callable[[Trainer], Any], name: str, doc: str, settable: bool = True) -> property:
@@ -125,9 +139,12 @@ class Trainer:
             raise TypeError(f"Trainer got unknown argument(s) {', '.join(msgs)}. Valid arguments: "
                             f"{', '.join(valid)}.")
         self._env = Env.detect()
+        # a precision plugin (plugins=[HalfPrecision(...)] or on a strategy object) names the run's precision
+        plugin = precision_plugin(list(as_sequence(plugins)), precision,
+                                  strategy if strategy is not None and not isinstance(strategy, str) else None)
         self.plan = Plan.from_args(accelerator=accelerator, devices=devices, strategy=strategy,
-                                   num_nodes=num_nodes, precision=precision, num_processes=num_processes,
-                                   gpus=gpus, tpu_cores=tpu_cores, env=self._env)
+                                   num_nodes=num_nodes, precision=precision if plugin is None else plugin.precision,
+                                   num_processes=num_processes, gpus=gpus, tpu_cores=tpu_cores, env=self._env)
         self.plan.check_hardware(self._env)
         self.config, logger = RunConfig.from_args(
             self.plan, fast_dev_run=fast_dev_run, max_epochs=max_epochs, min_epochs=min_epochs,
@@ -153,6 +170,9 @@ class Trainer:
         self.callbacks: list[Callback] = self._default_callbacks(as_sequence(callbacks))
         self.loggers: list[Logger] = self._make_loggers(logger)
         self.session = RankSession(self, self.config)
+        if plugin is not None or self.plan.accelerator != "tpu":  # trainer.precision_plugin before a run (Lightning)
+            self.session.precision = plugin if plugin is not None else \
+                make_precision(self.plan.precision, "cuda" if self.plan.accelerator == "cuda" else "cpu")
         self.last_run: Any = None   # the FitController of the last Ray fit: its phases and failures
 
     @classmethod
@@ -192,12 +212,18 @@ class Trainer:
         if config.enable_progress_bar and not any(isinstance(c, TQDMProgressBar) for c in cbs):
             cbs.append(TQDMProgressBar())
         if not config.enable_progress_bar:
-            cbs = [c for c in cbs if not isinstance(c, TQDMProgressBar)]
+            bar = next((c for c in cbs if isinstance(c, TQDMProgressBar)), None)
+            if bar is not None:  # as Lightning: a progress bar callback contradicts enable_progress_bar=False
+                raise MisconfigurationException(
+                    f"Trainer was configured with `enable_progress_bar=False`{_barebones(config)} but found "
+                    f"`{type(bar).__name__}` in callbacks list. Remove one of them.")
         if config.enable_model_summary and not any(isinstance(c, ModelSummary) for c in cbs):
             cbs.append(ModelSummary())
         has_ckpt = any(isinstance(c, ModelCheckpoint) for c in cbs)
         if has_ckpt and not config.enable_checkpointing:
-            raise ValueError("enable_checkpointing=False but a ModelCheckpoint callback was passed; remove one.")
+            raise MisconfigurationException(
+                f"Trainer was configured with `enable_checkpointing=False`{_barebones(config)} but found "
+                "`ModelCheckpoint` in callbacks list. Remove one of them.")
         if config.enable_checkpointing and not has_ckpt:
             cbs.append(ModelCheckpoint())
         # monitoring callbacks run after the others, as in Lightning
@@ -251,19 +277,49 @@ class Trainer:
     global_step = _state_property("global_step", "Optimizer steps taken so far.")
     lightning_module = _session_property("module", "The module of the running (or last) call.", settable=True)
     datamodule = _session_property("datamodule", "The datamodule of the running (or last) call.")
-    strategy = _session_property("strategy", "The Strategy of the running call (None on the driver).")
+    @property
+    def strategy(self) -> Any:
+        """The running call's strategy; outside a run on this process (the driver of a Ray run, or before fit) the
+        plan's strategy object: the one passed as ``strategy=``, or the one its name stands for (as Lightning)."""
+        running = self.session.strategy
+        if running is not None:
+            return running
+        template = self.__dict__.get("_strategy_object")
+        if template is None:
+            template = self.__dict__["_strategy_object"] = strategy_for(self.plan)
+        return template
+
+    @contextlib.contextmanager
+    def init_module(self, empty_init: bool | None = None) -> Iterator[None]:
+        """Create a module's tensors right on the run's device and in the true precision's dtype (``bf16-true``:
+        bfloat16). ``empty_init=True`` leaves parameters uninitialised (load a checkpoint into them next).
+
+        A run on several Ray ranks creates the module on the driver, which sends it to the ranks: there tensors are
+        created on the CPU (in the precision's dtype) and each rank moves its copy to its device."""
+        device = self.strategy.root_device if self.plan.launcher == "in_process" else torch.device("cpu")
+        with SkipParameterInit() if empty_init else contextlib.nullcontext(), device, \
+                self.precision_plugin.tensor_init_context():
+            yield
     optimizers = _session_property("optimizers", "The optimizers from configure_optimizers.", settable=True)
     lr_scheduler_configs = _session_property("lr_scheduler_configs", "Schedulers and when they step.")
     should_stop = _session_property("should_stop", "Set True to stop fit at the next check.", settable=True)
-    training = _session_property("training", "Whether the fit loop is in a training epoch.", settable=True)
+    training = _session_property("training", "Whether fit trains (its stage outside sanity check and validation).",
+                                 settable=True)
     sanity_checking = _session_property("sanity_checking", "Whether the sanity check runs.", settable=True)
+    validating = _session_property("validating", "Whether validation runs (inside fit, or trainer.validate).",
+                                   settable=True)
+    testing = _session_property("testing", "Whether trainer.test runs.", settable=True)
+    predicting = _session_property("predicting", "Whether trainer.predict runs.", settable=True)
     state_fn = _session_property("fn", "The running (or last) entry point: fit, validate, test, predict.")
     callback_metrics = _session_property("callback_metrics", "Every logged value, as tensors.")
     logged_metrics = _session_property("logged_metrics", "Every value sent to the loggers.")
     progress_bar_metrics = _session_property("progress_bar_metrics", "Values logged with prog_bar=True.")
     num_training_batches = _session_property("num_training_batches", "Training batches per epoch.",
                                              settable=True)
-    train_dataloader = _session_property("train_dataloader", "The training loader (sharded on Ray ranks).")
+    @property
+    def train_dataloader(self) -> Any:
+        """The training loader(s) of fit, as given (a dict or list of loaders stays one; sharded on Ray ranks)."""
+        return self.session.dataloader_iterables.get("train")
     saved_checkpoints = _session_property("saved_checkpoints", "(step, path) of every checkpoint written.")
     world_size = _session_property("world_size", "Ranks in the run.")
     global_rank = _session_property("global_rank", "This process's rank.")
@@ -318,6 +374,71 @@ class Trainer:
         return next((c for c in self.callbacks if type(c).__name__ == "EarlyStopping"), None)
 
     @property
+    def early_stopping_callbacks(self) -> list[Any]:
+        """Every EarlyStopping callback of the Trainer."""
+        return [c for c in self.callbacks if isinstance(c, EarlyStopping)]
+
+    # ------------------------------------------------------------------ state (Lightning's trainer.state)
+    @property
+    def state(self) -> TrainerState:
+        """The status, entry point (fn) and stage of the running (or last) call."""
+        return self.session.trainer_state
+
+    @property
+    def evaluating(self) -> bool:
+        """Whether validation, testing or the sanity check runs."""
+        stage = self.session.trainer_state.stage
+        return stage is not None and stage.evaluating
+
+    @property
+    def interrupted(self) -> bool:
+        """Whether the last call ended with an exception (or KeyboardInterrupt)."""
+        return self.session.trainer_state.status == TrainerStatus.INTERRUPTED
+
+    @property
+    def received_sigterm(self) -> bool:
+        """Whether this process received SIGTERM during fit (it then stops at the next step with a checkpoint)."""
+        return control.stop_reason() == "preempt"
+
+    @property
+    def is_last_batch(self) -> bool:
+        """Whether fit's training loop is at the last batch of its epoch (False for loaders without a length)."""
+        s = self.session
+        n = s.num_training_batches
+        return s.fn == "fit" and bool(n) and not math.isinf(n) and s.state.batch_idx + 1 >= n
+
+    @property
+    def model(self) -> torch.nn.Module | None:
+        """The module as the strategy runs it during a call (DistributedDataParallel on DDP ranks); the
+        LightningModule otherwise. ``lightning_module`` is always the plain module."""
+        s = self.session
+        if s.trainer_state.status == TrainerStatus.RUNNING and s.step_model is not None:
+            return s.step_model
+        return s.module
+
+    @property
+    def scaler(self) -> Any:
+        """The GradScaler of 16-mixed precision (None otherwise)."""
+        return getattr(self.session.precision, "scaler", None)
+
+    @property
+    def profiler(self) -> Profiler:
+        """The profiler of the run: the one given, or a PassThroughProfiler that records nothing."""
+        if self.config.profiler is not None:
+            return self.config.profiler
+        return self.__dict__.setdefault("_pass_through_profiler", PassThroughProfiler())
+
+    @property
+    def barebones(self) -> bool:
+        """Whether Trainer(barebones=True) turned off everything that costs speed."""
+        return self.config.barebones
+
+    def print(self, *args: Any, **kwargs: Any) -> None:
+        """print() on the first process of each node only (Lightning's rule: local rank 0)."""
+        if self.local_rank == 0:
+            print(*args, **kwargs)
+
+    @property
     def progress_bar_callback(self) -> TQDMProgressBar | None:
         return next((c for c in self.callbacks if isinstance(c, TQDMProgressBar)), None)
 
@@ -332,8 +453,39 @@ class Trainer:
 
     @property
     def val_dataloaders(self) -> Any:
-        v = self.session.val_dataloaders
-        return v[0] if len(v) == 1 else v
+        """The validation loader(s) of fit or validate, as given (sharded on Ray ranks); None when there are none."""
+        return self.session.dataloader_iterables.get("validate")
+
+    @property
+    def test_dataloaders(self) -> Any:
+        """The test loader(s) of the last Trainer.test, as given (sharded on Ray ranks)."""
+        return self.session.dataloader_iterables.get("test")
+
+    @property
+    def predict_dataloaders(self) -> Any:
+        """The loader(s) of the last Trainer.predict, as given (sharded on Ray ranks)."""
+        return self.session.dataloader_iterables.get("predict")
+
+    @property
+    def num_val_batches(self) -> list[int | float]:
+        """Validation batches per loader (limit_val_batches applied), of fit or validate."""
+        return list(self.session.max_batches.get("validate", []))
+
+    @property
+    def num_sanity_val_batches(self) -> list[int | float]:
+        """Validation batches per loader that fit's sanity check runs."""
+        steps = self.num_sanity_val_steps
+        return [min(float("inf") if steps == -1 else steps, n) for n in self.num_val_batches]
+
+    @property
+    def num_test_batches(self) -> list[int | float]:
+        """Test batches per loader (limit_test_batches applied)."""
+        return list(self.session.max_batches.get("test", []))
+
+    @property
+    def num_predict_batches(self) -> list[int | float]:
+        """Predict batches per loader (limit_predict_batches applied)."""
+        return list(self.session.max_batches.get("predict", []))
 
     def save_checkpoint(self, filepath: str, weights_only: bool = False, storage_options: Any = None) -> None:
         """Write a Lightning-compatible checkpoint of the running (or just finished) fit."""
@@ -341,8 +493,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ entry points
     def fit(self, model: LightningModule, train_dataloaders: Any = None, val_dataloaders: Any = None,
-            datamodule: LightningDataModule | None = None, ckpt_path: str | None = None) -> None:
-        """Train ``model``; with ckpt_path (a path, "last" or "best") resume from a checkpoint."""
+            datamodule: LightningDataModule | None = None, ckpt_path: str | os.PathLike[str] | None = None,
+            weights_only: bool | None = None) -> None:
+        """Train ``model`` (or ``torch.compile(model)``); with ckpt_path (a path, "last" or "best") resume from a
+        checkpoint, read with torch.load(weights_only=...) (None: torch's default, True)."""
+        model = self._unwrap_compiled("fit", model)
         if isinstance(train_dataloaders, LightningDataModule):
             datamodule, train_dataloaders = train_dataloaders, None
         self._check_inputs("fit", model, datamodule, train_dataloaders, val_dataloaders)
@@ -350,23 +505,29 @@ class Trainer:
             raise ValueError("Trainer.fit got no training data: pass train_dataloaders=DataLoader(...), "
                              "datamodule=..., or define train_dataloader() on the module.")
         self._launch("fit", model, dict(train=train_dataloaders, val=val_dataloaders, datamodule=datamodule,
-                                        ckpt_path=ckpt_path))
+                                        ckpt_path=self._select_ckpt_path("fit", ckpt_path),
+                                        weights_only=weights_only))
 
-    def validate(self, model: LightningModule | None = None, dataloaders: Any = None, ckpt_path: str | None = None,
-                 verbose: bool = True, datamodule: LightningDataModule | None = None) -> list[dict[str, float]]:
+    def validate(self, model: LightningModule | None = None, dataloaders: Any = None,
+                 ckpt_path: str | os.PathLike[str] | None = None, verbose: bool = True,
+                 datamodule: LightningDataModule | None = None,
+                 weights_only: bool | None = None) -> list[dict[str, float]]:
         """Run validation_step over the data once; returns one metrics dict per dataloader."""
-        return self._evaluate("validate", model, dataloaders, ckpt_path, verbose, datamodule)
+        return self._evaluate("validate", model, dataloaders, ckpt_path, verbose, datamodule, weights_only)
 
-    def test(self, model: LightningModule | None = None, dataloaders: Any = None, ckpt_path: str | None = None,
-             verbose: bool = True, datamodule: LightningDataModule | None = None) -> list[dict[str, float]]:
+    def test(self, model: LightningModule | None = None, dataloaders: Any = None,
+             ckpt_path: str | os.PathLike[str] | None = None, verbose: bool = True,
+             datamodule: LightningDataModule | None = None,
+             weights_only: bool | None = None) -> list[dict[str, float]]:
         """Run test_step over the data once; returns one metrics dict per dataloader."""
-        return self._evaluate("test", model, dataloaders, ckpt_path, verbose, datamodule)
+        return self._evaluate("test", model, dataloaders, ckpt_path, verbose, datamodule, weights_only)
 
     def predict(self, model: LightningModule | None = None, dataloaders: Any = None,
                 datamodule: LightningDataModule | None = None, return_predictions: bool | None = None,
-                ckpt_path: str | None = None) -> list[Any] | None:
+                ckpt_path: str | os.PathLike[str] | None = None,
+                weights_only: bool | None = None) -> list[Any] | None:
         """Run predict_step (default: forward) under inference_mode; outputs in dataset order."""
-        model = model or self.lightning_module
+        model = self._unwrap_compiled("predict", model) if model is not None else self.lightning_module
         if isinstance(dataloaders, LightningDataModule):
             datamodule, dataloaders = dataloaders, None
         self._check_inputs("predict", model, datamodule, dataloaders, None)
@@ -374,13 +535,14 @@ class Trainer:
             raise ValueError("Trainer.predict got no data: pass dataloaders=..., datamodule=..., or define "
                              "predict_dataloader() on the module.")
         return self._launch("predict", model, dict(dataloaders=dataloaders, datamodule=datamodule,
-                                                   ckpt_path=ckpt_path,
+                                                   ckpt_path=self._select_ckpt_path("predict", ckpt_path),
+                                                   weights_only=weights_only,
                                                    return_predictions=True if return_predictions is None
                                                    else return_predictions))
 
-    def _evaluate(self, stage: str, model: Any, dataloaders: Any, ckpt_path: str | None, verbose: bool,
-                  datamodule: Any) -> list[dict[str, float]]:
-        model = model or self.lightning_module
+    def _evaluate(self, stage: str, model: Any, dataloaders: Any, ckpt_path: Any, verbose: bool,
+                  datamodule: Any, weights_only: bool | None = None) -> list[dict[str, float]]:
+        model = self._unwrap_compiled(stage, model) if model is not None else self.lightning_module
         if isinstance(dataloaders, LightningDataModule):
             datamodule, dataloaders = dataloaders, None
         self._check_inputs(stage, model, datamodule, dataloaders, None)
@@ -388,17 +550,66 @@ class Trainer:
         if dataloaders is None and datamodule is None and not defines(model, hook):
             raise ValueError(f"Trainer.{stage} got no data: pass dataloaders=..., datamodule=..., or define "
                              f"{hook}() on the module.")
-        out = self._launch(stage, model, dict(dataloaders=dataloaders, datamodule=datamodule, ckpt_path=ckpt_path))
+        out = self._launch(stage, model, dict(dataloaders=dataloaders, datamodule=datamodule,
+                                              ckpt_path=self._select_ckpt_path(stage, ckpt_path),
+                                              weights_only=weights_only))
         if verbose and out:
             _print_eval(stage, out)
         return out
+
+    def _unwrap_compiled(self, fn: str, model: Any) -> Any:
+        """``torch.compile(module)`` -> the module itself, its forward and steps compiled (Lightning's
+        from_compiled), so the Trainer trains, checkpoints and returns the module the user holds."""
+        if not is_compiled_module(model):
+            return model
+        if self.plan.launcher == "xla":
+            raise RuntimeError(f"Trainer.{fn} got a torch.compile'd module, which the XLA strategy cannot run (as in "
+                               "Lightning, only the single-device and DDP strategies run compiled modules). Pass "
+                               "the module itself.")
+        return from_compiled(model)
+
+    @property
+    def ckpt_path(self) -> str | None:
+        """The checkpoint the last fit/validate/test/predict loaded ("last"/"best" resolved to the file), else None.
+
+        Setting it makes the next calls load that checkpoint, until it is set to None or a call passes ckpt_path.
+        """
+        return self.__dict__.get("_ckpt_path")
+
+    @ckpt_path.setter
+    def ckpt_path(self, path: str | os.PathLike[str] | None) -> None:
+        self.__dict__["_ckpt_path"] = os.fspath(path) if path is not None else None
+        self.__dict__["_ckpt_user_managed"] = bool(path)
+
+    def _select_ckpt_path(self, fn: str, ckpt_path: str | os.PathLike[str] | dict[str, Any] | None) -> Any:
+        """The checkpoint file this call loads: ``ckpt_path`` ("last"/"best"/a path) or the one set through
+        ``trainer.ckpt_path``; resolved here, on the driver, and recorded as ``trainer.ckpt_path``. A snapshot
+        dict (an in-memory checkpoint) passes through as it is."""
+        user_set = self.__dict__.get("_ckpt_path") if self.__dict__.get("_ckpt_user_managed") else None
+        if user_set is not None and ckpt_path is not None:
+            warnings.warn(f"`trainer.ckpt_path = {user_set!r}` was set, but then `trainer.{fn}(ckpt_path="
+                          f"{os.fspath(ckpt_path)!r})` was called: the latter is loaded.", stacklevel=3)
+            self.__dict__["_ckpt_user_managed"] = False
+            user_set = None
+        chosen = ckpt_path if user_set is None else user_set
+        if isinstance(chosen, dict):  # an in-memory snapshot (raytrainer's own resume path): no file to resolve
+            self.__dict__["_ckpt_path"] = None
+            return chosen  # type: ignore[return-value]
+        if chosen is not None and not isinstance(chosen, (str, os.PathLike)):
+            raise TypeError(f"Trainer.{fn}(ckpt_path=...) takes a path, \"last\" or \"best\"; got "
+                            f"{type(chosen).__name__}.")
+        path = resolve_ckpt_path(os.fspath(chosen), self.checkpoint_callback, self) if chosen is not None else None
+        if user_set is None:
+            self.__dict__["_ckpt_path"] = path
+        return path
 
     def _check_inputs(self, fn: str, model: Any, datamodule: Any, loaders: Any, val: Any) -> None:
         if model is None:
             raise ValueError(f"Trainer.{fn} needs a model: pass a LightningModule (no model was fitted before).")
         if not isinstance(model, LightningModule):
-            raise TypeError(f"Trainer.{fn} expects a raytrainer.LightningModule, got {type(model).__name__}. "
-                            "Subclass raytrainer.LightningModule (import raytrainer as pl; pl.LightningModule).")
+            raise TypeError(f"Trainer.{fn} expects a raytrainer.LightningModule, got {type(model).__name__}. Subclass "
+                            "raytrainer.LightningModule (import raytrainer as pl; pl.LightningModule); "
+                            "torch.compile(module) of one is accepted too.")
         if datamodule is not None and not isinstance(datamodule, LightningDataModule):
             raise TypeError(f"datamodule must be a raytrainer.LightningDataModule, got {type(datamodule).__name__}.")
         if datamodule is not None and (loaders is not None or val is not None):
@@ -406,7 +617,20 @@ class Trainer:
 
     def _launch(self, fn: str, model: LightningModule, kwargs: dict[str, Any]) -> Any:
         self.session.fn = fn
-        return make_launcher(self.plan).launch(self, fn, model, kwargs)
+        state = self.session.trainer_state  # the driver's, also when the ranks run on Ray
+        state.status, state.stage = TrainerStatus.RUNNING, FN_STAGE[state.fn]
+        try:
+            out = make_launcher(self.plan).launch(self, fn, model, kwargs)
+        except BaseException:
+            state.status, state.stage = TrainerStatus.INTERRUPTED, None
+            raise
+        state.status, state.stage = TrainerStatus.FINISHED, None
+        return out
+
+
+def _barebones(config: RunConfig) -> str:
+    """How an argument was turned off, for messages: by barebones=True or by the user."""
+    return " (by barebones=True)" if config.barebones else ""
 
 
 def _print_eval(stage: str, out: list[dict[str, float]]) -> None:

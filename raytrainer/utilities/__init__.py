@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from raytrainer.utilities.combined_loader import CombinedLoader  # noqa: F401  (Lightning exports it here)
+
 log = logging.getLogger("raytrainer")
 if not log.handlers:
     _h = logging.StreamHandler()

@@ -7,3 +7,8 @@ class MisconfigurationException(ValueError, TypeError):
 
     Lightning users catch it by this name; it is also a ValueError and a TypeError, the types raytrainer
     raised for the same mistakes before, so ``except ValueError`` / ``except TypeError`` code keeps working."""
+
+
+class MisconfigurationRuntimeError(MisconfigurationException, RuntimeError):
+    """A MisconfigurationException where raytrainer raised RuntimeError before (logging from a hook that cannot log,
+    a monitored metric that was never logged), so ``except RuntimeError`` code keeps working as well."""

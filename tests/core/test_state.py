@@ -55,7 +55,8 @@ def _config(**overrides):
                 sync_batchnorm=False, reload_dataloaders_every_n_epochs=0, max_failures=0,
                 placement_timeout_s=60.0, collective_timeout_s=300.0, snapshot_every_n_steps=None,
                 heartbeat_timeout_s=300.0, elastic_batch_policy="rank", scale_check_interval_s=5.0,
-                ray_address=None, spare_ranks_per_node=None)
+                ray_address=None, spare_ranks_per_node=None, overfit_batches=0.0, profiler=None, barebones=False,
+                plugins=None, enable_autolog_hparams=True, model_registry=None)
     args.update(overrides)
     return RunConfig.from_args(Plan.from_args(), **args)
 

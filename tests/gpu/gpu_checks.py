@@ -102,7 +102,8 @@ class Checks:
                 ("gpus_list_selects_device", self.gpus_list_selects_device),
                 ("checkpoint_gpu_to_cpu_map_location", self.checkpoint_to_cpu),
                 ("export_torchscript_onnx", self.export),
-                ("ddp_sync_batchnorm", self.ddp_sync_batchnorm)]
+                ("ddp_sync_batchnorm", self.ddp_sync_batchnorm),
+                ("true_precision_init_module_deterministic", self.true_precision_init_module_deterministic)]
 
     # ------------------------------------------------------------------ helpers
     def trainer(self, name: str, **kwargs: Any) -> Any:
@@ -247,7 +248,7 @@ class Checks:
             port = sock.getsockname()[1]
         os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1"})
         model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 1))
-        strategy = DDPStrategy("cuda:0", RankContext(), timeout_s=60, sync_batchnorm=True)
+        strategy = DDPStrategy(device="cuda:0", ctx=RankContext(), timeout_s=60, sync_batchnorm=True)
         strategy.setup_environment()
         try:
             wrapped = strategy.setup_module(model)
@@ -258,6 +259,35 @@ class Checks:
         finally:
             strategy.teardown()
         return "BatchNorm1d -> SyncBatchNorm, forward/backward through DDP on NCCL"
+
+    def true_precision_init_module_deterministic(self) -> str:
+        """precision='16-true' / 'bf16-true' on CUDA: init_module() creates the module on the GPU in that dtype, fit
+        keeps it there; deterministic=True sets CUBLAS_WORKSPACE_CONFIG before the first cuBLAS call of the run."""
+        import os
+
+        from autoencoder import LitAutoEncoder
+
+        import raytrainer as pl
+
+        os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        done = []
+        device = "cpu" if self.cpu else "cuda"
+        runs = [("16-true", self.torch.float16)] if not self.cpu else []  # fp16 matmuls on CPU are slow
+        for precision, dtype in runs + [("bf16-true", self.torch.bfloat16)]:
+            pl.seed_everything(0)
+            trainer = self.trainer(f"true-{precision}", max_steps=8, precision=precision, deterministic=True)
+            with trainer.init_module():
+                model = LitAutoEncoder()
+            params = {(p.device.type, p.dtype) for p in model.parameters()}
+            assert params == {(device, dtype)}, params
+            trainer.fit(model, datamodule=self.data())
+            self.expect_device(model)
+            assert {p.dtype for p in model.parameters()} == {dtype}
+            assert all(bool(self.torch.isfinite(p).all()) for p in model.parameters()), "non-finite weights"
+            assert os.environ.get("CUBLAS_WORKSPACE_CONFIG") == ":4096:8", os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+            done.append(f"{precision}: params {dtype} on {device}, step {trainer.global_step}")
+        self.torch.use_deterministic_algorithms(False)
+        return "; ".join(done) + "; CUBLAS_WORKSPACE_CONFIG=:4096:8"
 
     def checkpoint_to_cpu(self) -> str:
         from autoencoder import LitAutoEncoder

@@ -37,7 +37,7 @@ def pair() -> Iterator[WorkerGroup]:
 
 # -- what the ranks run --------------------------------------------------------------------------
 def collectives(ctx: RankInfo) -> dict:
-    s = DDPStrategy("cpu", ctx)
+    s = DDPStrategy(device="cpu", ctx=ctx)
     s.setup_environment()
     r = ctx.global_rank
     x = torch.tensor([1.0, 2.0]) * (r + 1)  # rank 0: [1, 2], rank 1: [2, 4]
@@ -78,7 +78,7 @@ def make_data() -> tuple[torch.Tensor, torch.Tensor]:
 
 def train_ddp(ctx: RankInfo, micro_batches: int) -> dict[str, torch.Tensor]:
     """Each rank trains on its half of the batch; gradients are averaged by DDP."""
-    s = DDPStrategy("cpu", ctx)
+    s = DDPStrategy(device="cpu", ctx=ctx)
     s.setup_environment()
     model = s.setup_module(make_model())
     assert isinstance(model, nn.parallel.DistributedDataParallel)
@@ -158,7 +158,7 @@ def _torchrun_env_of_one(monkeypatch) -> None:
 def test_joins_from_torchrun_variables_and_owns_that_group(monkeypatch):
     _torchrun_env_of_one(monkeypatch)
     assert not dist.is_initialized()
-    s = DDPStrategy("cpu", RankContext(), timeout_s=30)
+    s = DDPStrategy(device="cpu", ctx=RankContext(), timeout_s=30)
     s.setup_environment()
     try:
         assert dist.is_initialized() and dist.get_world_size() == 1
@@ -172,12 +172,12 @@ def test_missing_process_group_is_explained(monkeypatch):
     for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"):
         monkeypatch.delenv(key, raising=False)
     with pytest.raises(RuntimeError, match="torchrun variables"):
-        DDPStrategy("cpu", RankContext(world_size=2)).setup_environment()
+        DDPStrategy(device="cpu", ctx=RankContext(world_size=2)).setup_environment()
 
 
 def test_rejects_bad_timeout():
     with pytest.raises(ValueError, match="timeout_s"):
-        DDPStrategy("cpu", RankContext(), timeout_s=0)
+        DDPStrategy(device="cpu", ctx=RankContext(), timeout_s=0)
 
 
 def test_sync_batchnorm_converts_batchnorm_layers_before_wrapping(monkeypatch):
@@ -187,7 +187,7 @@ def test_sync_batchnorm_converts_batchnorm_layers_before_wrapping(monkeypatch):
     _torchrun_env_of_one(monkeypatch)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU())
     weight = model[1].weight
-    s = DDPStrategy("cpu", RankContext(), timeout_s=30, sync_batchnorm=True)
+    s = DDPStrategy(device="cpu", ctx=RankContext(), timeout_s=30, sync_batchnorm=True)
     s.setup_environment()
     try:
         # DDP itself refuses SyncBatchNorm on CPU modules: that it sees one proves the conversion came first

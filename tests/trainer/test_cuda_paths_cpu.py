@@ -43,7 +43,7 @@ def test_16_mixed_off_cuda_builds_a_disabled_grad_scaler():
 def test_disabled_scaler_steps_exactly_like_plain_sgd():
     layer, opt = sgd_layer()
     ref_layer, ref_opt = sgd_layer()
-    precision = MixedPrecision("cpu", torch.float16)
+    precision = MixedPrecision("16-mixed", "cpu")
     x = torch.tensor([[1.0, 2.0, 3.0]])
     for _ in range(3):
         opt.zero_grad()
@@ -61,7 +61,7 @@ def test_disabled_scaler_steps_exactly_like_plain_sgd():
 
 def test_disabled_scaler_with_a_closure_runs_it_once_and_returns_its_loss():
     layer, opt = sgd_layer()
-    precision = MixedPrecision("cpu", torch.float16)
+    precision = MixedPrecision("16-mixed", "cpu")
     calls = []
 
     def closure() -> torch.Tensor:
@@ -81,7 +81,7 @@ def test_16_mixed_refuses_lbfgs_closures():
     layer = nn.Linear(3, 1)
     opt = torch.optim.LBFGS(layer.parameters())
     with pytest.raises(TypeError, match="LBFGS"):
-        MixedPrecision("cpu", torch.float16).optimizer_step(opt, lambda: layer(torch.ones(1, 3)).sum())
+        MixedPrecision("16-mixed", "cpu").optimizer_step(opt, lambda: layer(torch.ones(1, 3)).sum())
 
 
 class Regressor(pl.LightningModule):
@@ -143,9 +143,9 @@ def fit_with(precision: MixedPrecision, manual: bool, tmp_path: Path) -> tuple[R
 def test_trainer_16_mixed_path_with_a_disabled_scaler_matches_no_scaler(tmp_path, manual):
     """The scaler branch of MixedPrecision (step, update, closure handling) changes nothing when disabled:
     the same fit without any scaler gives bit-identical weights."""
-    scaled, trainer = fit_with(MixedPrecision("cpu", torch.float16), manual, tmp_path / "scaler")
+    scaled, trainer = fit_with(MixedPrecision("16-mixed", "cpu"), manual, tmp_path / "scaler")
     assert trainer.precision_plugin.scaler is not None and not trainer.precision_plugin.scaler.is_enabled()
-    plain, _ = fit_with(MixedPrecision("cpu", torch.float16, scaler=False), manual, tmp_path / "plain")
+    plain, _ = fit_with(MixedPrecision("16-mixed", "cpu", scaler=False), manual, tmp_path / "plain")
     for a, b in zip(scaled.parameters(), plain.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     steps = 3 * 8 * (2 if manual else 1)  # manual: each of the two optimizer steps counts

@@ -159,9 +159,10 @@ def test_wrong_datamodule_type():
         pl.Trainer(**QUIET).fit(module(lambda self, b, i: None), datamodule={})
 
 
-def test_several_training_dataloaders_are_refused():
-    with pytest.raises(ValueError, match=r"takes one training DataLoader.*concatenate the datasets"):
-        pl.Trainer(**QUIET).fit(module(lambda self, b, i: loss_of(self, b)), [data(), data()])
+def test_sequential_combined_training_loaders_are_refused():
+    with pytest.raises(ValueError, match=r"Training does not support the `CombinedLoader\(mode=\"sequential\"\)`"):
+        pl.Trainer(**QUIET).fit(module(lambda self, b, i: loss_of(self, b)),
+                                pl.utilities.CombinedLoader([data(), data()], "sequential"))
 
 
 def test_not_an_iterable():
@@ -204,7 +205,7 @@ def test_fractional_limit_on_a_loader_without_length():
     (dict(limit_train_batches=1.5), r"limit_train_batches=1\.5: use a float in \[0\.0, 1\.0\]"),
     (dict(limit_val_batches=-1), r"limit_val_batches=-1"),
     (dict(limit_test_batches="all"), r"limit_test_batches='all'"),
-    (dict(val_check_interval=2.0), r"val_check_interval=2\.0: use a float in \(0, 1\]"),
+    (dict(val_check_interval=2.5), r"val_check_interval=2\.5: use a float in \(0, 1\]"),
     (dict(val_check_interval=0), r"val_check_interval=0"),
     (dict(val_check_interval=0.5, check_val_every_n_epoch=None), r"check_val_every_n_epoch=None counts batches"),
     (dict(check_val_every_n_epoch=0), r"check_val_every_n_epoch=0 must be an int >= 1, or None"),
@@ -221,7 +222,8 @@ def test_bad_trainer_values(kwargs, message):
 
 
 def test_checkpoint_callback_with_checkpointing_disabled():
-    with pytest.raises(ValueError, match=r"enable_checkpointing=False but a ModelCheckpoint callback was passed"):
+    # Lightning's MisconfigurationException (a ValueError too), with Lightning's message
+    with pytest.raises(ValueError, match=r"`enable_checkpointing=False` but found `ModelCheckpoint` in callbacks"):
         pl.Trainer(enable_checkpointing=False, callbacks=[pl.ModelCheckpoint()])
 
 

@@ -336,7 +336,7 @@ def test_fp16_scaler_skips_a_window_with_no_gradients():
     """16-mixed: a window where every training_step returned None has nothing to unscale or step."""
     from raytrainer.core.precision import MixedPrecision
 
-    precision = MixedPrecision("cpu", torch.float16)
+    precision = MixedPrecision("16-mixed", "cpu")
     precision.scaler = torch.amp.GradScaler("cpu", init_scale=8.0)  # the CUDA code path, run on CPU
     layer = nn.Linear(2, 1)
     opt = torch.optim.SGD(layer.parameters(), lr=0.1)

@@ -295,7 +295,7 @@ class WorkerGroup:
                  placement_timeout_s: float = 60, collective_timeout_s: float = 300,
                  env: dict[str, str] | None = None, start_timeout_s: float = 120,
                  poll_interval_s: float = 0.2, ray_address: str | None = None,
-                 spares_per_node: int = 0) -> None:
+                 spares_per_node: int = 0, backend: str | None = None) -> None:
         if not isinstance(run_name, str) or not run_name.strip():
             raise ValueError(f"run_name must be a non-empty string, got {run_name!r}")
         for label, value in (("num_nodes", num_nodes), ("ranks_per_node", ranks_per_node)):
@@ -329,7 +329,10 @@ class WorkerGroup:
         self.poll_interval_s = poll_interval_s
         self.env = {str(k): str(v) for k, v in (env or {}).items()}
         self.ray_address = ray_address
-        self.backend = rendezvous.default_backend(gpus_per_rank > 0)
+        if backend == "nccl" and gpus_per_rank == 0:
+            raise ValueError("process_group_backend='nccl' needs GPUs (NCCL runs between CUDA devices); use 'gloo' "
+                             "on CPU ranks, or None for the default.")
+        self.backend = backend or rendezvous.default_backend(gpus_per_rank > 0)
         self.started_ray = False          # True if start() had to start a local Ray instance
         self.ranks: list[RankInfo] = []   # filled by start(), ordered by global rank
         self.timings: dict[str, float] = {}

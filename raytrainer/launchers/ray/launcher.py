@@ -34,12 +34,16 @@ class RayLauncher:
         session, config = trainer.session, trainer.config
         nodes, per_node = self._scaling(trainer).layout(world) if self.plan.elastic else \
             (self.plan.num_nodes, self.plan.ranks_per_node)
+        # a DDPStrategy(process_group_backend=..., timeout=...) object decides how the ranks' process group forms
+        template = self.plan.strategy_object
+        backend = getattr(template, "process_group_backend", None)
+        timeout_s = template.timeout_s if getattr(template, "timeout_given", False) else config.collective_timeout_s
         group = WorkerGroup(
             run_name=session.run_name, num_nodes=nodes,
             ranks_per_node=per_node, cpus_per_rank=1, gpus_per_rank=1 if self.plan.accelerator == "cuda" else 0,
-            placement_timeout_s=config.placement_timeout_s, collective_timeout_s=config.collective_timeout_s,
+            placement_timeout_s=config.placement_timeout_s, collective_timeout_s=timeout_s,
             ray_address=config.ray_address, env=_forwarded_env(),
-            spares_per_node=config.spare_ranks_per_node if spares else 0,
+            spares_per_node=config.spare_ranks_per_node if spares else 0, backend=backend,
         )
         atexit.register(group.shutdown)
         return group

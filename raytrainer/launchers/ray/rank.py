@@ -24,11 +24,7 @@ def rank_entry(info: Any, payload: RankPayload, fn: str, model: Any, kwargs: dic
     snapshots.clear()
     if ctl.get("rng") is not None:
         set_rng_states(ctl["rng"])  # every rank starts from the driver's RNG, as Lightning's ranks share a seed
-    # Manual optimization (GANs: each loss touches only some parameters) needs DDP to find unused parameters.
-    find_unused = trainer.plan.strategy == "ddp_find_unused_parameters_true" or not model.automatic_optimization
-    strategy = DDPStrategy(info.device, info, timeout_s=trainer.config.collective_timeout_s,
-                           sync_batchnorm=trainer.config.sync_batchnorm,
-                           find_unused_parameters=find_unused)
+    strategy = rank_strategy(trainer, info, model)
     rank0 = info.global_rank == 0
     bar = trainer.progress_bar_callback
     if bar is not None and rank0:
@@ -61,6 +57,29 @@ def rank_entry(info: Any, payload: RankPayload, fn: str, model: Any, kwargs: dic
     if not rank0:
         return None
     return RunResult.from_session(session, fn, out, info.world_size, status=status, snapshot=snapshot)
+
+
+def rank_strategy(trainer: Any, info: Any, model: Any) -> DDPStrategy:
+    """This rank's DDPStrategy: the user's object (this rank's unpickled copy, with its DDP arguments) or the one
+    the strategy name stands for, bound to the rank's device and place in the world."""
+    plan, config = trainer.plan, trainer.config
+    template = plan.strategy_object
+    if isinstance(template, DDPStrategy):
+        strategy = template.bind(info.device, info)
+    else:
+        unused = plan.find_unused_parameters
+        strategy = DDPStrategy(device=info.device, ctx=info,
+                               **({} if unused is None else {"find_unused_parameters": unused}))
+        if template is not None:
+            strategy._precision_plugin = template._precision_plugin
+    if not strategy.timeout_given:
+        strategy.timeout_s = config.collective_timeout_s
+    strategy.sync_batchnorm = config.sync_batchnorm
+    # Manual optimization (GANs: each loss touches only some parameters) needs DDP to find unused parameters,
+    # unless the user said otherwise.
+    if not model.automatic_optimization and "find_unused_parameters" not in strategy._ddp_kwargs:
+        strategy.find_unused_parameters = True
+    return strategy
 
 
 class _ForwardEvents:

@@ -2,7 +2,7 @@
 
 ``import raytrainer as pl`` gives the names Lightning users know.
 """
-from raytrainer import callbacks, loggers, profilers
+from raytrainer import callbacks, loggers, plugins, profilers, strategies, utilities
 from raytrainer.callbacks import (
                                   Callback,
                                   EarlyStopping,
@@ -22,4 +22,4 @@ __version__ = "0.1.0"
 
 __all__ = ["Callback", "CSVLogger", "EarlyStopping", "LearningRateMonitor", "LightningDataModule", "LightningModule",
            "Logger", "ModelCheckpoint", "ModelSummary", "Plan", "TQDMProgressBar", "Trainer", "callbacks", "loggers",
-           "profilers", "seed_everything", "__version__"]
+           "plugins", "profilers", "seed_everything", "strategies", "utilities", "__version__"]

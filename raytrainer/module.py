@@ -7,14 +7,14 @@ import copy
 import functools
 import inspect
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from raytrainer.utilities import AttributeDict, check_plain_hparams, move_to_device
+from raytrainer.utilities import AttributeDict, apply_to_tensors, check_plain_hparams, move_to_device
 from raytrainer.utilities.exceptions import MisconfigurationException, MisconfigurationRuntimeError
 
 if TYPE_CHECKING:
@@ -428,10 +428,11 @@ class LightningModule(HyperparametersMixin, DataHooks, nn.Module):
             raise RuntimeError(f"{type(self).__name__}.all_gather {_TRAINER_ONLY}.")
         strategy = trainer.strategy
         device = self.device
+        as_tensor = functools.partial(_to_tensor, device=device)
         if strategy is None:  # no run in this process (e.g. the driver after a Ray run): one process, as Lightning
-            return _map_tensors(data, lambda t: t, device)
-        return _map_tensors(data, functools.partial(strategy.all_gather, group=group, sync_grads=sync_grads),
-                            device)
+            return apply_to_tensors(data, as_tensor, as_tensor)
+        return apply_to_tensors(data, lambda t: strategy.all_gather(t.to(device), group=group, sync_grads=sync_grads),
+                                as_tensor)
 
     # ------------------------------------------------------------------ optimization API
     def optimizers(self, use_pl_optimizer: bool = True) -> LightningOptimizer | list[Any] | Any:
@@ -613,20 +614,6 @@ def _to_tensor(value: Any, device: torch.device) -> Any:
     return value
 
 
-def _map_tensors(data: Any, fn: Callable[[torch.Tensor], torch.Tensor], device: torch.device) -> Any:
-    """``fn`` applied to every tensor (numbers and arrays converted first) of a nested dict/list/tuple."""
-    if isinstance(data, Mapping):
-        items = [(k, _map_tensors(v, fn, device)) for k, v in data.items()]
-        try:
-            return type(data)(items)
-        except TypeError:  # a mapping type that cannot be built from pairs
-            return dict(items)
-    if isinstance(data, tuple) and hasattr(data, "_fields"):  # namedtuple
-        return type(data)(*(_map_tensors(v, fn, device) for v in data))
-    if isinstance(data, (list, tuple)):
-        return type(data)(_map_tensors(v, fn, device) for v in data)
-    value = _to_tensor(data, device)
-    return fn(value) if isinstance(value, torch.Tensor) else value
 
 
 def prepares_data_here(obj: Any, local_rank: int, node_rank: int) -> bool:

@@ -103,7 +103,8 @@ class Hooks:
         self.profiler = profiler
         if profiler is not None:
             # Only a profiled run pays for recording: its dispatch methods replace the plain ones on this instance.
-            self.call, self.callbacks_only = self._profiled_call, self._profiled_callbacks_only  # type: ignore
+            self._run_callback = self._profiled_run_callback  # type: ignore[method-assign]
+            self._run_module = self._profiled_run_module  # type: ignore[method-assign]
 
     def collect(self) -> None:
         """Look up the hot hooks and module overrides once (callbacks may change between runs)."""
@@ -144,46 +145,37 @@ class Hooks:
         for name in ("optimizer_zero_grad", "configure_gradient_clipping"):
             self.module_overrides[name] = self._module_fn(name)
 
-    def _profiled_callbacks_only(self, name: str, *args: Any) -> None:
-        for cb in self.callbacks:
-            self._callback_fn(cb, name)(*args)
+    def _run_callback(self, cb: Callback, name: str, *args: Any) -> Any:
+        return getattr(cb, name)(self.trainer, self.module, *args)
 
-    def _profiled_call(self, name: str, *args: Any, monitoring_last: bool = False) -> Any:
-        model = self.module
-        self._set_fx(name)
-        late = []
-        for cb in self.callbacks:
-            if monitoring_last and type(cb).__name__ in MONITORING:
-                late.append(cb)
-                continue
-            self._callback_fn(cb, name)(*args)
-        out = self._module_fn(name)(*args) if hasattr(model, name) else None
-        if late and name == "on_train_epoch_end":
-            self._before_monitors()
-        for cb in late:
-            self._callback_fn(cb, name)(*args)
-        return out
+    def _run_module(self, name: str, *args: Any) -> Any:
+        return getattr(self.module, name)(*args)
+
+    def _profiled_run_callback(self, cb: Callback, name: str, *args: Any) -> Any:
+        return self._callback_fn(cb, name)(*args)
+
+    def _profiled_run_module(self, name: str, *args: Any) -> Any:
+        return self._module_fn(name)(*args)
 
     def callbacks_only(self, name: str, *args: Any) -> None:
         """A hook only callbacks have (setup, teardown, on_sanity_check_start, ...)."""
         for cb in self.callbacks:
-            getattr(cb, name)(self.trainer, self.module, *args)
+            self._run_callback(cb, name, *args)
 
     def call(self, name: str, *args: Any, monitoring_last: bool = False) -> Any:
         """Callbacks first, then the module (monitoring callbacks after the module when asked)."""
-        model = self.module
         self._set_fx(name)
         late = []
         for cb in self.callbacks:
             if monitoring_last and type(cb).__name__ in MONITORING:
                 late.append(cb)
                 continue
-            getattr(cb, name)(self.trainer, model, *args)
-        out = getattr(model, name)(*args) if hasattr(model, name) else None
+            self._run_callback(cb, name, *args)
+        out = self._run_module(name, *args) if hasattr(self.module, name) else None
         if late and name == "on_train_epoch_end":
             self._before_monitors()
         for cb in late:
-            getattr(cb, name)(self.trainer, model, *args)
+            self._run_callback(cb, name, *args)
         return out
 
     def on_exception(self, exc: BaseException) -> None:

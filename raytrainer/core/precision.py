@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from raytrainer.utilities import apply_to_tensors
+
 TRUE_DTYPES = {"16-true": torch.float16, "bf16-true": torch.bfloat16, "64-true": torch.float64}
 
 
@@ -199,16 +201,7 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 def convert_floats(data: Any, dtype: torch.dtype) -> Any:
     """``data`` with every floating-point tensor in it (in lists, tuples, namedtuples, dicts) cast to ``dtype``."""
-    if isinstance(data, torch.Tensor):
-        return data.to(dtype) if data.is_floating_point() else data
-    if isinstance(data, (list, tuple)):
-        items = [convert_floats(d, dtype) for d in data]
-        if hasattr(data, "_fields"):  # namedtuple
-            return type(data)(*items)
-        return type(data)(items) if isinstance(data, tuple) else items
-    if isinstance(data, dict):
-        return type(data)((k, convert_floats(v, dtype)) for k, v in data.items())
-    return data
+    return apply_to_tensors(data, lambda t: t.to(dtype) if t.is_floating_point() else t)
 
 
 def _has_grads(optimizer: torch.optim.Optimizer) -> bool:

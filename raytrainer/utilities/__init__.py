@@ -5,6 +5,7 @@ import logging
 import os
 import random
 import sys
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -186,15 +187,30 @@ def clip_gradients(optimizer: Any, clip_val: float | None, algorithm: str | None
         torch.nn.utils.clip_grad_value_(params, clip_val)
 
 
+def apply_to_tensors(data: Any, fn: Callable[[Any], Any], leaf: Callable[[Any], Any] | None = None) -> Any:
+    """``fn`` applied to every tensor in nested dicts, lists, tuples and namedtuples, keeping their types.
+
+    ``leaf`` turns other values into tensors first (numbers, arrays); without it they are returned unchanged."""
+    if isinstance(data, torch.Tensor):
+        return fn(data)
+    if isinstance(data, Mapping):
+        items = [(k, apply_to_tensors(v, fn, leaf)) for k, v in data.items()]
+        try:
+            return type(data)(items)
+        except TypeError:  # a mapping type that cannot be built from pairs
+            return dict(items)
+    if isinstance(data, (list, tuple)):
+        items = [apply_to_tensors(d, fn, leaf) for d in data]
+        if hasattr(data, "_fields"):  # namedtuple
+            return type(data)(*items)
+        return type(data)(items) if isinstance(data, tuple) else items
+    if leaf is not None:
+        value = leaf(data)
+        return fn(value) if isinstance(value, torch.Tensor) else value
+    return data
+
+
 def move_to_device(batch: Any, device: torch.device) -> Any:
-    """Recursively move tensors in lists, tuples, dicts and dataclass-free containers to device."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=device.type == "cuda")
-    if isinstance(batch, (list, tuple)):
-        moved = [move_to_device(b, device) for b in batch]
-        if hasattr(batch, "_fields"):  # namedtuple
-            return type(batch)(*moved)
-        return type(batch)(moved) if isinstance(batch, tuple) else moved
-    if isinstance(batch, dict):
-        return type(batch)((k, move_to_device(v, device)) for k, v in batch.items())
-    return batch
+    """Every tensor of a (nested) batch on ``device``; non-blocking copies to CUDA."""
+    non_blocking = device.type == "cuda"
+    return apply_to_tensors(batch, lambda t: t.to(device, non_blocking=non_blocking))

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from raytrainer.utilities.exceptions import MisconfigurationException
+
 PRECISIONS = {
     "32": "32-true", "32-true": "32-true", "32-TRUE": "32-true",
     "16": "16-mixed", "16-mixed": "16-mixed",
@@ -114,9 +116,9 @@ class Plan:
                 f"{asked} asks for TPU cores but torch_xla is not installed. Install it with "
                 "`pip install \"raytrainer[tpu]\"` (torch_xla must match your torch version).")
         if self.precision == "16-mixed" and self.accelerator == "cpu":
-            raise ValueError(
-                "precision='16-mixed' (precision=16) needs a CUDA GPU: float16 autocast with a "
-                "GradScaler is a GPU feature. On CPU use precision='bf16-mixed' or '32-true'.")
+            raise MisconfigurationException(
+                               "precision='16-mixed' (precision=16) needs a CUDA GPU: float16 autocast with a "
+                               "GradScaler is a GPU feature. On CPU use precision='bf16-mixed' or '32-true'.")
 
     @staticmethod
     def from_args(
@@ -144,14 +146,17 @@ class Plan:
             accelerator, devices = _devices_of_strategy(strategy_object, strategy, accelerator, devices)
         strategy = "auto" if strategy is None else str(strategy).lower()
         if strategy in UNSUPPORTED_STRATEGIES:
-            raise ValueError(f"strategy={strategy!r} is not supported: {UNSUPPORTED_STRATEGIES[strategy]}. "
-                             "raytrainer runs 'ddp' (and its Lightning aliases) on Ray, and 'xla' on TPUs.")
+            raise MisconfigurationException(
+                f"strategy={strategy!r} is not supported: {UNSUPPORTED_STRATEGIES[strategy]}. "
+                "raytrainer runs 'ddp' (and its Lightning aliases) on Ray, and 'xla' on TPUs.")
         if strategy not in STRATEGIES:
-            raise ValueError(f"strategy={strategy!r} is not known. Use one of {sorted(STRATEGIES)}, or a strategy "
-                             "object from raytrainer.strategies (DDPStrategy(...), SingleDeviceStrategy(...)).")
+            raise MisconfigurationException(
+                f"strategy={strategy!r} is not known. Use one of {sorted(STRATEGIES)}, or a strategy "
+                "object from raytrainer.strategies (DDPStrategy(...), SingleDeviceStrategy(...)).")
         acc_in = "auto" if accelerator is None else str(accelerator).lower()
         if acc_in not in ACCELERATORS:
-            raise ValueError(f"accelerator={accelerator!r} is not known. Use one of {sorted(ACCELERATORS)}.")
+            raise MisconfigurationException(
+                f"accelerator={accelerator!r} is not known. Use one of {sorted(ACCELERATORS)}.")
         acc = ACCELERATORS[acc_in]
         if strategy in ("xla_debug", "single_xla"):
             _require(acc in ("auto", "tpu"), f"strategy={strategy!r} needs accelerator='tpu' (or tpu_cores=N).")
@@ -160,12 +165,13 @@ class Plan:
         legacy = {k: v for k, v in (("gpus", gpus), ("tpu_cores", tpu_cores),
                                     ("num_processes", num_processes)) if _given(v)}
         if len(legacy) > 1:
-            raise ValueError(f"{' and '.join(f'{k}={v!r}' for k, v in legacy.items())} conflict: each picks "
-                             "a different device type. Pass only one of gpus, tpu_cores, num_processes.")
+            raise MisconfigurationException(
+                f"{' and '.join(f'{k}={v!r}' for k, v in legacy.items())} conflict: each picks "
+                "a different device type. Pass only one of gpus, tpu_cores, num_processes.")
         if legacy and devices not in ("auto", None):
             (k, v), = legacy.items()
-            raise ValueError(f"{k}={v!r} and devices={devices!r} both set the device count. Use "
-                             f"accelerator=... with devices=... (Lightning 2.x) or {k} alone (1.x).")
+            raise MisconfigurationException(f"{k}={v!r} and devices={devices!r} both set the device count. Use "
+                                            f"accelerator=... with devices=... (Lightning 2.x) or {k} alone (1.x).")
         prec = _resolve_precision(precision)
 
         count: Any
@@ -178,6 +184,9 @@ class Plan:
             _require(acc in ("auto", "tpu"), f"tpu_cores={tpu_cores!r} conflicts with accelerator={accelerator!r}.")
             acc = "tpu"
             count, ids = _parse_tpu(tpu_cores)
+        elif num_processes is not None and _strict_int(num_processes) == 0:
+            raise MisconfigurationException("num_processes=0 asks for no process at all: use num_processes=1 (this "
+                                            "process) or more (Ray actors), or leave it out.")
         elif "num_processes" in legacy:
             _require(acc in ("auto", "cpu"),
                      f"num_processes={num_processes!r} means CPU processes but accelerator={accelerator!r}; "
@@ -197,8 +206,8 @@ class Plan:
 
         nodes = _parse_count(num_nodes, "num_nodes")
         if isinstance(nodes, tuple) and isinstance(count, tuple):
-            raise ValueError(f"num_nodes={num_nodes!r} and a per-node range {count} are both elastic; "
-                             "give the range on one of them only.")
+            raise MisconfigurationException(f"num_nodes={num_nodes!r} and a per-node range {count} are both elastic; "
+                                            "give the range on one of them only.")
         nodes_elastic = isinstance(nodes, tuple)
         if isinstance(count, tuple):
             min_r, max_r = count
@@ -216,8 +225,8 @@ class Plan:
             min_r = max_r = nodes * count
 
         if acc == "tpu" and (n_nodes > 1 or nodes_elastic or min_r != max_r):
-            raise ValueError("TPU runs use torch_xla's own launcher on one host: num_nodes and elastic "
-                             "ranges are not supported with tpu_cores/accelerator='tpu'.")
+            raise MisconfigurationException("TPU runs use torch_xla's own launcher on one host: num_nodes and elastic "
+                                            "ranges are not supported with tpu_cores/accelerator='tpu'.")
         if acc == "tpu":
             launcher = "xla"
         elif max_r > 1 or n_nodes > 1 or strategy in ("ray", "ray_ddp") or min_r != max_r:
@@ -225,15 +234,30 @@ class Plan:
         else:
             launcher = "in_process"
         if strategy == "xla" and acc != "tpu":
-            raise ValueError("strategy='xla' needs accelerator='tpu' (or tpu_cores=N).")
+            raise MisconfigurationException("strategy='xla' needs accelerator='tpu' (or tpu_cores=N).")
         if strategy in ("single_device", "single_xla") and (max_r > 1 or n_nodes > 1):
-            raise ValueError(f"strategy={strategy!r} runs one device, but the arguments ask for {max_r} rank(s) on "
-                             f"{n_nodes} node(s). Use strategy='ddp' (or DDPStrategy(...)) for several devices.")
+            raise MisconfigurationException(
+                f"strategy={strategy!r} runs one device, but the arguments ask for {max_r} rank(s) on "
+                f"{n_nodes} node(s). Use strategy='ddp' (or DDPStrategy(...)) for several devices.")
         if DDP_STRATEGIES.get(strategy) is not None and acc == "tpu":
-            raise ValueError(f"strategy={strategy!r} is a DDP strategy; TPUs run strategy='xla'.")
+            raise MisconfigurationException(f"strategy={strategy!r} is a DDP strategy; TPUs run strategy='xla'.")
         return Plan(accelerator=acc, device_ids=ids, ranks_per_node=per_node, num_nodes=n_nodes,
                     min_ranks=min_r, max_ranks=max_r, nodes_elastic=nodes_elastic, precision=prec,
                     strategy=strategy, launcher=launcher, requested=requested, strategy_object=strategy_object)
+
+
+def _strict_int(value: Any) -> int | None:
+    """An int, a whole float (2.0) or a string of digits as an int; None for anything else (2.5, True, "x"): a count
+    is never silently truncated."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else None
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value.strip())
+    return None
 
 
 def _given(v: Any) -> bool:
@@ -242,7 +266,7 @@ def _given(v: Any) -> bool:
 
 def _require(cond: bool, message: str) -> None:
     if not cond:
-        raise ValueError(message)
+        raise MisconfigurationException(message)
 
 
 def _resolve_precision(precision: Any) -> str:
@@ -252,11 +276,13 @@ def _resolve_precision(precision: Any) -> str:
     if key.endswith(".0"):
         key = key[:-2]
     if key.startswith("transformer-engine"):
-        raise ValueError(f"precision={precision!r} needs NVIDIA Transformer Engine (FP8 layers), which raytrainer "
-                         "does not support. Use 'bf16-mixed' or 'bf16-true' on GPUs that have FP8, or '16-mixed'.")
+        raise MisconfigurationException(
+            f"precision={precision!r} needs NVIDIA Transformer Engine (FP8 layers), which raytrainer "
+            "does not support. Use 'bf16-mixed' or 'bf16-true' on GPUs that have FP8, or '16-mixed'.")
     if key not in PRECISIONS:
-        raise ValueError(f"precision={precision!r} is not supported. Use one of 32 / '32-true', "
-                         "16 / '16-mixed' (CUDA), 'bf16' / 'bf16-mixed', '16-true', 'bf16-true', 64 / '64-true'.")
+        raise MisconfigurationException(
+            f"precision={precision!r} is not supported. Use one of 32 / '32-true', "
+            "16 / '16-mixed' (CUDA), 'bf16' / 'bf16-mixed', '16-true', 'bf16-true', 64 / '64-true'.")
     return PRECISIONS[key]
 
 
@@ -265,11 +291,13 @@ def _strategy_object_name(strategy: Any) -> str:
     name = getattr(strategy, "strategy_name", None)
     module = type(strategy).__module__
     if module.startswith(("pytorch_lightning", "lightning")):
-        raise ValueError(f"strategy={type(strategy).__name__}(...) is pytorch_lightning's class. Use raytrainer's "
-                         f"class of the same name (from raytrainer.strategies import {type(strategy).__name__}).")
+        raise MisconfigurationException(
+            f"strategy={type(strategy).__name__}(...) is pytorch_lightning's class. Use raytrainer's "
+            f"class of the same name (from raytrainer.strategies import {type(strategy).__name__}).")
     if not isinstance(name, str) or (name not in STRATEGIES and name not in UNSUPPORTED_STRATEGIES):
-        raise ValueError(f"strategy={strategy!r} is neither a strategy name nor a raytrainer strategy object. Use "
-                         "a name such as 'ddp' or an object from raytrainer.strategies (DDPStrategy(...)).")
+        raise MisconfigurationException(
+            f"strategy={strategy!r} is neither a strategy name nor a raytrainer strategy object. Use "
+            "a name such as 'ddp' or an object from raytrainer.strategies (DDPStrategy(...)).")
     return name
 
 
@@ -280,12 +308,13 @@ def _devices_of_strategy(strategy: Any, name: str, accelerator: Any, devices: An
     device = strategy.root_device
     acc = "cuda" if device.type == "cuda" else "cpu"
     if accelerator not in (None, "auto") and ACCELERATORS.get(str(accelerator).lower()) != acc:
-        raise ValueError(f"strategy=SingleDeviceStrategy({str(device)!r}) runs on {acc}, but "
-                         f"accelerator={accelerator!r}; give one of them only.")
+        raise MisconfigurationException(f"strategy=SingleDeviceStrategy({str(device)!r}) runs on {acc}, but "
+                                        f"accelerator={accelerator!r}; give one of them only.")
     if devices not in ("auto", None, 1, "1", [device.index]) and acc == "cpu" or \
             acc == "cuda" and devices not in ("auto", None, 1, "1", [device.index or 0]):
-        raise ValueError(f"strategy=SingleDeviceStrategy({str(device)!r}) runs one device, but devices={devices!r}."
-                         " Drop devices=..., or use DDPStrategy(...) for several.")
+        raise MisconfigurationException(
+            f"strategy=SingleDeviceStrategy({str(device)!r}) runs one device, but devices={devices!r}."
+            " Drop devices=..., or use DDPStrategy(...) for several.")
     return acc, ([device.index or 0] if acc == "cuda" else 1)
 
 
@@ -296,14 +325,15 @@ def parse_range(value: Any, name: str) -> tuple[int, int] | None:
         try:
             pair = (int(lo), int(hi))
         except ValueError:
-            raise ValueError(f"{name}={value!r}: a range must look like 'MIN:MAX' with integers, e.g. '1:4'.") \
+            raise MisconfigurationException(
+                f"{name}={value!r}: a range must look like 'MIN:MAX' with integers, e.g. '1:4'.") \
                 from None
     elif isinstance(value, tuple) and len(value) == 2:
         pair = (int(value[0]), int(value[1]))
     else:
         return None
     if not 1 <= pair[0] <= pair[1]:
-        raise ValueError(f"{name}={value!r}: need 1 <= MIN <= MAX.")
+        raise MisconfigurationException(f"{name}={value!r}: need 1 <= MIN <= MAX.")
     return pair if pair[0] != pair[1] else None or pair
 
 
@@ -311,12 +341,11 @@ def _parse_count(value: Any, name: str) -> int | tuple[int, int]:
     rng = parse_range(value, name)
     if rng is not None:
         return rng if rng[0] != rng[1] else rng[0]
-    try:
-        n = int(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}={value!r} must be a positive integer or a 'MIN:MAX' range.") from None
+    n = _strict_int(value)
+    if n is None:
+        raise MisconfigurationException(f"{name}={value!r} must be a positive integer or a 'MIN:MAX' range.")
     if n < 1:
-        raise ValueError(f"{name}={value!r} must be at least 1.")
+        raise MisconfigurationException(f"{name}={value!r} must be at least 1.")
     return n
 
 
@@ -332,22 +361,23 @@ def _parse_gpus(value: Any, env: Env, name: str) -> tuple[int | tuple[int, int],
             try:
                 value = int(s)
             except ValueError:
-                raise ValueError(f"{name}={value!r}: expected an int, -1, a list of ids or '1,3'.") from None
+                raise MisconfigurationException(
+                    f"{name}={value!r}: expected an int, -1, a list of ids or '1,3'.") from None
     if isinstance(value, tuple) and len(value) == 2 and name == "devices":
         return _parse_count(value, name), None
     if isinstance(value, (list, tuple)):
         ids = tuple(int(i) for i in value)
         if not ids or len(set(ids)) != len(ids) or min(ids) < 0:
-            raise ValueError(f"{name}={value!r}: device ids must be distinct non-negative integers.")
+            raise MisconfigurationException(f"{name}={value!r}: device ids must be distinct non-negative integers.")
         return len(ids), ids
     n = int(value)
     if n == -1:
         if env.cuda_device_count == 0:
-            raise ValueError(f"{name}=-1 asks for every GPU but none is visible "
-                             "(torch.cuda.is_available() is False).")
+            raise MisconfigurationException(f"{name}=-1 asks for every GPU but none is visible "
+                                            "(torch.cuda.is_available() is False).")
         n = env.cuda_device_count
     if n < 1:
-        raise ValueError(f"{name}={value!r} must be at least 1 (or -1 for all GPUs).")
+        raise MisconfigurationException(f"{name}={value!r} must be at least 1 (or -1 for all GPUs).")
     return n, tuple(range(n))
 
 
@@ -355,16 +385,18 @@ def _parse_tpu(value: Any) -> tuple[int, tuple[int, ...] | None]:
     if isinstance(value, (list, tuple)):
         ids = tuple(int(i) for i in value)
         if len(ids) != 1:
-            raise ValueError(f"tpu_cores={value!r}: a list selects one core, e.g. [5]; use an int for many.")
+            raise MisconfigurationException(
+                f"tpu_cores={value!r}: a list selects one core, e.g. [5]; use an int for many.")
         return 1, ids
     if parse_range(value, "tpu_cores") is not None:
         return _parse_count(value, "tpu_cores"), None  # rejected below with the TPU launcher's reason
     try:
         n = int(value)
     except (TypeError, ValueError):
-        raise ValueError(f"tpu_cores={value!r} must be a positive integer (or a list with one core id).") from None
+        raise MisconfigurationException(
+            f"tpu_cores={value!r} must be a positive integer (or a list with one core id).") from None
     if n < 1:
-        raise ValueError(f"tpu_cores={value!r} must be at least 1.")
+        raise MisconfigurationException(f"tpu_cores={value!r} must be at least 1.")
     return n, None
 
 

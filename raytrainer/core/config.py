@@ -99,22 +99,30 @@ class RunConfig:
                 "them from there with your registry's client.")
         fdr = int(fast_dev_run) if not isinstance(fast_dev_run, bool) else (1 if fast_dev_run else 0)
         if fdr < 0:
-            raise ValueError(f"fast_dev_run={fast_dev_run!r} must be a bool or a non-negative int.")
+            raise MisconfigurationException(f"fast_dev_run={fast_dev_run!r} must be a bool or a non-negative int.")
         if not isinstance(max_steps, int) or max_steps < -1:
-            raise ValueError(f"max_steps={max_steps!r} must be -1 (no limit) or a non-negative int.")
+            raise MisconfigurationException(f"max_steps={max_steps!r} must be -1 (no limit) or a non-negative int.")
+        check_int("max_epochs", max_epochs, -1, "-1 (no limit), a non-negative int, or None (1000 epochs)")
+        check_int("min_epochs", min_epochs, 0, "a non-negative int or None")
+        check_int("min_steps", min_steps, 0, "a non-negative int or None")
+        check_int("num_sanity_val_steps", num_sanity_val_steps, -1, "-1 (every validation batch), an int >= 0 or "
+                  "None (2)")
+        check_int("log_every_n_steps", log_every_n_steps, 0, "an int >= 1, or None (50)")
         if not isinstance(accumulate_grad_batches, int) or accumulate_grad_batches < 1:
-            raise ValueError(f"accumulate_grad_batches={accumulate_grad_batches!r} must be an int >= 1.")
+            raise MisconfigurationException(f"accumulate_grad_batches={accumulate_grad_batches!r} must be an int >= 1.")
         if gradient_clip_algorithm not in (None, "norm", "value"):
-            raise ValueError(f"gradient_clip_algorithm={gradient_clip_algorithm!r}: use 'norm' or 'value'.")
+            raise MisconfigurationException(
+                f"gradient_clip_algorithm={gradient_clip_algorithm!r}: use 'norm' or 'value'.")
         if gradient_clip_val is not None and gradient_clip_val < 0:
-            raise ValueError(f"gradient_clip_val={gradient_clip_val!r} must be >= 0.")
+            raise MisconfigurationException(f"gradient_clip_val={gradient_clip_val!r} must be >= 0.")
         if max_failures < 0:
-            raise ValueError(f"max_failures={max_failures!r} must be >= 0.")
+            raise MisconfigurationException(f"max_failures={max_failures!r} must be >= 0.")
         if sync_batchnorm and plan.accelerator != "cuda":
-            raise ValueError(f"sync_batchnorm=True needs CUDA devices, but this run is on {plan.accelerator}: torch's "
-                             "SyncBatchNorm synchronises batch statistics only between GPUs. Remove sync_batchnorm "
-                             "(each rank then normalises with its own batch's statistics), or train on GPUs "
-                             "(accelerator='gpu', devices=N).")
+            raise MisconfigurationException(
+                f"sync_batchnorm=True needs CUDA devices, but this run is on {plan.accelerator}: torch's "
+                "SyncBatchNorm synchronises batch statistics only between GPUs. Remove sync_batchnorm "
+                "(each rank then normalises with its own batch's statistics), or train on GPUs "
+                "(accelerator='gpu', devices=N).")
         if fdr:
             max_epochs, max_steps, num_sanity_val_steps = 1, fdr, 0
             logger, enable_checkpointing = False, False
@@ -123,25 +131,28 @@ class RunConfig:
                              reload_dataloaders_every_n_epochs)
         log_every = 50 if log_every_n_steps is None else int(log_every_n_steps)
         if log_every < 1 and not barebones:  # barebones: 0, no step logging (Lightning's value)
-            raise ValueError(f"log_every_n_steps={log_every_n_steps!r} must be >= 1.")
+            raise MisconfigurationException(f"log_every_n_steps={log_every_n_steps!r} must be >= 1.")
         if snapshot_every_n_steps is not None and snapshot_every_n_steps < 0:
-            raise ValueError(f"snapshot_every_n_steps={snapshot_every_n_steps!r}: use an int >= 1, 0 to turn "
-                             "in-memory snapshots off, or None to snapshot every step while that costs under 5% "
-                             "of the step time.")
+            raise MisconfigurationException(
+                f"snapshot_every_n_steps={snapshot_every_n_steps!r}: use an int >= 1, 0 to turn "
+                "in-memory snapshots off, or None to snapshot every step while that costs under 5% "
+                "of the step time.")
         if spare_ranks_per_node is not None and (not isinstance(spare_ranks_per_node, int)
                                                  or isinstance(spare_ranks_per_node, bool) or spare_ranks_per_node < 0):
-            raise ValueError(f"spare_ranks_per_node={spare_ranks_per_node!r}: use an int >= 0 (warm spare processes "
-                             "per node that replace a dead rank at once), or None for 1 when max_failures > 0.")
+            raise MisconfigurationException(
+                f"spare_ranks_per_node={spare_ranks_per_node!r}: use an int >= 0 (warm spare processes "
+                "per node that replace a dead rank at once), or None for 1 when max_failures > 0.")
         for name, value in (("heartbeat_timeout_s", heartbeat_timeout_s),
                             ("scale_check_interval_s", scale_check_interval_s),
                             ("placement_timeout_s", placement_timeout_s),
                             ("collective_timeout_s", collective_timeout_s)):
             if not value > 0:
-                raise ValueError(f"{name}={value!r} must be > 0 seconds.")
+                raise MisconfigurationException(f"{name}={value!r} must be > 0 seconds.")
         if elastic_batch_policy not in ("rank", "global"):
-            raise ValueError(f"elastic_batch_policy={elastic_batch_policy!r}: use 'rank' (keep each rank's batch "
-                             "size; the global batch follows the world size) or 'global' (keep the global batch; "
-                             "each rank's batch is batch_size * MAX / world).")
+            raise MisconfigurationException(
+                f"elastic_batch_policy={elastic_batch_policy!r}: use 'rank' (keep each rank's batch "
+                "size; the global batch follows the world size) or 'global' (keep the global batch; "
+                "each rank's batch is batch_size * MAX / world).")
         config = cls(
             plan=plan, fast_dev_run=fdr,
             max_epochs=max_epochs if max_epochs is not None else (1000 if max_steps == -1 and max_time is None
@@ -176,13 +187,23 @@ class RunConfig:
                 "test": self.limit_test_batches, "predict": self.limit_predict_batches}[stage]
 
 
+def check_int(name: str, value: Any, lowest: int, what: str) -> None:
+    """Refuse anything but None or an int >= ``lowest`` (a bool, a float or a string such as "3" included), before
+    any work starts: a wrong type would otherwise fail in the middle of a run."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+        raise MisconfigurationException(f"{name}={value!r} ({type(value).__name__}): use {what}.")
+
+
 def check_limit(name: str, value: Any) -> Any:
     """A limit_*_batches value: None, a fraction in [0, 1], or a batch count >= 0."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or \
             (isinstance(value, float) and value > 1.0):
-        raise ValueError(f"{name}={value!r}: use a float in [0.0, 1.0] (fraction) or an int >= 0 (batches).")
+        raise MisconfigurationException(
+            f"{name}={value!r}: use a float in [0.0, 1.0] (fraction) or an int >= 0 (batches).")
     return value
 
 
@@ -197,10 +218,12 @@ def parse_max_time(value: Any) -> float | None:
     if isinstance(value, str):
         parts = value.split(":")
         if len(parts) != 4 or not all(p.isdigit() for p in parts):
-            raise ValueError(f"max_time={value!r}: use 'DD:HH:MM:SS', a timedelta or a dict like {{'hours': 1}}.")
+            raise MisconfigurationException(
+                f"max_time={value!r}: use 'DD:HH:MM:SS', a timedelta or a dict like {{'hours': 1}}.")
         d, h, m, s = map(int, parts)
         return timedelta(days=d, hours=h, minutes=m, seconds=s).total_seconds()
-    raise ValueError(f"max_time={value!r}: use 'DD:HH:MM:SS', a timedelta or a dict like {{'hours': 1}}.")
+    raise MisconfigurationException(
+        f"max_time={value!r}: use 'DD:HH:MM:SS', a timedelta or a dict like {{'hours': 1}}.")
 
 
 def _info_if_one(name: str, value: Any) -> None:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from raytrainer.utilities import apply_to_tensors
+from raytrainer.utilities.exceptions import MisconfigurationException
 
 TRUE_DTYPES = {"16-true": torch.float16, "bf16-true": torch.bfloat16, "64-true": torch.float64}
 
@@ -84,15 +85,17 @@ class MixedPrecision(Precision):
 
     def __init__(self, precision: str, device: str = "cuda", scaler: torch.amp.GradScaler | bool | None = None) -> None:
         if precision not in ("16-mixed", "bf16-mixed"):
-            raise ValueError(f"MixedPrecision(precision={precision!r}): precision must be '16-mixed' or 'bf16-mixed'. "
-                             "For 16-true / bf16-true use HalfPrecision, for 64-true DoublePrecision.")
+            raise MisconfigurationException(
+                f"MixedPrecision(precision={precision!r}): precision must be '16-mixed' or 'bf16-mixed'. "
+                "For 16-true / bf16-true use HalfPrecision, for 64-true DoublePrecision.")
         super().__init__(device)
         self.precision = precision
         self.dtype = torch.float16 if precision == "16-mixed" else torch.bfloat16
         if isinstance(scaler, torch.amp.GradScaler):
             if precision == "bf16-mixed":
-                raise ValueError("MixedPrecision('bf16-mixed') does not use a GradScaler (bfloat16 has float32's "
-                                 "range); drop the scaler argument.")
+                raise MisconfigurationException(
+                    "MixedPrecision('bf16-mixed') does not use a GradScaler (bfloat16 has float32's "
+                    "range); drop the scaler argument.")
             self.scaler = scaler
         elif scaler is None and precision == "16-mixed" or scaler is True:
             # enabled only on CUDA; GradScaler(enabled=False) is a transparent no-op, which is how the scaler code
@@ -175,7 +178,8 @@ class HalfPrecision(_TruePrecision):
 
     def __init__(self, precision: str = "16-true") -> None:
         if precision not in ("16-true", "bf16-true"):
-            raise ValueError(f"HalfPrecision(precision={precision!r}): precision must be '16-true' or 'bf16-true'.")
+            raise MisconfigurationException(
+                f"HalfPrecision(precision={precision!r}): precision must be '16-true' or 'bf16-true'.")
         super().__init__()
         self.precision = precision
         self.dtype = TRUE_DTYPES[precision]
@@ -233,7 +237,6 @@ def precision_plugin(plugins: list[Any], precision: Any, strategy: Any = None) -
 
     Raises for a type raytrainer cannot run, for two precision plugins, and for a plugin together with a
     ``precision`` argument (Lightning: "Choose one")."""
-    from raytrainer.utilities.exceptions import MisconfigurationException
 
     found: list[Precision] = []
     for plugin in plugins:
@@ -258,7 +261,8 @@ def precision_plugin(plugins: list[Any], precision: Any, strategy: Any = None) -
             raise MisconfigurationException("precision set through both strategy class and plugins, choose one")
         found.append(on_strategy)
     if found and precision is not None:
-        raise ValueError(f"Received both `precision={precision}` and `plugins={found[0]!r}`. Choose one.")
+        raise MisconfigurationException(
+            f"Received both `precision={precision}` and `plugins={found[0]!r}`. Choose one.")
     return found[0] if found else None
 
 

@@ -459,7 +459,7 @@ class RankSession:
         self.data_sources = {fn: (lambda: loaders) if loaders is not None else from_hook(hook)}
         self._load_eval(fn)
         if not self.val_dataloaders:
-            raise ValueError(f"Trainer.{fn} found no data: {hook}() returned nothing.")
+            raise MisconfigurationException(f"Trainer.{fn} found no data: {hook}() returned nothing.")
 
     def _load_train(self) -> None:
         """(Re)load the training loader from its source; sets the batches per epoch and the validation schedule."""
@@ -467,18 +467,20 @@ class RankSession:
         train = source() if source is not None else None
         self.loaded_at["train"] = self.state.current_epoch
         if train is None or (isinstance(train, (list, tuple, dict)) and not train):
-            raise ValueError("Trainer.fit found no training data: train_dataloader() returned None.")
+            raise MisconfigurationException("Trainer.fit found no training data: train_dataloader() returned None.")
         combined = train if isinstance(train, CombinedLoader) else None
         if combined is None and tree_flatten(train)[1][0] != "leaf":
             combined = CombinedLoader(train, "max_size_cycle")  # Lightning's default for a collection of loaders
         if combined is not None:
             if combined.mode == "sequential":
-                raise ValueError('Training does not support the `CombinedLoader(mode="sequential")` mode. The '
-                                 "available modes are: ['min_size', 'max_size_cycle', 'max_size'].")
+                raise MisconfigurationException(
+                    'Training does not support the `CombinedLoader(mode="sequential")` mode. The '
+                    "available modes are: ['min_size', 'max_size_cycle', 'max_size'].")
             if self.elastic:
-                raise ValueError("elastic runs re-shard one training DataLoader; several training loaders (a "
-                                 "CombinedLoader, a dict or list) are not supported there. Concatenate the "
-                                 "datasets into one DataLoader, or run without elasticity.")
+                raise MisconfigurationException(
+                    "elastic runs re-shard one training DataLoader; several training loaders (a "
+                    "CombinedLoader, a dict or list) are not supported there. Concatenate the "
+                    "datasets into one DataLoader, or run without elasticity.")
             combined.flattened = [self._prepare_loader(dl, "train") for dl in combined.flattened]
             self.train_dataloader = combined
             self.dataloader_iterables["train"] = combined.iterables
@@ -486,6 +488,10 @@ class RankSession:
             self.train_dataloader = self.dataloader_iterables["train"] = self._prepare_loader(train, "train")
         self.num_training_batches = n = self.unit_batches(self.train_dataloader, "train")
         config = self.config
+        if n == 0 and config.limit_train_batches != 0:
+            log.warning("rank %d: the training data has no batches (an empty dataset, or fewer samples than ranks and "
+                        "drop_last=True), so fit trains 0 steps. Check the dataset and the DataLoader's batch_size "
+                        "and drop_last.", self.global_rank)
         vci = config.val_check_interval
         self.val_check_batches = None
         if config.val_check_time_s is not None:
@@ -521,7 +527,8 @@ class RankSession:
         overfit = self.fn == "fit" and self.config.overfit_batches > 0
         if isinstance(given, CombinedLoader) and given.mode != "sequential":
             if stage == "predict":
-                raise ValueError('`trainer.predict()` only supports the `CombinedLoader(mode="sequential")` mode.')
+                raise MisconfigurationException(
+                    '`trainer.predict()` only supports the `CombinedLoader(mode="sequential")` mode.')
             given.flattened = [self._prepare_loader(dl, stage, overfit) for dl in given.flattened]
             self.dataloader_iterables[stage] = given.iterables
             self.unit_batches(given, stage)
@@ -636,8 +643,9 @@ class RankSession:
         config = self.config
         if model.automatic_optimization:
             if not opts:
-                raise ValueError("configure_optimizers returned no optimizer, which automatic optimization needs. "
-                                 "Return an optimizer, or set self.automatic_optimization = False.")
+                raise MisconfigurationException(
+                    "configure_optimizers returned no optimizer, which automatic optimization needs. "
+                    "Return an optimizer, or set self.automatic_optimization = False.")
             if len(opts) > 1:
                 raise ValueError(f"configure_optimizers returned {len(opts)} optimizers, but automatic optimization "
                                  "supports one. Use manual optimization for several: set "
@@ -645,13 +653,15 @@ class RankSession:
                                  "with self.optimizers() and self.manual_backward(loss).")
         else:
             if config.gradient_clip_val:
-                raise ValueError("Trainer(gradient_clip_val=...) does not apply under manual optimization: call "
-                                 "self.clip_gradients(opt, gradient_clip_val=..., gradient_clip_algorithm=...) in "
-                                 "training_step before opt.step().")
+                raise MisconfigurationException(
+                    "Trainer(gradient_clip_val=...) does not apply under manual optimization: call "
+                    "self.clip_gradients(opt, gradient_clip_val=..., gradient_clip_algorithm=...) in "
+                    "training_step before opt.step().")
             if config.accumulate_grad_batches != 1:
-                raise ValueError("Trainer(accumulate_grad_batches>1) does not apply under manual optimization: "
-                                 "accumulate yourself, e.g. call opt.step() and opt.zero_grad() every N batches "
-                                 "in training_step.")
+                raise MisconfigurationException(
+                    "Trainer(accumulate_grad_batches>1) does not apply under manual optimization: "
+                    "accumulate yourself, e.g. call opt.step() and opt.zero_grad() every N batches "
+                    "in training_step.")
         self.optimizers = opts
         self.lr_scheduler_configs = scheds
         self.lightning_optimizers = [LightningOptimizer(o, self) for o in opts]

@@ -8,6 +8,7 @@ from raytrainer.strategies.base import Strategy
 from raytrainer.strategies.ddp import DDPStrategy
 from raytrainer.strategies.single_device import SingleDeviceStrategy
 from raytrainer.strategies.xla import SingleDeviceXLAStrategy, XLAStrategy
+from raytrainer.utilities.exceptions import MisconfigurationException
 
 ParallelStrategy = DDPStrategy  # Lightning's base of the multi-process strategies; DDP is raytrainer's only one
 
@@ -18,8 +19,9 @@ class _Unsupported:
     reason = ""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        raise ValueError(f"{type(self).__name__} is not supported by raytrainer: {self.reason}. Use "
-                         "DDPStrategy(...) (data parallel over Ray) on CPUs and GPUs, or XLAStrategy on TPUs.")
+        raise MisconfigurationException(
+            f"{type(self).__name__} is not supported by raytrainer: {self.reason}. Use "
+            "DDPStrategy(...) (data parallel over Ray) on CPUs and GPUs, or XLAStrategy on TPUs.")
 
 
 class FSDPStrategy(_Unsupported):

@@ -11,6 +11,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from raytrainer.utilities import move_to_device
+from raytrainer.utilities.exceptions import MisconfigurationException
 
 
 @dataclass
@@ -54,8 +55,9 @@ def refuse_foreign_parts(owner: str, **parts: Any) -> None:
     }
     given = [name for name, value in parts.items() if value is not None]
     if given:
-        raise ValueError(f"{owner}({', '.join(f'{n}=...' for n in given)}): raytrainer does not take "
-                         f"{' or '.join(given)} on a strategy: " + "; ".join(advice[n] for n in given) + ".")
+        raise MisconfigurationException(
+            f"{owner}({', '.join(f'{n}=...' for n in given)}): raytrainer does not take "
+            f"{' or '.join(given)} on a strategy: " + "; ".join(advice[n] for n in given) + ".")
 
 
 class Strategy:

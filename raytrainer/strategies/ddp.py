@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from raytrainer.strategies.base import REDUCE_OPS, RankContext, Strategy, refuse_foreign_parts
+from raytrainer.utilities.exceptions import MisconfigurationException
 
 _TORCH_OPS = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM,
               "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
@@ -57,24 +58,27 @@ class DDPStrategy(Strategy):
             raise TypeError(f"DDPStrategy got unknown argument(s) {unknown}: besides its own arguments it passes "
                             f"DistributedDataParallel's to the wrapper, which are {list(DDP_KWARGS)}.")
         if model_averaging_period is not None or _is_post_local_sgd(ddp_comm_state):
-            raise ValueError("DDPStrategy(model_averaging_period=..., post-localSGD state): periodic model "
-                             "averaging (post-localSGD) is not supported by raytrainer. Use a plain DDP comm hook "
-                             "(e.g. ddp_comm_hook=default_hooks.fp16_compress_hook) or none.")
+            raise MisconfigurationException(
+                "DDPStrategy(model_averaging_period=..., post-localSGD state): periodic model "
+                "averaging (post-localSGD) is not supported by raytrainer. Use a plain DDP comm hook "
+                "(e.g. ddp_comm_hook=default_hooks.fp16_compress_hook) or none.")
         if start_method not in DDP_START_METHODS:
-            raise ValueError(f"DDPStrategy(start_method={start_method!r}): use one of {DDP_START_METHODS} (on "
-                             "raytrainer every start method runs the ranks as Ray actors).")
+            raise MisconfigurationException(
+                f"DDPStrategy(start_method={start_method!r}): use one of {DDP_START_METHODS} (on "
+                "raytrainer every start method runs the ranks as Ray actors).")
         if process_group_backend is not None and process_group_backend not in BACKENDS:
-            raise ValueError(f"DDPStrategy(process_group_backend={process_group_backend!r}): raytrainer forms "
-                             f"process groups with {BACKENDS} ('nccl' on CUDA only); pick one of them or None "
-                             "(nccl on GPUs, gloo on CPU).")
+            raise MisconfigurationException(
+                f"DDPStrategy(process_group_backend={process_group_backend!r}): raytrainer forms "
+                f"process groups with {BACKENDS} ('nccl' on CUDA only); pick one of them or None "
+                "(nccl on GPUs, gloo on CPU).")
         if timeout is not None and timeout_s is not None:
-            raise ValueError("DDPStrategy: give timeout (Lightning's timedelta) or timeout_s, not both.")
+            raise MisconfigurationException("DDPStrategy: give timeout (Lightning's timedelta) or timeout_s, not both.")
         if isinstance(timeout, timedelta):
             timeout_s = timeout.total_seconds()
         elif timeout is not None:
             timeout_s = float(timeout)
         if timeout_s is not None and timeout_s <= 0:
-            raise ValueError(f"DDPStrategy: timeout (timeout_s) must be > 0 seconds, got {timeout_s}")
+            raise MisconfigurationException(f"DDPStrategy: timeout (timeout_s) must be > 0 seconds, got {timeout_s}")
         self.timeout_given = timeout_s is not None  # else the Trainer's collective_timeout_s applies
         self.timeout_s = timeout_s if timeout_s is not None else 300.0
         self._ddp_kwargs = dict(kwargs)

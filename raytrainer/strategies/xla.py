@@ -21,6 +21,7 @@ from torch import nn
 from raytrainer.core.precision import Precision
 from raytrainer.strategies.base import REDUCE_OPS, RankContext, Strategy, refuse_foreign_parts
 from raytrainer.utilities import move_to_device
+from raytrainer.utilities.exceptions import MisconfigurationException
 
 INSTALL_HINT = 'pip install "raytrainer[tpu]"'
 XLA_PRECISIONS = ("32-true", "bf16-mixed")
@@ -42,10 +43,12 @@ def import_xla() -> tuple[Any, Any, Any]:
 def check_precision(precision: str) -> None:
     """Refuse precisions XLA cannot run, before any device or process starts."""
     if precision == "16-mixed":
-        raise ValueError("precision='16-mixed' (precision=16) is float16 autocast with a GradScaler, a CUDA "
-                         "feature. On TPU use precision='bf16-mixed' (or '32-true').")
+        raise MisconfigurationException(
+            "precision='16-mixed' (precision=16) is float16 autocast with a GradScaler, a CUDA "
+            "feature. On TPU use precision='bf16-mixed' (or '32-true').")
     if precision not in XLA_PRECISIONS:
-        raise ValueError(f"precision={precision!r} is not supported on XLA devices; use one of {XLA_PRECISIONS}.")
+        raise MisconfigurationException(
+            f"precision={precision!r} is not supported on XLA devices; use one of {XLA_PRECISIONS}.")
 
 
 class XLAPrecision(Precision):

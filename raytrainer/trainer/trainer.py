@@ -502,8 +502,8 @@ class Trainer:
             datamodule, train_dataloaders = train_dataloaders, None
         self._check_inputs("fit", model, datamodule, train_dataloaders, val_dataloaders)
         if train_dataloaders is None and datamodule is None and not defines(model, "train_dataloader"):
-            raise ValueError("Trainer.fit got no training data: pass train_dataloaders=DataLoader(...), "
-                             "datamodule=..., or define train_dataloader() on the module.")
+            raise MisconfigurationException("Trainer.fit got no training data: pass train_dataloaders=DataLoader(...), "
+                                            "datamodule=..., or define train_dataloader() on the module.")
         self._launch("fit", model, dict(train=train_dataloaders, val=val_dataloaders, datamodule=datamodule,
                                         ckpt_path=self._select_ckpt_path("fit", ckpt_path),
                                         weights_only=weights_only))
@@ -532,8 +532,9 @@ class Trainer:
             datamodule, dataloaders = dataloaders, None
         self._check_inputs("predict", model, datamodule, dataloaders, None)
         if dataloaders is None and datamodule is None and not defines(model, "predict_dataloader"):
-            raise ValueError("Trainer.predict got no data: pass dataloaders=..., datamodule=..., or define "
-                             "predict_dataloader() on the module.")
+            raise MisconfigurationException(
+                "Trainer.predict got no data: pass dataloaders=..., datamodule=..., or define "
+                "predict_dataloader() on the module.")
         return self._launch("predict", model, dict(dataloaders=dataloaders, datamodule=datamodule,
                                                    ckpt_path=self._select_ckpt_path("predict", ckpt_path),
                                                    weights_only=weights_only,
@@ -548,8 +549,9 @@ class Trainer:
         self._check_inputs(stage, model, datamodule, dataloaders, None)
         hook = "val_dataloader" if stage == "validate" else "test_dataloader"
         if dataloaders is None and datamodule is None and not defines(model, hook):
-            raise ValueError(f"Trainer.{stage} got no data: pass dataloaders=..., datamodule=..., or define "
-                             f"{hook}() on the module.")
+            raise MisconfigurationException(
+                f"Trainer.{stage} got no data: pass dataloaders=..., datamodule=..., or define "
+                f"{hook}() on the module.")
         out = self._launch(stage, model, dict(dataloaders=dataloaders, datamodule=datamodule,
                                               ckpt_path=self._select_ckpt_path(stage, ckpt_path),
                                               weights_only=weights_only))
@@ -605,7 +607,8 @@ class Trainer:
 
     def _check_inputs(self, fn: str, model: Any, datamodule: Any, loaders: Any, val: Any) -> None:
         if model is None:
-            raise ValueError(f"Trainer.{fn} needs a model: pass a LightningModule (no model was fitted before).")
+            raise MisconfigurationException(
+                f"Trainer.{fn} needs a model: pass a LightningModule (no model was fitted before).")
         if not isinstance(model, LightningModule):
             raise TypeError(f"Trainer.{fn} expects a raytrainer.LightningModule, got {type(model).__name__}. Subclass "
                             "raytrainer.LightningModule (import raytrainer as pl; pl.LightningModule); "
@@ -613,7 +616,7 @@ class Trainer:
         if datamodule is not None and not isinstance(datamodule, LightningDataModule):
             raise TypeError(f"datamodule must be a raytrainer.LightningDataModule, got {type(datamodule).__name__}.")
         if datamodule is not None and (loaders is not None or val is not None):
-            raise ValueError(f"Trainer.{fn}: pass either dataloaders or a datamodule, not both.")
+            raise MisconfigurationException(f"Trainer.{fn}: pass either dataloaders or a datamodule, not both.")
 
     def _launch(self, fn: str, model: LightningModule, kwargs: dict[str, Any]) -> Any:
         self.session.fn = fn

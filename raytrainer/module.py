@@ -30,6 +30,9 @@ class DataHooks:
 
     # True: prepare_data runs on local rank 0 of every node; False: only on global rank 0 (a shared filesystem).
     prepare_data_per_node: bool = True
+    # False: a rank whose training loader has no batch while others train stops fit with an error (its ranks would
+    # step unevenly); True: it trains on, with a warning.
+    allow_zero_length_dataloader_with_multiple_devices: bool = False
 
     def train_dataloader(self) -> Any:
         """The training data (a DataLoader or any iterable of batches); override to give fit its data."""

@@ -489,9 +489,7 @@ class RankSession:
         self.num_training_batches = n = self.unit_batches(self.train_dataloader, "train")
         config = self.config
         if n == 0 and config.limit_train_batches != 0:
-            log.warning("rank %d: the training data has no batches (an empty dataset, or fewer samples than ranks and "
-                        "drop_last=True), so fit trains 0 steps. Check the dataset and the DataLoader's batch_size "
-                        "and drop_last.", self.global_rank)
+            self._check_empty_training_data(self.datamodule if self.datamodule is not None else self.module)
         vci = config.val_check_interval
         self.val_check_batches = None
         if config.val_check_time_s is not None:
@@ -510,6 +508,17 @@ class RankSession:
                     "length (an IterableDataset): give an int number of batches, a duration such as "
                     "'00:00:10:00', or 1.0.")
             self.val_check_batches = max(1, int(n * vci))
+
+    def _check_empty_training_data(self, source: Any) -> None:
+        """This rank's training loader has no batch: an error when other ranks train (unless the module or
+        datamodule sets allow_zero_length_dataloader_with_multiple_devices), else a warning."""
+        where = "the training data has no batches (an empty dataset, or fewer samples than ranks with drop_last=True)"
+        if self.world_size > 1 and not getattr(source, "allow_zero_length_dataloader_with_multiple_devices", False):
+            raise RuntimeError(
+                f"rank {self.global_rank}: {where}. Give every rank at least one batch (more samples, a smaller "
+                "batch_size, drop_last=False), or set allow_zero_length_dataloader_with_multiple_devices = True on "
+                "the module to train on with uneven ranks.")
+        log.warning("rank %d: %s, so this rank trains 0 steps.", self.global_rank, where)
 
     def _load_eval(self, stage: str) -> None:
         """(Re)load the validation/test/predict loaders of ``stage`` from their source, prepared and counted."""

@@ -262,6 +262,11 @@ class Trainer:
     enable_model_summary = _config_property("enable_model_summary", "Print the model summary at fit start.")
     enable_checkpointing = _config_property("enable_checkpointing", "Add a ModelCheckpoint by default.")
     sync_batchnorm = _config_property("sync_batchnorm", "Lightning's sync_batchnorm argument.")
+    overfit_batches = _config_property("overfit_batches", "Train and validate on this many (or this fraction of) "
+                                       "the first batches.")
+    reload_dataloaders_every_n_epochs = _config_property("reload_dataloaders_every_n_epochs",
+                                                         "Rebuild the loaders from their hooks every N epochs.")
+    enable_autolog_hparams = _config_property("enable_autolog_hparams", "Log save_hyperparameters' values.")
     max_failures = _config_property("max_failures", "Ray runs: failures survived by restart or repair.")
     placement_timeout_s = _config_property("placement_timeout_s", "Ray runs: wait for resources this long.")
     collective_timeout_s = _config_property("collective_timeout_s", "Ray runs: timeout of one collective.")
@@ -450,6 +455,39 @@ class Trainer:
             return min(self.max_steps, per_epoch * max(self.max_epochs, 1)) if self.max_epochs not in (None, -1) \
                 else self.max_steps
         return per_epoch * (self.max_epochs if self.max_epochs not in (None, -1) else 1)
+
+    @property
+    def val_check_batch(self) -> int | float | None:
+        """Training batches between two validations of fit (None before fit resolves its data)."""
+        session = self.session
+        if session.val_check_batches is not None:
+            return session.val_check_batches
+        if self.config.val_check_time_s is not None:
+            return float("inf")  # time-based: no batch count triggers validation
+        return session.num_training_batches if session.train_dataloader is not None else None
+
+    @property
+    def enable_validation(self) -> bool:
+        """Whether fit validates: the module defines validation_step, validation data exists and
+        limit_val_batches is not 0."""
+        module = self.lightning_module
+        if module is None or not defines(module, "validation_step") or self.limit_val_batches == 0:
+            return False
+        source = self.datamodule if self.datamodule is not None else module
+        return bool(self.session.val_dataloaders) or defines(source, "val_dataloader")
+
+    @property
+    def device_ids(self) -> list[int]:
+        """The device index of each rank on a node (CPU ranks count from 0), as Lightning's."""
+        plan = self.plan
+        return list(plan.device_ids) if plan.device_ids else list(range(plan.ranks_per_node))
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, int] | None:
+        """What a DistributedSampler needs on this rank (num_replicas, rank); None for one process."""
+        if self.world_size <= 1:
+            return None
+        return {"num_replicas": self.world_size, "rank": self.global_rank}
 
     @property
     def val_dataloaders(self) -> Any:

@@ -66,3 +66,4 @@ def test_an_empty_training_loader_warns_that_nothing_trains(tmp_path, caplog):
         logger.removeHandler(caplog.handler)
     assert trainer.global_step == 0
     assert "training data has no batches" in caplog.text
+

@@ -2,9 +2,9 @@
 
     python examples/gan.py                                   # one CPU, in-process, ~15 s
     python examples/gan.py --precision bf16-mixed            # autocast to bfloat16
-    python examples/gan.py --num_processes 2 --strategy ddp_find_unused_parameters_true
-                                                             # 2 ranks on Ray (the discriminator's
-                                                             # loss leaves the generator unused)
+    python examples/gan.py --num_processes 2                 # 2 ranks on Ray; no find_unused_parameters
+                                                             # needed: each manual_backward arms DDP
+                                                             # for the parameters its loss reaches
 
 The generator and the discriminator each have their own optimizer. ``training_step`` switches
 automatic optimization off and steps both itself, as in Lightning:

@@ -215,6 +215,8 @@ def _fit_remote(address: str, script_rel: str, working_dir: str, args_for_script
     """Submit the script as a Ray job, stream its logs, and return its exit status."""
     address = _normalize_address(address)
     token = _token()
+    # A `ray job ...` command we print must work when pasted: with token auth it needs RAY_AUTH_MODE=token too.
+    env_prefix = "RAY_AUTH_MODE=token " if token and os.environ.get("RAY_AUTH_MODE") != "token" else ""
     if token and "RAY_AUTH_MODE" not in os.environ:
         os.environ["RAY_AUTH_MODE"] = "token"  # before Ray is imported: its HTTP client then sends the token
     version = _wait_for_dashboard(address, token, connect_timeout_s)
@@ -230,9 +232,10 @@ def _fit_remote(address: str, script_rel: str, working_dir: str, args_for_script
     with Spinner(f"uploading {working_dir} and submitting `{entrypoint}`"):
         job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
     print(f"raytrainer fit: submitted job {job_id} to {address}", file=sys.stderr, flush=True)
-    follow = f"ray job logs --follow {job_id} --address {address}"
+    follow = f"{env_prefix}ray job logs --follow {job_id} --address {address}"
+    stop = f"{env_prefix}ray job stop {job_id} --address {address}"
     if not wait:
-        print(f"follow it with: {follow}\nstop it with:   ray job stop {job_id} --address {address}")
+        print(f"follow it with: {follow}\nstop it with:   {stop}")
         return 0
 
     deadline = time.monotonic() + start_timeout_s
@@ -241,15 +244,15 @@ def _fit_remote(address: str, script_rel: str, working_dir: str, args_for_script
             if time.monotonic() >= deadline:
                 raise CLIError(f"job {job_id} did not start within {start_timeout_s:.0f}s (still PENDING: "
                                "the cluster may lack free resources). It stays queued; stop it with "
-                               f"`ray job stop {job_id} --address {address}`.", code=1)
+                               f"`{stop}`.", code=1)
             spinner.update(f"waiting for job {job_id} to start on the cluster ({status})")
             time.sleep(1.0)
 
     try:
-        _stream_logs(client, job_id, timeout_s)
+        _stream_logs(client, job_id, timeout_s, stop)
     except KeyboardInterrupt:
         print(f"\nraytrainer fit: stopped following; the job keeps running.\n  follow: {follow}\n"
-              f"  stop:   ray job stop {job_id} --address {address}", file=sys.stderr)
+              f"  stop:   {stop}", file=sys.stderr)
         return 130
 
     end = time.monotonic() + 60.0  # the log stream closes as the job ends; its final status follows
@@ -266,7 +269,7 @@ def _fit_remote(address: str, script_rel: str, working_dir: str, args_for_script
     return code if isinstance(code, int) and code > 0 else 1
 
 
-def _stream_logs(client: Any, job_id: str, timeout_s: float | None) -> None:
+def _stream_logs(client: Any, job_id: str, timeout_s: float | None, stop: str) -> None:
     """Print the job's logs as they arrive until the job ends (or --timeout passes)."""
     import asyncio
 
@@ -282,7 +285,7 @@ def _stream_logs(client: Any, job_id: str, timeout_s: float | None) -> None:
         asyncio.run(bounded())
     except TimeoutError as exc:
         raise CLIError(f"job {job_id} ran past --timeout {timeout_s:.0f}s; it keeps running on the cluster "
-                       f"(stop it with `ray job stop {job_id}`)", code=1) from exc
+                       f"(stop it with `{stop}`)", code=1) from exc
     except RuntimeError as exc:  # the log socket closed early: the final status tells the outcome
         print(f"raytrainer fit: log stream ended early ({exc}); reading the job status", file=sys.stderr)
 

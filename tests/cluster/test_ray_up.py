@@ -389,6 +389,18 @@ def test_ray_up_local_cluster_trains_the_example(node: dict) -> None:
     assert "world size: 2, epochs: 2" in fit.stdout
     assert "SUCCEEDED" in fit.stderr
 
+    # 3b. `--no-wait` prints commands that work as printed (token auth needs RAY_AUTH_MODE=token as well).
+    queued = run([*RAYTRAINER, "fit", "examples/autoencoder.py", "--address", f"http://127.0.0.1:{dashboard}",
+                  "--no-wait", "--connect-timeout", "120", "--", "--max_epochs", "500", "--no_progress_bar",
+                  "--ckpt_path", "none", "--default_root_dir", str(work / "runs" / "queued")],
+                 timeout=300, cwd=REPO, env={"RAY_AUTH_TOKEN_PATH": str(node["token"])})
+    assert queued.returncode == 0, queued.stderr
+    stop_cmd = next(line for line in queued.stdout.splitlines() if line.startswith("stop it with:")).split(":", 1)[1]
+    assert stop_cmd.strip().startswith("RAY_AUTH_MODE=token ray job stop "), stop_cmd
+    stopped = run(["bash", "-c", stop_cmd.strip()], timeout=300, cwd=REPO,
+                  env={"RAY_AUTH_TOKEN_PATH": str(node["token"]), "PATH": f"{BIN}:{os.environ['PATH']}"})
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+
     # 4. Training finished, a checkpoint verifies, metrics were logged.
     status = run([*RAYTRAINER, "status", str(root), "--json"], timeout=300)
     assert status.returncode == 0, status.stderr

@@ -167,6 +167,18 @@ def read_position(ckpt: dict[str, Any], world_size: int, where: str) -> Position
     return Position(state, None, {})
 
 
+def reached_limit(ckpt: dict[str, Any], max_epochs: int | None, max_steps: int) -> tuple[str, int, int] | None:
+    """(the limit, epochs done, global step) when a fit resumed from ``ckpt`` has nothing left to train because
+    max_steps or max_epochs is already reached; None when it trains on."""
+    position = read_position(ckpt, int((ckpt.get("raytrainer") or {}).get("world_size", 1)), "")
+    step, epochs = int(ckpt.get("global_step", 0)), int(position.loop_state["epoch"])
+    if max_steps != -1 and step >= max_steps:
+        return f"max_steps={max_steps}", epochs, step
+    if max_epochs is not None and max_epochs != -1 and epochs >= max_epochs:
+        return f"max_epochs={max_epochs}", epochs, step
+    return None
+
+
 def _progress(total: dict[str, int], current: dict[str, int]) -> dict[str, dict[str, int]]:
     return {"total": dict(total), "current": dict(current)}
 

@@ -43,6 +43,10 @@ def fit_loop(session: RankSession) -> None:
         session.trainer_state.stage = stage  # back to training, as Lightning
         session.results["validate"].reset_epoch()
     session.bind_results(session.results["train"])  # self.log in on_train_start belongs to training
+    if _fit_done(session):
+        # Nothing to train (a finished run resumed, limit_train_batches=0): as Lightning, no on_train_start/end.
+        session.hooks.call("on_fit_end")
+        return
     session.hooks.call("on_train_start")
     session.last_val_time = time.monotonic()  # time-based val_check_interval counts from here (Lightning)
     deadline = time.monotonic() + session.config.max_time_s if session.config.max_time_s else None

@@ -18,6 +18,7 @@ from raytrainer.callbacks.early_stopping import EarlyStopping
 from raytrainer.callbacks.model_checkpoint import ModelCheckpoint
 from raytrainer.callbacks.model_summary import ModelSummary
 from raytrainer.callbacks.progress import TQDMProgressBar
+from raytrainer.checkpoint.format import reached_limit
 from raytrainer.checkpoint.resolve import resolve_ckpt_path
 from raytrainer.core import control
 from raytrainer.core.config import RunConfig
@@ -34,7 +35,7 @@ from raytrainer.profilers import PassThroughProfiler, Profiler
 from raytrainer.strategies.base import SkipParameterInit
 from raytrainer.strategies.registry import strategy_for
 from raytrainer.trainer.states import TrainerState, TrainerStatus
-from raytrainer.utilities import closest
+from raytrainer.utilities import closest, log
 from raytrainer.utilities.exceptions import MisconfigurationException
 from raytrainer.utilities.states import FN_STAGE
 
@@ -543,7 +544,7 @@ class Trainer:
             raise MisconfigurationException("Trainer.fit got no training data: pass train_dataloaders=DataLoader(...), "
                                             "datamodule=..., or define train_dataloader() on the module.")
         self._launch("fit", model, dict(train=train_dataloaders, val=val_dataloaders, datamodule=datamodule,
-                                        ckpt_path=self._select_ckpt_path("fit", ckpt_path),
+                                        ckpt_path=self._resume_note(self._select_ckpt_path("fit", ckpt_path)),
                                         weights_only=weights_only))
 
     def validate(self, model: LightningModule | None = None, dataloaders: Any = None,
@@ -596,6 +597,22 @@ class Trainer:
         if verbose and out:
             _print_eval(stage, out)
         return out
+
+    def _resume_note(self, path: Any) -> Any:
+        """Say in one line, before any rank starts, when the checkpoint a fit resumes from has nothing left to
+        train (a finished run resumed with ckpt_path="last"): which file, which limit, how to train more."""
+        if isinstance(path, str) and os.path.isfile(path):
+            try:  # mmap: only the small loop counters are read, not the weights
+                ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            except Exception:  # noqa: BLE001 -- a damaged file gets its own clear error when the run restores it
+                return path
+            reached = reached_limit(ckpt, self.config.max_epochs, self.config.max_steps)
+            if reached is not None:
+                limit, epochs, step = reached
+                log.warning("fit: nothing left to train: %s holds %d finished epoch(s) and %d step(s), so %s is "
+                            "already reached. Pass a larger %s to train more, or ckpt_path=None to start fresh.",
+                            path, epochs, step, limit, limit.split("=")[0])
+        return path
 
     def _unwrap_compiled(self, fn: str, model: Any) -> Any:
         """``torch.compile(module)`` -> the module itself, its forward and steps compiled (Lightning's

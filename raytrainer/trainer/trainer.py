@@ -168,6 +168,7 @@ class Trainer:
             heartbeat_timeout_s=heartbeat_timeout_s, elastic_batch_policy=elastic_batch_policy,
             scale_check_interval_s=scale_check_interval_s, ray_address=ray_address,
             spare_ranks_per_node=spare_ranks_per_node, logger=logger)
+        _warn_if_ephemeral_root(self.config.default_root_dir, given=default_root_dir is not None)
         self.callbacks: list[Callback] = self._default_callbacks(as_sequence(callbacks))
         self.loggers: list[Logger] = self._make_loggers(logger)
         self.session = RankSession(self, self.config)
@@ -689,6 +690,24 @@ class Trainer:
 def _barebones(config: RunConfig) -> str:
     """How an argument was turned off, for messages: by barebones=True or by the user."""
     return " (by barebones=True)" if config.barebones else ""
+
+
+_EPHEMERAL_WARNED: set[str] = set()
+
+
+def _warn_if_ephemeral_root(root: str, given: bool) -> None:
+    """Warn once when logs and checkpoints would land in Ray's per-job working directory (a cluster job run
+    without --default_root_dir): Ray deletes it with its session, and the checkpoints with it."""
+    if "://" in root or f"{os.sep}runtime_resources{os.sep}" not in os.path.abspath(root) + os.sep:
+        return
+    if root in _EPHEMERAL_WARNED:
+        return
+    _EPHEMERAL_WARNED.add(root)
+    how = "default_root_dir points" if given else "without default_root_dir, logs and checkpoints go"
+    log.warning("%s into Ray's working directory for this job (%s), which Ray deletes with its session: the "
+                "checkpoints would be lost. Pass a lasting place, e.g. `-- --default_root_dir s3://bucket/runs` "
+                "(or a path every node shares) after `raytrainer fit ... --address ...`, or "
+                "Trainer(default_root_dir=...).", how, root)
 
 
 def _print_eval(stage: str, out: list[dict[str, float]]) -> None:

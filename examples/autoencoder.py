@@ -148,7 +148,9 @@ def main(argv: list[str] | None = None) -> pl.Trainer:
         strategy=args.strategy, precision=args.precision, default_root_dir=args.default_root_dir,
         max_failures=args.max_failures, deterministic=args.deterministic or None,
         enable_progress_bar=not args.no_progress_bar, log_every_n_steps=5,
-        callbacks=[KillOnce(args.kill_rank_at_step, args.default_root_dir)] if args.kill_rank_at_step else None,
+        # save_last: checkpoints/last.ckpt always names the newest checkpoint (the README exports it)
+        callbacks=[pl.ModelCheckpoint(save_last=True)]
+        + ([KillOnce(args.kill_rank_at_step, args.default_root_dir)] if args.kill_rank_at_step else []),
     )
     model = LitAutoEncoder(lr=args.lr)
     dm = DigitsDataModule(batch_size=args.batch_size, seed=args.seed)

@@ -48,3 +48,11 @@ def test_autoencoder_trains_on_digits_and_writes_logs_and_checkpoint(tmp_path):
 
     ckpt = re.search(r"checkpoint: (\S+)", out).group(1)
     assert Path(ckpt).is_file() and Path(ckpt).parent == log_dir / "checkpoints"
+    assert (log_dir / "checkpoints" / "last.ckpt").is_file()  # the README's export command reads it
+
+    # The README's second laptop command without --ckpt_path none resumes this finished run: one clear line.
+    again = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "autoencoder.py"), "--max_epochs", "2", "--default_root_dir",
+         str(root), "--no_progress_bar"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "nothing left to train" in again.stderr and "max_epochs=2 is already reached" in again.stderr

@@ -25,13 +25,13 @@ DDP_STRATEGIES = {f"{base}{suffix}": unused
                   for base in ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook")
                   for suffix, unused in (("", None), ("_find_unused_parameters_true", True),
                                          ("_find_unused_parameters_false", False))}
-STRATEGIES = {"auto", "single_device", "ray", "ray_ddp", "xla", "xla_debug", "single_xla", *DDP_STRATEGIES}
-_FSDP_NEXT = "FSDP is planned for the next raytrainer release"
+FSDP_STRATEGIES = ("fsdp", "fsdp_cpu_offload")  # sharded data parallel (FSDP2), always on Ray ranks
+STRATEGIES = {"auto", "single_device", "ray", "ray_ddp", "xla", "xla_debug", "single_xla", *DDP_STRATEGIES,
+              *FSDP_STRATEGIES}
 UNSUPPORTED_STRATEGIES = {
     **{name: "DeepSpeed is not supported by raytrainer" for name in (
         "deepspeed", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_2_offload", "deepspeed_stage_3",
         "deepspeed_stage_3_offload", "deepspeed_stage_3_offload_nvme")},
-    "fsdp": _FSDP_NEXT, "fsdp_cpu_offload": _FSDP_NEXT,
     "single_tpu": "Lightning's legacy name; use strategy='single_xla'",
 }
 ACCELERATORS = {"auto": "auto", "cpu": "cpu", "gpu": "cuda", "cuda": "cuda", "tpu": "tpu"}
@@ -229,7 +229,7 @@ class Plan:
                                             "ranges are not supported with tpu_cores/accelerator='tpu'.")
         if acc == "tpu":
             launcher = "xla"
-        elif max_r > 1 or n_nodes > 1 or strategy in ("ray", "ray_ddp") or min_r != max_r:
+        elif max_r > 1 or n_nodes > 1 or strategy in ("ray", "ray_ddp", *FSDP_STRATEGIES) or min_r != max_r:
             launcher = "ray"
         else:
             launcher = "in_process"
@@ -239,6 +239,13 @@ class Plan:
             raise MisconfigurationException(
                 f"strategy={strategy!r} runs one device, but the arguments ask for {max_r} rank(s) on "
                 f"{n_nodes} node(s). Use strategy='ddp' (or DDPStrategy(...)) for several devices.")
+        if strategy in FSDP_STRATEGIES and prec == "16-mixed":
+            raise MisconfigurationException(
+                "precision='16-mixed' with FSDP is not supported by raytrainer yet: the gradient scaler's inf/nan "
+                "check is not agreed across the shards. Use precision='bf16-mixed' (or 'bf16-true').")
+        if strategy in FSDP_STRATEGIES and acc == "tpu":
+            raise MisconfigurationException(f"strategy={strategy!r} (FSDP) runs on CPUs and CUDA GPUs; TPUs run "
+                                            "strategy='xla'.")
         if DDP_STRATEGIES.get(strategy) is not None and acc == "tpu":
             raise MisconfigurationException(f"strategy={strategy!r} is a DDP strategy; TPUs run strategy='xla'.")
         return Plan(accelerator=acc, device_ids=ids, ranks_per_node=per_node, num_nodes=n_nodes,

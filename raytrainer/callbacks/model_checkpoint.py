@@ -584,24 +584,30 @@ class _Snapshot:
 
 
 def _remove_all(paths: list[str]) -> None:
-    """Delete checkpoint files (with manifests); a failure is logged, never raised: the file is only surplus."""
+    """Delete checkpoint files (with manifests) or sharded directories; a failure is logged, never raised: the file
+    is only surplus."""
+    from raytrainer.checkpoint import sharded
     from raytrainer.io import storage
 
     for path in paths:
         try:
-            storage.remove(path, missing_ok=True)
+            if sharded.is_directory(path):
+                sharded.remove_sharded(path, missing_ok=True)
+            else:
+                storage.remove(path, missing_ok=True)
         except OSError as exc:
             log.warning("could not delete rotated-out checkpoint %s: %s", path, exc)
 
 
 def _is_file(uri: str) -> bool:
-    """True when a complete file is at ``uri`` (writes become visible only when complete)."""
+    """True when a complete file or sharded directory is at ``uri`` (both become visible only when complete)."""
     from pyarrow import fs as pafs
 
+    from raytrainer.checkpoint import sharded
     from raytrainer.io import storage
 
     fs, path = storage.resolve(uri)
-    return fs.get_file_info(path).type == pafs.FileType.File
+    return fs.get_file_info(path).type == pafs.FileType.File or sharded.is_sharded_checkpoint(uri)
 
 
 def _num(v: Any) -> Any:

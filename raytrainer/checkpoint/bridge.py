@@ -55,6 +55,7 @@ def capture(session: RankSession, weights_only: bool = False, check: bool = True
     before training changes them.
     """
     module, trainer = session.module, session.trainer
+    whole = getattr(session.strategy, "full_state", None)  # FSDP: gathers the shards (collective, every rank)
     training = None
     if not weights_only:
         train_results = session.results.get("train") if session.fn == "fit" else None
@@ -68,14 +69,16 @@ def capture(session: RankSession, weights_only: bool = False, check: bool = True
             if cb_state:
                 callbacks[cb.state_key] = cb_state
         training = format.TrainingParts(
-            callbacks=callbacks, optimizer_states=[o.state_dict() for o in session.optimizers],
+            callbacks=callbacks, optimizer_states=[o.state_dict() if whole is None else whole(o.state_dict())
+                                                   for o in session.optimizers],
             lr_schedulers=[c.scheduler.state_dict() for c in session.lr_scheduler_configs],
             scaler=session.precision.state_dict(), rng=rng_states(plain=check), position=position,
             world_size=session.world_size, pending_plateau=_pending_plateau(session))
     dm = session.datamodule
     datamodule = (type(dm).__qualname__, getattr(dm, "hparams", None), dm.state_dict()) if dm is not None else None
     hparams_name, hparams_type = session.hparams_origin()
-    ckpt = format.build(progress=progress(session), state_dict=module.state_dict(), hparams_name=hparams_name,
+    weights = module.state_dict() if whole is None else whole(module.state_dict())
+    ckpt = format.build(progress=progress(session), state_dict=weights, hparams_name=hparams_name,
                         hyper_parameters=dict(module.hparams), hparams_type=hparams_type, training=training,
                         datamodule=datamodule, hparams_keys=hparams_keys(module, format.MODULE_HPARAMS_KEYS),
                         datamodule_hparams_name=getattr(dm, "__dict__", {}).get("_hparams_name"),
@@ -113,7 +116,9 @@ def restore(session: RankSession, path: str | dict[str, Any], full: bool, weight
         ckpt = read_checkpoint(path, map_location="cpu" if module.device.type == "xla" else module.device,
                                weights_only=weights_only)
     module.on_load_checkpoint(ckpt)
-    load_state_dict_checked(module, ckpt["state_dict"], path, strict=module.strict_loading)
+    sharded = getattr(session.strategy, "shard_module_state", None)  # FSDP: whole tensors cut to this rank's shards
+    weights = ckpt["state_dict"] if sharded is None else sharded(module, ckpt["state_dict"])
+    load_state_dict_checked(module, weights, path, strict=module.strict_loading)
     dm = session.datamodule
     if dm is not None and type(dm).__qualname__ in ckpt:  # every entry point, as Lightning's restore_datamodule
         dm.load_state_dict(ckpt[type(dm).__qualname__])
@@ -129,7 +134,12 @@ def restore(session: RankSession, path: str | dict[str, Any], full: bool, weight
     for cb in session.callbacks:
         if cb.state_key in states:
             cb.load_state_dict(states[cb.state_key])
-    _load_list(ckpt.get("optimizer_states", []), session.optimizers, path,
+    opt_states = ckpt.get("optimizer_states", [])
+    if sharded is not None:
+        n = len(session.optimizers)
+        opt_states = [session.strategy.shard_optimizer_state(o, s) for o, s in zip(session.optimizers, opt_states)
+                      ] + list(opt_states[n:])
+    _load_list(opt_states, session.optimizers, path,
                "optimizer state(s)", "configure_optimizers returned", "optimizer setup")
     _load_list(ckpt.get("lr_schedulers", []), [c.scheduler for c in session.lr_scheduler_configs],
                path, "lr scheduler state(s)", "configure_optimizers returned", "scheduler setup")

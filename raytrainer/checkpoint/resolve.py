@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from raytrainer.checkpoint import sharded
 from raytrainer.io import storage
 from raytrainer.utilities import log
 
@@ -22,7 +23,10 @@ CHECKPOINT_EXTENSION = ".ckpt"
 def read_checkpoint(path: str, map_location: Any = None, weights_only: bool | None = True) -> dict[str, Any]:
     """Load and verify a checkpoint file; clear errors for missing, damaged and non-checkpoint files.
 
-    ``weights_only`` goes to torch.load; None means torch's default (True)."""
+    ``weights_only`` goes to torch.load; None means torch's default (True). A sharded checkpoint directory is
+    verified and consolidated in memory (it must fit)."""
+    if sharded.is_sharded_checkpoint(str(path)):
+        return sharded.consolidate(str(path), weights_only=weights_only is not False)
     ckpt = storage.load(str(path), map_location=map_location, weights_only=True if weights_only is None
                         else bool(weights_only))
     if "state_dict" not in ckpt:
@@ -46,7 +50,7 @@ def resolve_ckpt_path(ckpt_path: str, checkpoint_callback: Any, trainer: Any) ->
         return best
     if ckpt_path == "last":
         candidates = cb.find_last_candidates(trainer) if cb is not None else last_candidates(trainer, None, False)
-        path, bad = storage.newest_valid(candidates)
+        path, bad = newest_checkpoint(candidates)
         for file, why in bad:
             log.warning("ckpt_path=\"last\": skipping %s, which cannot be used: %s", file, why)
         if path is None:
@@ -83,7 +87,34 @@ def last_candidates(trainer: Any, dirpath: str | None, dirpath_given: bool,
     files: list[str] = []
     for d in dict.fromkeys(dirs):
         files += [f for f in storage.listdir(d, missing_ok=True) if f.endswith(extension)]
+        files += sharded.list_sharded(d, extension)
     return files
+
+
+def newest_checkpoint(candidates: list[str]) -> tuple[str | None, list[tuple[str, str]]]:
+    """The newest candidate that verifies, files and sharded directories alike, and the (path, reason) pairs skipped.
+
+    Files are checked as ``storage.newest_valid`` does; a directory must be a complete sharded checkpoint whose
+    files match its manifest (a staging directory of an interrupted save is never a candidate)."""
+    dirs = [c for c in dict.fromkeys(candidates) if sharded.is_directory(c)]
+    files = [c for c in dict.fromkeys(candidates) if c not in dirs]
+    if not dirs:
+        return storage.newest_valid(files)
+    ranked = sorted(((sharded.written_at(d), d) for d in dirs), reverse=True)
+    skipped: list[tuple[str, str]] = []
+    file, file_skipped = storage.newest_valid(files)
+    skipped += file_skipped
+    file_time = sharded.written_at(file) if file is not None else -1.0
+    for when, d in ranked:
+        if file is not None and file_time >= when:
+            break
+        try:
+            sharded.verify_sharded(d)
+        except (OSError, ValueError) as exc:
+            skipped.append((d, str(exc)))
+            continue
+        return d, skipped
+    return file, skipped
 
 
 def load_state_dict_checked(module: torch.nn.Module, state_dict: dict[str, Any], path: str, strict: bool) -> None:

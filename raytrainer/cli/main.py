@@ -4,6 +4,7 @@
     raytrainer status RUN_DIR_OR_URI [--json]
     raytrainer report RUN_DIR_OR_URI --output report.png
     raytrainer export CKPT --model pkg.module:ClassName --format onnx|torchscript --output FILE [--verify]
+    raytrainer consolidate CKPT_DIR OUT.ckpt
 
 A run directory is what a Trainer writes: ``<default_root_dir>/lightning_logs/version_N`` with
 ``events.jsonl``, ``metrics.csv``, ``hparams.yaml`` and ``checkpoints/``. ``status`` and ``report``
@@ -22,6 +23,7 @@ import sys
 from collections.abc import Sequence
 
 from raytrainer.cli.common import CLIError
+from raytrainer.cli.consolidate import cmd_consolidate
 from raytrainer.cli.export import cmd_export
 from raytrainer.cli.fit import DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_START_TIMEOUT_S, _check_range, _positive_int, cmd_fit
 from raytrainer.cli.report import cmd_report
@@ -122,6 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="TorchScript only: torch.jit.script (default) or trace with example_input_array")
     exp.add_argument("--verify", action="store_true", help="run the exported file and compare with the eager model")
     exp.add_argument("--atol", type=float, default=1e-5, help="--verify tolerance, max abs diff (default 1e-5)")
+
+    cons = sub.add_parser("consolidate", help="merge a sharded (FSDP) checkpoint directory into one .ckpt file",
+                          description="Verify a sharded checkpoint directory (raytrainer's or Lightning's FSDP "
+                          "layout) and write one Lightning-format checkpoint with plain tensors, for "
+                          "load_from_checkpoint, trainer.predict and raytrainer export. Needs no GPU; the whole "
+                          "model and optimizer state must fit in memory.", formatter_class=fmt)
+    cons.add_argument("checkpoint_dir", metavar="CKPT_DIR", help="the sharded checkpoint directory")
+    cons.add_argument("output", metavar="OUT.ckpt", help="the file to write (path or URI)")
+    cons.add_argument("--force", action="store_true", help="replace OUT.ckpt if it exists")
+    cons.add_argument("--trust", action="store_true",
+                      help="allow pickled Python objects in meta.pt (only for checkpoints you trust)")
     return parser
 
 
@@ -142,6 +155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_report(args)
         if args.command == "export":
             return cmd_export(args)
+        if args.command == "consolidate":
+            return cmd_consolidate(args)
     except CLIError as exc:
         print(f"raytrainer {args.command}: error: {exc}", file=sys.stderr)
         return exc.code

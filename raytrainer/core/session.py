@@ -260,7 +260,7 @@ class RankSession:
             self._configure_model(model)
             self._resolve_dataloaders(fn, model, datamodule, train, val, dataloaders)
             self.precision.convert_module(model)  # true precisions (16/bf16/64-true): parameters to their dtype
-            if fn == "fit":
+            if fn == "fit" or strategy.shards_parameters:
                 self.step_model = strategy.setup_module(StepDispatch(model) if strategy.wraps_model else model)
             else:
                 model.to(strategy.root_device)
@@ -683,8 +683,9 @@ class RankSession:
     def _step_callable(self, name: str) -> Callable[..., Any]:
         module = self.module
         wrapper = self.step_model
-        if name == "training_step" and wrapper is not None and wrapper is not module:
-            if module.automatic_optimization:
+        if wrapper is not None and wrapper is not module and (
+                name == "training_step" or self.strategy.routes_every_step):
+            if module.automatic_optimization or name != "training_step":
                 return functools.partial(wrapper, _fx=name)
 
             def manual_step(*args: Any) -> Any:

@@ -9,6 +9,7 @@ import torch
 
 from raytrainer.checkpoint.host_copy import to_host
 from raytrainer.core.config import RunConfig
+from raytrainer.core.hooks import defines
 from raytrainer.plan import Plan
 from raytrainer.utilities import log
 
@@ -89,7 +90,11 @@ class RunResult:
     def apply(self, trainer: Any, model: Any) -> None:
         """Make the driver's trainer and module look as they would after an in-process run."""
         if self.state_dict is not None:
-            model.load_state_dict(self.state_dict)
+            if defines(model, "configure_model") and self.state_dict.keys() - model.state_dict().keys():
+                model.trainer = trainer  # layers built on the ranks by configure_model: build them here too
+                model.configure_model()
+            # a module built on the meta device (FSDP's init_module(empty_init=True)) takes the tensors as they are
+            model.load_state_dict(self.state_dict, assign=any(t.is_meta for t in model.state_dict().values()))
         session = trainer.session
         model.trainer = trainer
         session.module = model

@@ -1,11 +1,13 @@
 """Strategies: device placement and collectives, by Lightning's names (``from raytrainer.strategies import
-DDPStrategy``). FSDP, DeepSpeed and model parallelism are not supported: their classes refuse to be built."""
+DDPStrategy``, ``FSDPStrategy``). DeepSpeed and model parallelism are not supported: their classes refuse to be
+built."""
 from __future__ import annotations
 
 from typing import Any
 
 from raytrainer.strategies.base import Strategy
 from raytrainer.strategies.ddp import DDPStrategy
+from raytrainer.strategies.fsdp import FSDPStrategy
 from raytrainer.strategies.single_device import SingleDeviceStrategy
 from raytrainer.strategies.xla import SingleDeviceXLAStrategy, XLAStrategy
 from raytrainer.utilities.exceptions import MisconfigurationException
@@ -22,12 +24,6 @@ class _Unsupported:
         raise MisconfigurationException(
             f"{type(self).__name__} is not supported by raytrainer: {self.reason}. Use "
             "DDPStrategy(...) (data parallel over Ray) on CPUs and GPUs, or XLAStrategy on TPUs.")
-
-
-class FSDPStrategy(_Unsupported):
-    """Lightning's fully sharded data parallel strategy (not supported yet)."""
-
-    reason = "fully sharded data parallel is planned for the next release"
 
 
 class DeepSpeedStrategy(_Unsupported):

@@ -65,6 +65,10 @@ class Strategy:
 
     wraps_model = False  # True when setup_module wraps the module (DDP): steps must go through the wrapper
     supports_inference_mode = True  # False where evaluation must use no_grad instead (XLA)
+    routes_every_step = False  # True: validation/test/predict steps also run through the wrapper (FSDP)
+    # True (FSDP): each rank keeps shards; setup_module runs for validate/test/predict too, and
+    # init_module(empty_init=True) creates parameters on the meta device
+    shards_parameters = False
     strategy_name = "single_device"  # Lightning's registry name; the Plan reads it from a strategy object
 
     def __init__(self, device: torch.device | str = "cpu", ctx: RankContext | None = None, *,

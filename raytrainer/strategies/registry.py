@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from raytrainer.plan import Plan
+from raytrainer.plan import FSDP_STRATEGIES, Plan
 from raytrainer.strategies.base import RankContext, Strategy
 from raytrainer.strategies.ddp import DDPStrategy
+from raytrainer.strategies.fsdp import FSDPStrategy
 from raytrainer.strategies.single_device import SingleDeviceStrategy
 
 
@@ -23,6 +24,8 @@ def strategy_for(plan: Plan) -> Strategy:
             index = plan.device_ids[0] if plan.device_ids else None
             return SingleDeviceXLAStrategy(index, debug=plan.strategy == "xla_debug")
         return XLAStrategy(debug=plan.strategy == "xla_debug", ctx=world)
+    if plan.launcher == "ray" and plan.strategy in FSDP_STRATEGIES:
+        return FSDPStrategy(cpu_offload=plan.strategy == "fsdp_cpu_offload", device=_first_device(plan), ctx=world)
     if plan.launcher == "ray":
         unused = plan.find_unused_parameters
         kwargs = {} if unused is None else {"find_unused_parameters": unused}

@@ -303,6 +303,10 @@ class Trainer:
 
         A run on several Ray ranks creates the module on the driver, which sends it to the ranks: there tensors are
         created on the CPU (in the precision's dtype) and each rank moves its copy to its device."""
+        if empty_init and self.strategy.shards_parameters:  # FSDP: on meta; each rank materialises its own shards
+            with torch.device("meta"), self.precision_plugin.tensor_init_context():
+                yield
+            return
         device = self.strategy.root_device if self.plan.launcher == "in_process" else torch.device("cpu")
         with SkipParameterInit() if empty_init else contextlib.nullcontext(), device, \
                 self.precision_plugin.tensor_init_context():

@@ -416,3 +416,48 @@ def test_spinner_shows_progress_on_a_terminal_and_one_line_per_wait_elsewhere() 
             raise RuntimeError("x")
     assert log.getvalue().splitlines()[0] == "... uploading"
     assert log.getvalue().splitlines()[-1].startswith("!! uploading: stopped after")
+
+
+# ---------------------------------------------------------------------------------------- consolidate
+
+
+@pytest.mark.slow
+def test_consolidate_a_sharded_checkpoint_for_load_and_export(trained: dict, tmp_path: Path) -> None:
+    import torch
+
+    from raytrainer.checkpoint import sharded
+    from raytrainer.cli.export import _load_class
+
+    cls = _load_class(str(REPO / "examples" / "autoencoder.py") + ":LitAutoEncoder")
+    source = torch.load(trained["checkpoints"][-1], weights_only=True)
+    model = cls.load_from_checkpoint(trained["checkpoints"][-1])
+    opt = torch.optim.Adam(model.parameters())
+    opt.load_state_dict(source["optimizer_states"][0])
+    meta = {k: v for k, v in source.items() if k not in ("state_dict", "optimizer_states")}
+    ckpt_dir = tmp_path / "epoch=1-step=2.ckpt"
+    sharded.save_sharded(str(ckpt_dir), model, [opt], meta)
+
+    out = tmp_path / "consolidated.ckpt"
+    result = raytrainer("consolidate", str(ckpt_dir), str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"wrote {out}" in result.stdout and "1 optimizer state(s)" in result.stdout
+    loaded = cls.load_from_checkpoint(str(out))
+    assert loaded.hparams == model.hparams
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    consolidated = torch.load(out, weights_only=True)
+    assert consolidated["loops"] == source["loops"] and consolidated["epoch"] == source["epoch"]
+    assert torch.equal(consolidated["optimizer_states"][0]["state"][0]["exp_avg"],
+                       source["optimizer_states"][0]["state"][0]["exp_avg"])
+    # the directory itself also loads (consolidated in memory)
+    assert torch.equal(cls.load_from_checkpoint(str(ckpt_dir)).encoder[0].weight, model.encoder[0].weight)
+
+    ts_file = tmp_path / "autoencoder.pt"
+    result = raytrainer("export", str(out), "--model", "examples/autoencoder.py:LitAutoEncoder", "--format",
+                        "torchscript", "--method", "trace", "--output", str(ts_file), "--verify")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    again = raytrainer("consolidate", str(ckpt_dir), str(out))
+    assert again.returncode == 2 and "--force" in again.stderr
+    missing = raytrainer("consolidate", str(tmp_path / "nope"), str(tmp_path / "x.ckpt"))
+    assert missing.returncode == 2 and "not a directory" in missing.stderr

@@ -103,7 +103,8 @@ class Checks:
                 ("checkpoint_gpu_to_cpu_map_location", self.checkpoint_to_cpu),
                 ("export_torchscript_onnx", self.export),
                 ("ddp_sync_batchnorm", self.ddp_sync_batchnorm),
-                ("true_precision_init_module_deterministic", self.true_precision_init_module_deterministic)]
+                ("true_precision_init_module_deterministic", self.true_precision_init_module_deterministic),
+                ("fsdp_meta_init_bf16_mixed_nccl", self.fsdp_meta_init_bf16_mixed)]
 
     # ------------------------------------------------------------------ helpers
     def trainer(self, name: str, **kwargs: Any) -> Any:
@@ -259,6 +260,45 @@ class Checks:
         finally:
             strategy.teardown()
         return "BatchNorm1d -> SyncBatchNorm, forward/backward through DDP on NCCL"
+
+    def fsdp_meta_init_bf16_mixed(self) -> str:
+        """FSDPStrategy on one GPU (NCCL, a world of one): a module built on meta is materialised as CUDA shards,
+        bf16-mixed computes in bfloat16 with fp32 parameters, and the full state gathers back to the CPU."""
+        import os
+        import socket
+
+        from torch.distributed.tensor import DTensor
+
+        from raytrainer.core.precision import make_precision
+        from raytrainer.strategies.base import RankContext
+        from raytrainer.strategies.fsdp import FSDPStrategy
+
+        torch, nn = self.torch, self.torch.nn
+        if not self.cpu and not torch.cuda.is_bf16_supported():
+            raise Skip("this GPU has no bfloat16 support")
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1"})
+        device = "cpu" if self.cpu else "cuda:0"
+        strategy = FSDPStrategy(auto_wrap_policy={nn.Linear}, device=device, ctx=RankContext(), timeout_s=60)
+        strategy.precision_plugin = make_precision("bf16-mixed", self.device_type)
+        strategy.setup_environment()
+        try:
+            with strategy.tensor_init_context(empty_init=True):
+                model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 1))
+            seen: set[Any] = set()
+            model[0].register_forward_hook(lambda mod, inp, out: seen.add(out.dtype))
+            root = strategy.setup_module(model)
+            assert all(isinstance(p, DTensor) and p.device.type == self.device_type for p in model.parameters())
+            root(torch.randn(8, 16, device=device)).float().pow(2).mean().backward()
+            assert seen == {torch.bfloat16}, seen
+            assert all(p.grad is not None and p.dtype == torch.float32 for p in model.parameters())
+            full = strategy.full_state(model.state_dict())
+            assert all(v.device.type == "cpu" and not isinstance(v, DTensor) for v in full.values())
+        finally:
+            strategy.teardown()
+        return f"meta -> {self.device_type} shards, bf16 compute, fp32 grads, full state on CPU"
 
     def true_precision_init_module_deterministic(self) -> str:
         """precision='16-true' / 'bf16-true' on CUDA: init_module() creates the module on the GPU in that dtype, fit

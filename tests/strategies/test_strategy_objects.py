@@ -44,13 +44,13 @@ def test_exports_every_name_lightning_exports(L):
         assert hasattr(strategies, name) and hasattr(L.strategies, name)
 
 
-@pytest.mark.parametrize("name", ["FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy"])
+@pytest.mark.parametrize("name", ["DeepSpeedStrategy", "ModelParallelStrategy"])
 def test_strategies_raytrainer_cannot_run_refuse_to_be_built(name):
     with pytest.raises(ValueError, match=f"{name} is not supported by raytrainer.*DDPStrategy"):
         getattr(strategies, name)()
 
 
-@pytest.mark.parametrize("name", ["fsdp", "fsdp_cpu_offload", "deepspeed", "deepspeed_stage_3_offload", "single_tpu"])
+@pytest.mark.parametrize("name", ["deepspeed", "deepspeed_stage_3_offload", "single_tpu"])
 def test_strategy_names_raytrainer_cannot_run_are_refused_clearly(name):
     with pytest.raises(ValueError, match=f"strategy='{name}' is not supported"):
         pl.Trainer(strategy=name, **QUIET)

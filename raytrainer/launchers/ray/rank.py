@@ -9,7 +9,9 @@ from raytrainer.core import control
 from raytrainer.launchers.base import RankPayload, RunResult
 from raytrainer.launchers.ray import snapshots
 from raytrainer.launchers.ray.messages import drain_messages, send_to_driver
+from raytrainer.plan import FSDP_STRATEGIES
 from raytrainer.strategies.ddp import DDPStrategy
+from raytrainer.strategies.fsdp import FSDPStrategy, log_snapshots_off
 from raytrainer.utilities import set_rng_states
 
 
@@ -26,6 +28,9 @@ def rank_entry(info: Any, payload: RankPayload, fn: str, model: Any, kwargs: dic
         set_rng_states(ctl["rng"])  # every rank starts from the driver's RNG, as Lightning's ranks share a seed
     strategy = rank_strategy(trainer, info, model)
     rank0 = info.global_rank == 0
+    sharded = isinstance(strategy, FSDPStrategy)  # snapshots take rank 0's full state: off under FSDP
+    if sharded and fn == "fit" and rank0 and ctl.get("snapshot_every") != 0:
+        log_snapshots_off()
     bar = trainer.progress_bar_callback
     if bar is not None and rank0:
         bar.sink = lambda event: send_to_driver({"type": "progress", "event": event})
@@ -35,7 +40,7 @@ def rank_entry(info: Any, payload: RankPayload, fn: str, model: Any, kwargs: dic
     session.events = _ForwardEvents() if rank0 else None
     if fn == "fit":
         session.snapshotter = snapshots.Snapshotter(
-            ctl.get("snapshot_every"), publish=_publish_snapshot if rank0 else None,
+            0 if sharded else ctl.get("snapshot_every"), publish=_publish_snapshot if rank0 else None,
             heartbeat=(lambda step, epoch: send_to_driver({"type": "heartbeat", "step": step, "epoch": epoch}))
             if rank0 else None)
         resume_step = ctl.get("resume_step")
@@ -53,10 +58,14 @@ def rank_entry(info: Any, payload: RankPayload, fn: str, model: Any, kwargs: dic
     snapshot = None
     if status == "finished" and control.stop_reason() == "resize":
         status = "resize"
-        snapshot = session.snapshotter.take(session) if rank0 else None
+        snapshot = session.snapshotter.take(session) if rank0 and not sharded else None
+    full_weights = strategy.full_state(session.module.state_dict()) if sharded and fn == "fit" else None
     if not rank0:
         return None
-    return RunResult.from_session(session, fn, out, info.world_size, status=status, snapshot=snapshot)
+    result = RunResult.from_session(session, fn, out, info.world_size, status=status, snapshot=snapshot)
+    if full_weights is not None:  # the driver's module gets whole tensors, gathered from every rank's shards
+        result.state_dict = full_weights
+    return result
 
 
 def rank_strategy(trainer: Any, info: Any, model: Any) -> DDPStrategy:
@@ -66,6 +75,8 @@ def rank_strategy(trainer: Any, info: Any, model: Any) -> DDPStrategy:
     template = plan.strategy_object
     if isinstance(template, DDPStrategy):
         strategy = template.bind(info.device, info)
+    elif plan.strategy in FSDP_STRATEGIES:
+        strategy = FSDPStrategy(cpu_offload=plan.strategy == "fsdp_cpu_offload", device=info.device, ctx=info)
     else:
         unused = plan.find_unused_parameters
         strategy = DDPStrategy(device=info.device, ctx=info,

@@ -1,0 +1,419 @@
+"""Sharded checkpoints: a directory every rank writes its shards into with ``torch.distributed.checkpoint`` (DCP).
+
+Layout (Lightning's FSDP ``state_dict_type="sharded"`` layout, so Lightning's tools read ours and we read theirs)::
+
+    <name>.ckpt/                       a directory
+        .metadata                      DCP's index of the shards (written by the coordinator, rank 0)
+        __<rank>_0.distcp              the shards of rank <rank>: keys "model" (the module's state dict) and
+                                       "optimizer_<i>" (optimizer i's state, keyed by parameter names)
+        meta.pt                        everything else of the checkpoint dict (epoch, loops, callbacks, hparams,
+                                       raytrainer's position/RNG...), torch.save'd by rank 0
+        raytrainer-manifest.json       names, sizes and sha256 of every file above (written last)
+
+Crash safety: ranks write into a hidden sibling ``.<name>.tmp-sharded``; once every shard is written (DCP's own
+final collective), rank 0 writes ``meta.pt`` and the manifest, fsyncs, and renames the sibling to ``<name>``. A crash
+leaves only the hidden sibling, which nothing lists and the next save of that name removes. A directory without a
+manifest (e.g. Lightning's) is accepted; with one, every listed file must match it (``verify_sharded``).
+
+API for a strategy (all ranks call both, with the same path; the process group must be initialized when world > 1)::
+
+    save_sharded(dirpath, module, optimizers, meta, rank=r, barrier=fn)   # meta: the checkpoint dict minus
+                                                                          # "state_dict"/"optimizer_states"
+    meta = load_sharded(dirpath, module, optimizers, strict=True)         # reshards onto this world's layout
+
+``module`` may be a plain module, or one sharded with FSDP2 ``fully_shard`` (DTensor parameters) on any world size;
+loading reshards: a checkpoint written by N ranks loads on M ranks or in one plain process.
+``consolidate(dirpath)`` turns a directory into one Lightning-format checkpoint dict (plain tensors).
+
+Paths: local or shared-filesystem paths (``file://`` too). Other ``pyarrow.fs`` URIs are refused with a clear error.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from raytrainer.io import storage
+
+DCP_METADATA_FILE = ".metadata"            # torch.distributed.checkpoint's index
+META_FILE = "meta.pt"                      # lightning_fabric.utilities.load._METADATA_FILENAME
+MANIFEST_FILE = "raytrainer-manifest.json"
+MANIFEST_FORMAT = "raytrainer-sharded-manifest"
+MANIFEST_VERSION = 1
+MODEL_KEY = "model"                        # Lightning's FSDPStrategy keys inside the DCP state
+OPTIMIZER_KEY = "optimizer_{}"
+_TMP_SUFFIX = ".tmp-sharded"
+_CHUNK = 1 << 22
+
+
+class ShardedCheckpointError(storage.CheckpointCorruptError):
+    """A sharded checkpoint directory is incomplete, damaged, or does not fit what is loaded into it."""
+
+
+# ------------------------------------------------------------------------------------------------ paths
+def _local_dir(uri: str) -> str:
+    """The local path of ``uri``; a clear error for URIs on other filesystems."""
+    uri = os.fspath(uri)
+    if "://" in uri and not uri.lower().startswith("file://"):
+        raise ValueError(f"sharded checkpoint {uri!r}: sharded (directory) checkpoints are written to local or shared "
+                         "filesystem paths only; pass a path every rank can reach (e.g. an NFS mount), or use "
+                         "state_dict_type='full' for a single-file checkpoint on an object store.")
+    return storage.resolve(uri)[1]
+
+
+def is_sharded_checkpoint(uri: str) -> bool:
+    """True when ``uri`` is a local directory holding a DCP checkpoint (ours or Lightning's)."""
+    try:
+        path = _local_dir(uri)
+    except ValueError:
+        return False
+    return os.path.isfile(os.path.join(path, DCP_METADATA_FILE))
+
+
+def _tmp_sibling(path: str) -> str:
+    """The hidden staging directory of ``path`` (the same name on every rank, so no broadcast is needed)."""
+    parent, name = os.path.split(path.rstrip(os.sep))
+    return os.path.join(parent, f".{name}{_TMP_SUFFIX}")
+
+
+def _fsync_dir(path: str) -> None:
+    """Persist directory entries (new files, renames) of ``path``."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def is_directory(uri: str) -> bool:
+    """True when ``uri`` is an existing local directory (a checkpoint candidate that is no file)."""
+    try:
+        return os.path.isdir(_local_dir(uri))
+    except ValueError:
+        return False
+
+
+def list_sharded(dir_uri: str, extension: str) -> list[str]:
+    """Checkpoint directories named ``*<extension>`` directly in ``dir_uri`` (hidden staging ones left out)."""
+    try:
+        path = _local_dir(dir_uri)
+    except ValueError:
+        return []
+    try:
+        entries = [e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith(".")
+                   and e.name.endswith(extension)]
+    except FileNotFoundError:
+        return []
+    return [storage.join(dir_uri, n) for n in sorted(entries)]
+
+
+def written_at(uri: str) -> float:
+    """When a checkpoint file or sharded directory was completed (its manifest's mtime for a directory), in s."""
+    fs, path = storage.resolve(str(uri))
+    if is_directory(uri):
+        for name in (MANIFEST_FILE, META_FILE, DCP_METADATA_FILE):
+            if os.path.isfile(os.path.join(path, name)):
+                return os.path.getmtime(os.path.join(path, name))
+        return os.path.getmtime(path)
+    return (fs.get_file_info(path).mtime_ns or 0) / 1e9
+
+
+# ------------------------------------------------------------------------------------------------ manifest
+def _file_digest(path: str) -> dict[str, Any]:
+    """Size and sha256 of a file, streamed (the same fields as a single file's manifest in io/storage.py)."""
+    sha = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            sha.update(chunk)
+            size += len(chunk)
+    return {"size": size, "sha256": sha.hexdigest()}
+
+
+def _write_manifest(path: str) -> None:
+    """List every file of the directory ``path`` with its size and sha256 in the manifest (fsynced)."""
+    names = sorted(n for n in os.listdir(path) if n != MANIFEST_FILE and os.path.isfile(os.path.join(path, n)))
+    manifest = {"format": MANIFEST_FORMAT, "format_version": MANIFEST_VERSION, "written_at": time.time(),
+                "files": {n: _file_digest(os.path.join(path, n)) for n in names}}
+    with open(os.path.join(path, MANIFEST_FILE), "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_manifest(uri: str) -> dict[str, Any] | None:
+    """The manifest of a sharded checkpoint directory, None when it has none (e.g. written by Lightning)."""
+    file = os.path.join(_local_dir(uri), MANIFEST_FILE)
+    try:
+        with open(file) as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise ShardedCheckpointError(f"sharded checkpoint {uri}: its manifest {file} cannot be read ({exc})") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT \
+            or not isinstance(manifest.get("files"), dict):
+        raise ShardedCheckpointError(f"sharded checkpoint {uri}: {file} is not a raytrainer sharded manifest")
+    if manifest.get("format_version", 0) > MANIFEST_VERSION:
+        raise ShardedCheckpointError(f"sharded checkpoint {uri}: manifest format_version "
+                                     f"{manifest['format_version']} is newer than this raytrainer reads; upgrade it")
+    return manifest
+
+
+def verify_sharded(uri: str, checksums: bool = True, part: tuple[int, int] = (0, 1)) -> None:
+    """Check that ``uri`` is a complete sharded checkpoint: sizes (and sha256 unless ``checksums=False``) against its
+    manifest. ``part=(i, n)`` checksums only every n-th file from the i-th (ranks share the reading).
+
+    Raises FileNotFoundError / ShardedCheckpointError naming the directory and the file that does not match."""
+    path = _local_dir(uri)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"sharded checkpoint {uri} does not exist (or is not a directory)")
+    if not os.path.isfile(os.path.join(path, DCP_METADATA_FILE)):
+        raise ShardedCheckpointError(f"{uri} is a directory but not a sharded checkpoint: it has no "
+                                     f"{DCP_METADATA_FILE} (torch.distributed.checkpoint's index)")
+    manifest = read_manifest(uri)
+    if manifest is None:
+        return
+    for i, (name, entry) in enumerate(sorted(manifest["files"].items())):
+        file = os.path.join(path, name)
+        try:
+            size = os.path.getsize(file)
+        except FileNotFoundError:
+            raise ShardedCheckpointError(f"sharded checkpoint {uri} is incomplete: {name} is missing") from None
+        if size != entry["size"]:
+            raise ShardedCheckpointError(f"sharded checkpoint {uri} is corrupt: {name} has {size} bytes but the "
+                                         f"manifest records {entry['size']} (truncated or replaced)")
+        if checksums and i % part[1] == part[0]:
+            sha = _file_digest(file)["sha256"]
+            if sha != entry["sha256"]:
+                raise ShardedCheckpointError(f"sharded checkpoint {uri} is corrupt: {name} has sha256 {sha} but the "
+                                             f"manifest records {entry['sha256']} (its content changed)")
+
+
+# ------------------------------------------------------------------------------------------------ save
+def _dist() -> tuple[int, int]:
+    """(rank, world size) of the default process group, (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _default_barrier() -> None:
+    """Barrier over the default process group (no-op without one)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _dcp_state(module: torch.nn.Module, optimizers: Sequence[torch.optim.Optimizer]) -> dict[str, Any]:
+    """This rank's model/optimizer state in the layout written to the DCP files (DTensors stay sharded)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    state: dict[str, Any] = {MODEL_KEY: get_model_state_dict(module)}
+    for i, opt in enumerate(optimizers):
+        state[OPTIMIZER_KEY.format(i)] = get_optimizer_state_dict(module, opt)
+    return state
+
+
+def save_sharded(dirpath: str, module: torch.nn.Module, optimizers: Sequence[torch.optim.Optimizer],
+                 meta: dict[str, Any], *, rank: int | None = None,
+                 barrier: Callable[[], None] | None = None) -> None:
+    """Every rank writes its shards of ``module``/``optimizers`` to the directory ``dirpath``; rank 0 adds ``meta``.
+
+    ``meta`` is the rest of the checkpoint dict (no "state_dict"/"optimizer_states"; only rank 0's is written).
+    ``barrier`` defaults to the default process group's. The directory appears under ``dirpath`` only complete.
+    """
+    for key in ("state_dict", "optimizer_states"):
+        if key in meta:
+            raise ValueError(f"save_sharded: meta must not hold {key!r}; the module and optimizers are saved as "
+                             "shards. Pass the checkpoint dict without it.")
+    rank = _dist()[0] if rank is None else rank
+    barrier = barrier or _default_barrier
+    path = _local_dir(dirpath)
+    tmp = _tmp_sibling(path)
+    if os.path.isfile(path):
+        raise FileExistsError(f"cannot write sharded checkpoint {dirpath}: a file exists there; remove it or pick "
+                              "another name")
+    state = _dcp_state(module, list(optimizers))  # collectives (FSDP2 may all-gather nothing here): every rank
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)   # left by an interrupted save
+        os.makedirs(tmp)
+    barrier()
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp), no_dist=_dist()[1] == 1)
+    # dcp.save returns on rank 0 after every rank's shards are written and .metadata is committed.
+    if rank == 0:
+        torch.save(meta, os.path.join(tmp, META_FILE))
+        _write_manifest(tmp)
+        _fsync_dir(tmp)
+        _publish_dir(tmp, path)
+    barrier()
+
+
+def _publish_dir(tmp: str, path: str) -> None:
+    """Rename the complete staging directory ``tmp`` to ``path`` (replacing an older directory of that name)."""
+    old = None
+    if os.path.isdir(path):
+        old = f"{_tmp_sibling(path)}-old-{uuid.uuid4().hex[:8]}"
+        os.replace(path, old)
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path))
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_sharded(dirpath: str, missing_ok: bool = False) -> None:
+    """Delete a sharded checkpoint directory: the manifest first, so a crash midway leaves no "valid" directory."""
+    path = _local_dir(dirpath)
+    if not os.path.isdir(path):
+        if missing_ok:
+            return
+        raise FileNotFoundError(f"cannot remove sharded checkpoint {dirpath}: no such directory")
+    if not os.path.isfile(os.path.join(path, DCP_METADATA_FILE)):
+        raise ValueError(f"refusing to remove {dirpath}: it is not a sharded checkpoint (no {DCP_METADATA_FILE})")
+    for name in (MANIFEST_FILE, DCP_METADATA_FILE):
+        try:
+            os.unlink(os.path.join(path, name))
+        except FileNotFoundError:
+            pass
+    shutil.rmtree(path)
+
+
+# ------------------------------------------------------------------------------------------------ load
+def _verify_on_all_ranks(uri: str) -> None:
+    """Verify the directory, the checksum work split over the ranks; every rank raises if any rank found a problem."""
+    import torch.distributed as dist
+
+    rank, world = _dist()
+    problem: Exception | None = None
+    try:
+        verify_sharded(uri, checksums=True, part=(rank, world))
+    except (OSError, ValueError) as exc:
+        problem = exc
+    if world == 1:
+        if problem is not None:
+            raise problem
+        return
+    found: list[Any] = [None] * world
+    dist.all_gather_object(found, None if problem is None else f"{type(problem).__name__}: {problem}")
+    bad = [f for f in found if f]
+    if problem is not None:
+        raise problem
+    if bad:
+        raise ShardedCheckpointError(f"another rank found sharded checkpoint {uri} unusable: {bad[0]}")
+
+
+def _stored_keys(path: str) -> set[str]:
+    """Top-level keys ("model", "optimizer_0"...) in a DCP directory's index."""
+    import torch.distributed.checkpoint as dcp
+
+    md = dcp.FileSystemReader(path).read_metadata()
+    return {k.split(".", 1)[0] for k in md.state_dict_metadata}
+
+
+def load_sharded(dirpath: str, module: torch.nn.Module, optimizers: Sequence[torch.optim.Optimizer] = (),
+                 *, strict: bool = True, verify: bool = True) -> dict[str, Any]:
+    """Load a sharded checkpoint into ``module`` and ``optimizers`` (resharded onto this world) and return its meta.
+
+    Every rank calls it. ``verify`` checks sizes and checksums against the manifest first (split over the ranks).
+    """
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    path = _local_dir(dirpath)
+    if verify:
+        _verify_on_all_ranks(dirpath)
+    elif not os.path.isfile(os.path.join(path, DCP_METADATA_FILE)):
+        raise FileNotFoundError(f"{dirpath} is not a sharded checkpoint directory (no {DCP_METADATA_FILE})")
+    optimizers = list(optimizers)
+    stored = _stored_keys(path)
+    wanted = [MODEL_KEY] + [OPTIMIZER_KEY.format(i) for i in range(len(optimizers))]
+    missing = [k for k in wanted if k not in stored]
+    if missing:
+        raise ShardedCheckpointError(f"sharded checkpoint {dirpath} has no {missing} (it holds {sorted(stored)}): it "
+                                     f"was saved with fewer optimizers than the {len(optimizers)} given, or without "
+                                     "optimizer state (weights only); load it with optimizers=() to take the weights.")
+    state = _dcp_state(module, optimizers)
+    if not strict:
+        state[MODEL_KEY] = _present_only(state[MODEL_KEY], path)
+    import torch.distributed.checkpoint as dcp
+
+    dcp.load(state, storage_reader=dcp.FileSystemReader(path), no_dist=_dist()[1] == 1)
+    set_model_state_dict(module, state[MODEL_KEY], options=StateDictOptions(strict=strict))
+    for i, opt in enumerate(optimizers):
+        set_optimizer_state_dict(module, opt, state[OPTIMIZER_KEY.format(i)])
+    return read_meta(dirpath)
+
+
+def _present_only(model_state: dict[str, Any], path: str) -> dict[str, Any]:
+    """The entries of ``model_state`` that the checkpoint holds (for strict=False loads)."""
+    import torch.distributed.checkpoint as dcp
+
+    md = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    return {k: v for k, v in model_state.items() if f"{MODEL_KEY}.{k}" in md}
+
+
+def read_meta(dirpath: str, weights_only: bool = True) -> dict[str, Any]:
+    """The non-tensor part of a sharded checkpoint (``meta.pt``); {} when the directory has none."""
+    file = os.path.join(_local_dir(dirpath), META_FILE)
+    if not os.path.isfile(file):
+        return {}
+    meta = torch.load(file, map_location="cpu", weights_only=weights_only)
+    if not isinstance(meta, dict):
+        raise ShardedCheckpointError(f"{file} holds a {type(meta).__name__}, not a dict")
+    return meta
+
+
+# ------------------------------------------------------------------------------------------------ consolidate
+def consolidate(dirpath: str, verify: bool = True, weights_only: bool = True) -> dict[str, Any]:
+    """One Lightning-format checkpoint dict (plain CPU tensors) from a sharded directory (ours or Lightning's).
+
+    Needs no process group and no GPU; the whole model and optimizer state must fit in this process's memory.
+    Optimizer states are re-keyed from parameter names to indices (torch's ``Optimizer.state_dict`` layout), so
+    the file also resumes a non-sharded run.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    path = _local_dir(dirpath)
+    if verify:
+        verify_sharded(dirpath)
+    elif not os.path.isfile(os.path.join(path, DCP_METADATA_FILE)):
+        raise FileNotFoundError(f"{dirpath} is not a sharded checkpoint directory (no {DCP_METADATA_FILE})")
+    state: dict[str, Any] = {}
+    _load_state_dict(state, storage_reader=dcp.FileSystemReader(path), planner=_EmptyStateDictLoadPlanner(),
+                     no_dist=True)
+    ckpt = read_meta(dirpath, weights_only=weights_only)
+    if MODEL_KEY not in state:
+        raise ShardedCheckpointError(f"sharded checkpoint {dirpath} holds no {MODEL_KEY!r} entry (keys: "
+                                     f"{sorted(state)}); it was not written by raytrainer or Lightning's FSDPStrategy")
+    ckpt["state_dict"] = state.pop(MODEL_KEY)
+    n = sum(1 for k in state if k.startswith("optimizer_"))
+    if n:
+        ckpt["optimizer_states"] = [_indexed_optimizer_state(state.pop(OPTIMIZER_KEY.format(i))) for i in range(n)]
+    return ckpt
+
+
+def _indexed_optimizer_state(osd: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer state keyed by parameter names (DCP/FSDP layout) re-keyed by index, as ``Optimizer.state_dict``."""
+    groups = [dict(g) for g in osd.get("param_groups", [])]
+    index: dict[Any, int] = {}
+    for g in groups:
+        g["params"] = [index.setdefault(p, len(index)) for p in g["params"]]
+    state = {index[k]: v for k, v in osd.get("state", {}).items() if k in index}
+    return {"state": state, "param_groups": groups}

@@ -349,9 +349,12 @@ class ModelCheckpoint(Callback):
     def _write(self, trainer: Any, paths: list[str]) -> None:
         """Stage the state on the host (partly now, partly while the next step computes); serialise and write
         it to every path in the background (rank 0 only)."""
-        from raytrainer.checkpoint.bridge import capture
+        from raytrainer.checkpoint.bridge import capture, writes_sharded
         from raytrainer.io import storage
 
+        if writes_sharded(trainer.session):
+            self._write_now(trainer, paths)  # every rank writes its shards, in parallel, now
+            return
         ckpt = capture(trainer.session, self.save_weights_only)
         self._last_global_step_saved = trainer.global_step
         if not trainer.is_global_zero:
@@ -378,11 +381,19 @@ class ModelCheckpoint(Callback):
 
     def _write_now(self, trainer: Any, paths: list[str]) -> None:
         """Write the current state to ``paths`` on this thread (rank 0 writes); returns once it is on storage."""
-        from raytrainer.checkpoint.bridge import capture
+        from raytrainer.checkpoint.bridge import capture, save_sharded, writes_sharded
         from raytrainer.io import storage
 
-        ckpt = capture(trainer.session, self.save_weights_only)
         self._last_global_step_saved = trainer.global_step
+        if writes_sharded(trainer.session):
+            # FSDP: a directory that every rank writes its shards into (rank 0's names, so all write the same)
+            paths = save_sharded(trainer.session, paths, self.save_weights_only)
+            if trainer.is_global_zero:
+                self._written.update(paths)
+                for path in paths:
+                    trainer.session.on_checkpoint_saved(path)
+            return
+        ckpt = capture(trainer.session, self.save_weights_only)
         if not trainer.is_global_zero:
             return
         for path in paths:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from raytrainer.checkpoint import format
+from raytrainer.checkpoint import format, sharded
 from raytrainer.checkpoint.resolve import load_state_dict_checked, read_checkpoint
 from raytrainer.utilities import rng_states
 
@@ -47,15 +47,19 @@ def _pending_plateau(session: RankSession) -> dict[str, float]:
     return due
 
 
-def capture(session: RankSession, weights_only: bool = False, check: bool = True) -> dict[str, Any]:
+def capture(session: RankSession, weights_only: bool = False, check: bool = True,
+            gather: bool = True, plain_rng: bool | None = None) -> dict[str, Any]:
     """Build the checkpoint dict for the session's current state (every rank may call it).
 
     ``check=False`` skips the weights_only loadability walk: for in-memory snapshots that never become files.
+    ``gather=False`` keeps sharded tensors as this rank's shards (for a sharded checkpoint directory).
+    ``plain_rng`` (default: ``check``) stores the RNG states as plain tensors and numbers, which weights_only loads.
     Tensors are the live ones (no copies); the async writer or ``storage.save`` copy or serialise them
     before training changes them.
     """
     module, trainer = session.module, session.trainer
-    whole = getattr(session.strategy, "full_state", None)  # FSDP: gathers the shards (collective, every rank)
+    # FSDP: gathers the shards (collective, every rank)
+    whole = getattr(session.strategy, "full_state", None) if gather else None
     training = None
     if not weights_only:
         train_results = session.results.get("train") if session.fn == "fit" else None
@@ -72,7 +76,8 @@ def capture(session: RankSession, weights_only: bool = False, check: bool = True
             callbacks=callbacks, optimizer_states=[o.state_dict() if whole is None else whole(o.state_dict())
                                                    for o in session.optimizers],
             lr_schedulers=[c.scheduler.state_dict() for c in session.lr_scheduler_configs],
-            scaler=session.precision.state_dict(), rng=rng_states(plain=check), position=position,
+            scaler=session.precision.state_dict(),
+            rng=rng_states(plain=check if plain_rng is None else plain_rng), position=position,
             world_size=session.world_size, pending_plateau=_pending_plateau(session))
     dm = session.datamodule
     datamodule = (type(dm).__qualname__, getattr(dm, "hparams", None), dm.state_dict()) if dm is not None else None
@@ -94,6 +99,27 @@ def capture(session: RankSession, weights_only: bool = False, check: bool = True
     return ckpt
 
 
+def writes_sharded(session: RankSession) -> bool:
+    """Whether the session's checkpoints are sharded directories (FSDP with state_dict_type='sharded')."""
+    layout = getattr(session.strategy, "checkpoint_layout", None)
+    return layout is not None and layout() == "sharded"
+
+
+def save_sharded(session: RankSession, paths: list[str], weights_only: bool = False) -> list[str]:
+    """Write the session's state as a sharded checkpoint directory at each of ``paths`` (rank 0's, so every rank
+    writes the same directories); every rank calls it. Returns the paths written."""
+    strategy = session.strategy
+    paths = list(strategy.broadcast(list(paths), 0))
+    ckpt = capture(session, weights_only, check=False, gather=False, plain_rng=True)
+    meta = {k: v for k, v in ckpt.items() if k not in ("state_dict", "optimizer_states")}
+    format.check_loadable(meta)
+    optimizers = [] if weights_only else session.optimizers
+    for path in paths:
+        sharded.save_sharded(path, session.module, optimizers, meta, rank=strategy.global_rank,
+                             barrier=lambda: strategy.barrier("sharded checkpoint"))
+    return paths
+
+
 def hparams_keys(obj: Any, default: tuple[str, str, str]) -> tuple[str, str, str]:
     """The (values, name, type) checkpoint keys of ``obj``'s hyper-parameters: its class's
     CHECKPOINT_HYPER_PARAMS_KEY/NAME/TYPE, else ``default``."""
@@ -109,22 +135,27 @@ def restore(session: RankSession, path: str | dict[str, Any], full: bool, weight
     ``weights_only`` goes to torch.load (None: torch's default, True). The weights load with
     ``strict=module.strict_loading``, as Lightning's."""
     module, trainer = session.module, session.trainer
+    in_place = False  # a sharded directory loads weights and optimizer shards into the module and optimizers itself
     if isinstance(path, dict):
         ckpt, path = path, "<in-memory snapshot>"
+    elif getattr(session.strategy, "shards_parameters", False) and sharded.is_sharded_checkpoint(path):
+        ckpt = sharded.load_sharded(path, module, session.optimizers if full else [], strict=module.strict_loading)
+        in_place = True
     else:
         # torch.load cannot map onto an XLA device: load on CPU, load_state_dict copies onto the device
         ckpt = read_checkpoint(path, map_location="cpu" if module.device.type == "xla" else module.device,
                                weights_only=weights_only)
     module.on_load_checkpoint(ckpt)
-    sharded = getattr(session.strategy, "shard_module_state", None)  # FSDP: whole tensors cut to this rank's shards
-    weights = ckpt["state_dict"] if sharded is None else sharded(module, ckpt["state_dict"])
-    load_state_dict_checked(module, weights, path, strict=module.strict_loading)
+    cut = getattr(session.strategy, "shard_module_state", None)  # FSDP: whole tensors cut to this rank's shards
+    if not in_place:
+        weights = ckpt["state_dict"] if cut is None else cut(module, ckpt["state_dict"])
+        load_state_dict_checked(module, weights, path, strict=module.strict_loading)
     dm = session.datamodule
     if dm is not None and type(dm).__qualname__ in ckpt:  # every entry point, as Lightning's restore_datamodule
         dm.load_state_dict(ckpt[type(dm).__qualname__])
     if not full:
         return
-    if session.optimizers and "optimizer_states" not in ckpt:
+    if session.optimizers and "optimizer_states" not in ckpt and not in_place:
         raise ValueError(f"{path} holds only model weights (saved with save_weights_only=True), so fit cannot resume "
                          "from it. Load the weights with Model.load_from_checkpoint(path) and call fit without "
                          "ckpt_path, or resume from a full checkpoint.")
@@ -134,13 +165,14 @@ def restore(session: RankSession, path: str | dict[str, Any], full: bool, weight
     for cb in session.callbacks:
         if cb.state_key in states:
             cb.load_state_dict(states[cb.state_key])
-    opt_states = ckpt.get("optimizer_states", [])
-    if sharded is not None:
-        n = len(session.optimizers)
-        opt_states = [session.strategy.shard_optimizer_state(o, s) for o, s in zip(session.optimizers, opt_states)
-                      ] + list(opt_states[n:])
-    _load_list(opt_states, session.optimizers, path,
-               "optimizer state(s)", "configure_optimizers returned", "optimizer setup")
+    if not in_place:
+        opt_states = ckpt.get("optimizer_states", [])
+        if cut is not None:
+            n = len(session.optimizers)
+            opt_states = [session.strategy.shard_optimizer_state(o, s)
+                          for o, s in zip(session.optimizers, opt_states)] + list(opt_states[n:])
+        _load_list(opt_states, session.optimizers, path,
+                   "optimizer state(s)", "configure_optimizers returned", "optimizer setup")
     _load_list(ckpt.get("lr_schedulers", []), [c.scheduler for c in session.lr_scheduler_configs],
                path, "lr scheduler state(s)", "configure_optimizers returned", "scheduler setup")
     scaler = format.scaler_state(ckpt)

@@ -181,9 +181,6 @@ class FSDPStrategy(DDPStrategy):
         fully_shard(module, **kwargs)
         if on_meta:
             self._materialize(module)
-        if self.state_dict_type == "sharded" and self.checkpoint_layout() == "full" and self.is_global_zero:
-            log.info("FSDP: checkpoints are written as one full file (gathered from the shards); sharded "
-                     "checkpoint directories are not available yet.")
         self.model = module
         return module
 
@@ -285,9 +282,10 @@ class FSDPStrategy(DDPStrategy):
         return {**state, "state": per_param}
 
     def checkpoint_layout(self) -> str:
-        """What a checkpoint save writes: 'full' (one Lightning-format file, gathered on every rank, written by rank
-        0). Sharded directories (state_dict_type='sharded') come with raytrainer.checkpoint.sharded."""
-        return "full"
+        """What a checkpoint save writes: 'sharded' (a directory every rank writes its shards into,
+        raytrainer.checkpoint.sharded) or 'full' (one Lightning-format file, gathered on every rank, written by
+        rank 0)."""
+        return self.state_dict_type
 
 
 def _tensors(module: nn.Module) -> list[torch.Tensor]:

@@ -134,7 +134,8 @@ def test_meta_model_is_sharded_per_rank_and_full_checkpoint_loads_and_resumes(lo
     out = tmp_path / "bytes"
     out.mkdir()
     ckpt_dir = tmp_path / "ckpt"
-    model, _ = fit("fsdp", tmp_path / "a", model=MetaNet(str(out)), steps=2, enable_checkpointing=True,
+    full = FSDPStrategy(state_dict_type="full")
+    model, _ = fit(full, tmp_path / "a", model=MetaNet(str(out)), steps=2, enable_checkpointing=True,
                    callbacks=[ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True)])
     full_params = sum(p.numel() * 4 for p in model.parameters())  # the driver's module got the whole weights
     assert not any(p.is_meta for p in model.parameters())
@@ -152,7 +153,37 @@ def test_meta_model_is_sharded_per_rank_and_full_checkpoint_loads_and_resumes(lo
         torch.testing.assert_close(loaded.state_dict()[name], value)
     assert ckpt["global_step"] == 2 and len(ckpt["optimizer_states"][0]["state"]) == 8
     # and resumes under FSDP: 2 + 2 steps equal 4 uninterrupted steps
-    resumed, _ = fit("fsdp", tmp_path / "c", model=MetaNet(str(out)), steps=4, ckpt_path=str(ckpt_dir / "last.ckpt"))
+    resumed, _ = fit(full, tmp_path / "c", model=MetaNet(str(out)), steps=4, ckpt_path=str(ckpt_dir / "last.ckpt"))
+    straight, _ = fit(full, tmp_path / "b", model=MetaNet(str(out)), steps=4)
+    for name, value in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], value)
+
+
+@pytest.mark.slow
+def test_sharded_checkpoint_directories_resume_and_reshard(local_ray, tmp_path):
+    """state_dict_type="sharded" (the default): ModelCheckpoint writes directories every rank writes its shards
+    into; "last" resumes them exactly on the same world, they load on another world size and in a plain process."""
+    from raytrainer.checkpoint import sharded
+
+    out = tmp_path / "bytes"
+    out.mkdir()
+    ckpt_dir = tmp_path / "ckpt"
+    model, _ = fit("fsdp", tmp_path / "a", model=MetaNet(str(out)), steps=2, enable_checkpointing=True,
+                   callbacks=[ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=1)])
+    last = ckpt_dir / "last.ckpt"
+    assert last.is_dir() and sharded.is_sharded_checkpoint(str(last))
+    sharded.verify_sharded(str(last))  # complete: every file matches the manifest
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["epoch=0-step=2.ckpt", "last.ckpt"]  # no staging left
+    loaded = MetaNet.load_from_checkpoint(str(last), out_dir=str(out))  # consolidated in memory, plain process
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], value)
+    # 2 + 2 steps from the directory equal 4 uninterrupted steps (same world)
+    resumed, _ = fit("fsdp", tmp_path / "c", model=MetaNet(str(out)), steps=4, ckpt_path="last",
+                     enable_checkpointing=True, callbacks=[ModelCheckpoint(dirpath=str(ckpt_dir))])
     straight, _ = fit("fsdp", tmp_path / "b", model=MetaNet(str(out)), steps=4)
     for name, value in straight.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[name], value)
+    # written by 2 ranks, loaded by 1: nothing left to train, so the weights are the checkpoint's
+    one, _ = fit("fsdp", tmp_path / "d", model=MetaNet(str(out)), steps=2, devices=1, ckpt_path=str(last))
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(one.state_dict()[name], value)

@@ -83,15 +83,6 @@ def _tmp_sibling(path: str) -> str:
     return os.path.join(parent, f".{name}{_TMP_SUFFIX}")
 
 
-def _fsync_dir(path: str) -> None:
-    """Persist directory entries (new files, renames) of ``path``."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def is_directory(uri: str) -> bool:
     """True when ``uri`` is an existing local directory (a checkpoint candidate that is no file)."""
     try:
@@ -256,7 +247,7 @@ def save_sharded(dirpath: str, module: torch.nn.Module, optimizers: Sequence[tor
     if rank == 0:
         torch.save(meta, os.path.join(tmp, META_FILE))
         _write_manifest(tmp)
-        _fsync_dir(tmp)
+        storage.fsync_dir(tmp)
         _publish_dir(tmp, path)
     barrier()
 
@@ -268,7 +259,7 @@ def _publish_dir(tmp: str, path: str) -> None:
         old = f"{_tmp_sibling(path)}-old-{uuid.uuid4().hex[:8]}"
         os.replace(path, old)
     os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path))
+    storage.fsync_dir(os.path.dirname(path))
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -293,8 +293,8 @@ def _is_tmp_name(name: str) -> bool:
     return name.startswith(".") and _TMP_MARK in name
 
 
-def _fsync_dir(directory: str) -> None:
-    """Persist a rename in ``directory`` (the new directory entry) to disk."""
+def fsync_dir(directory: str) -> None:
+    """Persist the entries of ``directory`` (new files, renames) to disk."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -352,7 +352,7 @@ def _publish(fs: pafs.FileSystem, path: str, data: Any, tmp: str | None) -> None
     try:
         if _is_local(fs):
             os.replace(tmp, path)
-            _fsync_dir(os.path.dirname(path))
+            fsync_dir(os.path.dirname(path))
         else:
             fs.move(tmp, path)
     except BaseException:

@@ -195,12 +195,17 @@ def read_metrics(run_dir: str) -> list[dict[str, float]]:
 
 
 def _checkpoint_candidates(run_dir: str, events: list[dict[str, Any]]) -> list[str]:
-    """Checkpoint files in <run>/checkpoints plus every path a checkpoint or preemption event names."""
+    """Checkpoints in <run>/checkpoints (files, and sharded directories of FSDP runs) plus every path a checkpoint
+    or preemption event names."""
+    from raytrainer.checkpoint import sharded
+
     storage = _storage()
+    directory = storage.join(run_dir, "checkpoints")
     try:
-        found = storage.listdir(storage.join(run_dir, "checkpoints"), missing_ok=True)
+        found = storage.listdir(directory, missing_ok=True)
     except (OSError, NotADirectoryError) as exc:
         raise CLIError(f"cannot list the checkpoints of {run_dir}: {exc}") from exc
+    found += sharded.list_sharded(directory, ".ckpt")
     for event in events:
         if event.get("event") in ("checkpoint", "preemption") and event.get("path"):
             found.append(str(event["path"]))
@@ -341,8 +346,10 @@ def summarize_run(path_or_uri: str, now: float | None = None) -> RunSummary:
             restarts += 1
 
     candidates = _checkpoint_candidates(run_dir, events)
+    from raytrainer.checkpoint.resolve import newest_checkpoint
+
     try:
-        checkpoint, skipped = storage.newest_valid(candidates)
+        checkpoint, skipped = newest_checkpoint(candidates)  # the one ckpt_path="last" resumes from
     except OSError as exc:
         raise CLIError(f"cannot check the checkpoints of {run_dir}: {exc}") from exc
     skipped = [(p, why) for p, why in skipped if why != "does not exist"]  # e.g. removed by save_top_k

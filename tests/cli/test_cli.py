@@ -461,3 +461,30 @@ def test_consolidate_a_sharded_checkpoint_for_load_and_export(trained: dict, tmp
     assert again.returncode == 2 and "--force" in again.stderr
     missing = raytrainer("consolidate", str(tmp_path / "nope"), str(tmp_path / "x.ckpt"))
     assert missing.returncode == 2 and "not a directory" in missing.stderr
+
+
+def test_status_picks_a_sharded_checkpoint_directory_as_last_does(trained: dict, tmp_path: Path) -> None:
+    """An FSDP run's checkpoints are directories: status shows the newest complete one (the one
+    ckpt_path="last" resumes from), and skips a damaged one, saying why."""
+    import torch
+
+    from raytrainer.checkpoint import sharded
+    from raytrainer.checkpoint.resolve import resolve_ckpt_path
+
+    run = _copy_run(trained, tmp_path)
+    newest = str(run / "checkpoints" / "epoch=5-step=99.ckpt")
+    sharded.save_sharded(newest, torch.nn.Linear(4, 2), [], {"epoch": 5, "global_step": 99})
+    os.utime(newest, (time.time() + 5, time.time() + 5))
+    s = json.loads(raytrainer("status", str(tmp_path), "--json").stdout)
+    assert s["checkpoint"] == newest and s["checkpoint_step"] == 99
+
+    import raytrainer as pl
+
+    finder = pl.Trainer(default_root_dir=str(tmp_path), enable_progress_bar=False)
+    assert resolve_ckpt_path("last", finder.checkpoint_callback, finder) == newest  # status and "last" agree
+
+    shard = next(p for p in Path(newest).iterdir() if p.suffix == ".distcp")
+    shard.write_bytes(shard.read_bytes()[:-8])
+    s = json.loads(raytrainer("status", str(tmp_path), "--json").stdout)
+    assert s["checkpoint"] != newest and s["checkpoint"].endswith(".ckpt")
+    assert newest in [p["path"] for p in s["skipped_checkpoints"]]

@@ -18,21 +18,23 @@ from raytrainer.checkpoint import sharded
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 10), nn.Tanh(), nn.Linear(10, 3))
-
-
-def _trained(world: int) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """The model sharded with FSDP2 over ``world`` ranks (plain when 1) and Adam after 3 steps on fixed data."""
+def _model(world: int = 1, seed: int = 0) -> nn.Module:
+    """The test model, initialised from ``seed``, sharded with FSDP2 over ``world`` ranks (plain when 1)."""
     from torch.distributed.fsdp import fully_shard
 
-    model = _model()
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 10), nn.Tanh(), nn.Linear(10, 3))
     if world > 1:
         for layer in model:
             if isinstance(layer, nn.Linear):
                 fully_shard(layer)
         fully_shard(model)
+    return model
+
+
+def _trained(world: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The model sharded with FSDP2 over ``world`` ranks (plain when 1) and Adam after 3 steps on fixed data."""
+    model = _model(world)
     opt = torch.optim.Adam(model.parameters(), lr=0.05)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(8, 6, generator=g), torch.randn(8, 3, generator=g)
@@ -45,15 +47,7 @@ def _trained(world: int) -> tuple[nn.Module, torch.optim.Optimizer]:
 
 def _fresh(world: int) -> tuple[nn.Module, torch.optim.Optimizer]:
     """A differently initialised copy (sharded over ``world``) with Adam state from one step on other data."""
-    from torch.distributed.fsdp import fully_shard
-
-    torch.manual_seed(123)
-    model = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 10), nn.Tanh(), nn.Linear(10, 3))
-    if world > 1:
-        for layer in model:
-            if isinstance(layer, nn.Linear):
-                fully_shard(layer)
-        fully_shard(model)
+    model = _model(world, seed=123)
     opt = torch.optim.Adam(model.parameters(), lr=0.05)
     model(torch.ones(2, 6)).sum().backward()
     opt.step()

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from raytrainer.checkpoint import format, sharded
 from raytrainer.checkpoint.resolve import load_state_dict_checked, read_checkpoint
+from raytrainer.checkpoint.shard_snapshot import ShardedSnapshot
 from raytrainer.utilities import rng_states
 
 if TYPE_CHECKING:
@@ -136,7 +137,9 @@ def restore(session: RankSession, path: str | dict[str, Any], full: bool, weight
     ``strict=module.strict_loading``, as Lightning's."""
     module, trainer = session.module, session.trainer
     in_place = False  # a sharded directory loads weights and optimizer shards into the module and optimizers itself
-    if isinstance(path, dict):
+    if isinstance(path, ShardedSnapshot):  # every rank's shards: placed onto this rank's layout by the cut below
+        ckpt, path = path.state(), f"<in-memory snapshot of {path.world_size} shards>"
+    elif isinstance(path, dict):
         ckpt, path = path, "<in-memory snapshot>"
     elif getattr(session.strategy, "shards_parameters", False) and sharded.is_sharded_checkpoint(path):
         ckpt = sharded.load_sharded(path, module, session.optimizers if full else [], strict=module.strict_loading)

@@ -856,7 +856,12 @@ class RankSession:
         """Restore from a path, "last"/"best", or an in-memory snapshot dict (handed over by the Ray driver);
         ``weights_only`` goes to torch.load."""
         if isinstance(ckpt_path, dict):
-            bridge.restore(self, ckpt_path, full=fn == "fit")
+            try:
+                bridge.restore(self, ckpt_path, full=fn == "fit")
+            finally:
+                release = getattr(ckpt_path, "release", None)  # a sharded snapshot drops the pieces it read
+                if release is not None:
+                    release()
             return
         path = resolve_ckpt_path(str(ckpt_path), self.trainer.checkpoint_callback, self.trainer)
         if path is None:

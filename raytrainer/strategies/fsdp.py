@@ -14,9 +14,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from raytrainer.checkpoint.shard_snapshot import ShardSource
 from raytrainer.strategies.base import RankContext, refuse_foreign_parts
 from raytrainer.strategies.ddp import DDPStrategy
-from raytrainer.utilities import log
 from raytrainer.utilities.exceptions import MisconfigurationException
 
 # Lightning's sharding strategies -> FSDP2's reshard_after_forward; the hybrid ones shard over a 2-D mesh's inner
@@ -277,8 +277,9 @@ class FSDPStrategy(DDPStrategy):
         per_param = {}
         for idx, values in state.get("state", {}).items():
             param = params[idx] if isinstance(idx, int) and idx < len(params) else None
-            per_param[idx] = {k: _shard_like(param, v) if isinstance(v, torch.Tensor) and param is not None
-                              and v.shape == param.shape else v for k, v in values.items()}
+            per_param[idx] = {k: _shard_like(param, v) if isinstance(v, (torch.Tensor, ShardSource))
+                              and param is not None and tuple(v.shape) == tuple(param.shape) else v
+                              for k, v in values.items()}
         return {**state, "state": per_param}
 
     def checkpoint_layout(self) -> str:
@@ -293,16 +294,13 @@ def _tensors(module: nn.Module) -> list[torch.Tensor]:
 
 
 def _shard_like(target: Any, value: Any) -> Any:
-    """``value`` (a whole tensor) placed as the sharded ``target`` is; unchanged when ``target`` is not sharded."""
+    """``value`` (a whole tensor, or a snapshot's ShardSource) placed as the sharded ``target`` is; a whole tensor is
+    unchanged when ``target`` is not sharded."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
+    if isinstance(value, ShardSource):
+        return value.place_like(target)
     if not isinstance(target, DTensor) or not isinstance(value, torch.Tensor) or isinstance(value, DTensor):
         return value
     return distribute_tensor(value.to(device=target.device, dtype=target.dtype), target.device_mesh,
                              target.placements, src_data_rank=None)
-
-
-def log_snapshots_off() -> None:
-    """One line: in-memory snapshots are off under FSDP (recovery restarts from the last checkpoint)."""
-    log.info("FSDP: in-memory snapshots are off (each rank holds only its shards); a failed rank restarts the run "
-             "from the last checkpoint.")

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from raytrainer.checkpoint.shard_snapshot import Piece, ShardedSnapshot
 from raytrainer.core import control
 from raytrainer.core.events import EventLog, command_fields
 from raytrainer.launchers.base import RankPayload, RunResult
@@ -31,7 +32,15 @@ from raytrainer.launchers.ray.policies import (
     decide_recovery,
     free_slots,
 )
-from raytrainer.launchers.ray.rank import latest_snapshot, queued_messages, rank_entry, request_stop
+from raytrainer.launchers.ray.rank import (
+    hand_over_pieces,
+    held_pieces,
+    latest_snapshot,
+    queued_messages,
+    rank_entry,
+    request_stop,
+)
+from raytrainer.launchers.ray.snapshots import choose_pieces
 from raytrainer.plan import Plan
 from raytrainer.utilities import log, rng_states
 
@@ -77,6 +86,7 @@ class FitController:
         self.pending_event: tuple[str, str | None] = ("start", None)
         self.error: BaseException | None = None
         self.result: RunResult | None = None
+        self.results: list[Any] = []
 
     # ------------------------------------------------------------------ messages from rank 0, ticks
     def on_message(self, rank: int, msg: Any) -> None:
@@ -132,6 +142,27 @@ class FitController:
         for outcome in _call_ranks(self.group, latest_snapshot):
             if outcome is not None and (self.driver_snapshot is None or outcome[0] > self.driver_snapshot[0]):
                 self.driver_snapshot = outcome
+        self._collect_survivor_pieces()
+
+    def _collect_survivor_pieces(self) -> None:
+        """(sharded runs) The newest step whose pieces the survivors hold for every rank, fetched to the driver."""
+        held = _call_ranks(self.group, held_pieces)
+        if not any(held):
+            return
+        chosen = choose_pieces(held, self.world)
+        if chosen is None:
+            log.warning("no complete in-memory snapshot of the shards survived (a rank and the rank holding its copy "
+                        "were both lost)")
+            return
+        step, assignment = chosen
+        if self.driver_snapshot is not None and self.driver_snapshot[0] >= step:
+            return
+        pieces = [p for got in _call_ranks(self.group, hand_over_pieces, assignment, step,
+                                           timeout_s=PIECE_FETCH_TIMEOUT_S) for p in got or []]
+        try:
+            self.driver_snapshot = (step, ShardedSnapshot(pieces).to_object_store())
+        except ValueError as exc:  # a holder did not answer in time
+            log.warning("the snapshot pieces of step %d could not all be fetched: %s", step, exc)
 
     # ------------------------------------------------------------------ the state machine
     def run(self) -> None:
@@ -187,7 +218,7 @@ class FitController:
         finally:
             if self.bar is not None:
                 self.bar.close()
-        self.result = results[0]
+        self.result, self.results = results[0], results
         self.step, self.epoch = self.result.global_step, self.result.current_epoch
         return Phase.RESIZING if self.result.status == "resize" else Phase.STOPPING
 
@@ -219,8 +250,11 @@ class FitController:
         self.group.shutdown()
         old = self.world
         self.world = self.resize_to or self.world
-        self.resume, self.resume_step = result.snapshot, result.global_step
-        self.driver_snapshot = (result.global_step, result.snapshot)
+        snapshot = result.snapshot
+        if isinstance(snapshot, Piece):  # sharded: rank 0's piece, and every other rank's in its result
+            snapshot = ShardedSnapshot([snapshot, *self.results[1:]]).to_object_store()
+        self.resume, self.resume_step = snapshot, result.global_step
+        self.driver_snapshot = (result.global_step, snapshot)
         self.pending_event = ("resize", f"world {old} -> {self.world}: more resources available")
         return Phase.STARTING
 
@@ -249,8 +283,10 @@ class FitController:
         """
         if not getattr(self.group, "started", False):
             return False  # run() already shut it down (max_failures=0, a hang, Ctrl-C)
-        ok = isinstance(err, RankError) and _retryable(err, err.died) and \
-            self.group.settle(err.failed, timeout_s=SETTLE_TIMEOUT_S)
+        retry = isinstance(err, RankError) and _retryable(err, err.died)
+        if retry:
+            self._collect_survivor_pieces()  # first: a rank that cannot leave a sharded group exits in settle
+        ok = retry and self.group.settle(err.failed, timeout_s=SETTLE_TIMEOUT_S)
         self._collect_survivor_snapshots(err)
         if not ok:
             self.group.shutdown(graceful=False)
@@ -317,6 +353,7 @@ class FitController:
 
 
 SETTLE_TIMEOUT_S = 5.0  # survivors of a failure must leave their collectives within this to be kept
+PIECE_FETCH_TIMEOUT_S = 60.0  # survivors hand their snapshot pieces (shards) to the driver within this
 
 
 class _Hung(RuntimeError):

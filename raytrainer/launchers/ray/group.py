@@ -22,8 +22,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
-import cloudpickle
 import ray
+from ray import cloudpickle  # Ray's copy: ObjectRefs inside run()/call() arguments stay resolvable on the ranks
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -422,7 +422,10 @@ class WorkerGroup:
         alive = [r for r, died in failed.items() if not died]
         if alive:
             refs = [self._actors[r].leave.remote() for r in alive]
-            ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+            for rank, ref in zip(alive, refs):
+                if ref in ready and _quietly(ray.get, ref, timeout=1) == "exiting":
+                    failed[rank] = True  # could not close its connections, so it exits: replaced as dead
         inflight, self._inflight = self._inflight, {}
         if inflight:
             done, _ = ray.wait(list(inflight.values()), num_returns=len(inflight), timeout=timeout_s)
@@ -867,11 +870,13 @@ class WorkerGroup:
         self.shutdown(graceful=exc[0] is None)
 
 
-def _quietly(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+def _quietly(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``, or None when it raises (logged at debug level)."""
     try:
-        fn(*args, **kwargs)
+        return fn(*args, **kwargs)
     except Exception as err:  # noqa: BLE001 - cleanup must not mask the real error
         log.debug("%s failed during cleanup: %s", getattr(fn, "__name__", fn), err)
+        return None
 
 
 def _wait_removed(pg: Any, timeout_s: float) -> None:

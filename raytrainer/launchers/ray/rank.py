@@ -11,7 +11,7 @@ from raytrainer.launchers.ray import snapshots
 from raytrainer.launchers.ray.messages import drain_messages, send_to_driver
 from raytrainer.plan import FSDP_STRATEGIES
 from raytrainer.strategies.ddp import DDPStrategy
-from raytrainer.strategies.fsdp import FSDPStrategy, log_snapshots_off
+from raytrainer.strategies.fsdp import FSDPStrategy
 from raytrainer.utilities import set_rng_states
 
 
@@ -28,9 +28,7 @@ def rank_entry(info: Any, payload: RankPayload, fn: str, model: Any, kwargs: dic
         set_rng_states(ctl["rng"])  # every rank starts from the driver's RNG, as Lightning's ranks share a seed
     strategy = rank_strategy(trainer, info, model)
     rank0 = info.global_rank == 0
-    sharded = isinstance(strategy, FSDPStrategy)  # snapshots take rank 0's full state: off under FSDP
-    if sharded and fn == "fit" and rank0 and ctl.get("snapshot_every") != 0:
-        log_snapshots_off()
+    sharded = isinstance(strategy, FSDPStrategy)  # every rank snapshots its own shards, a holder keeps a copy
     bar = trainer.progress_bar_callback
     if bar is not None and rank0:
         bar.sink = lambda event: send_to_driver({"type": "progress", "event": event})
@@ -39,10 +37,11 @@ def rank_entry(info: Any, payload: RankPayload, fn: str, model: Any, kwargs: dic
     session.elastic = bool(ctl.get("elastic"))
     session.events = _ForwardEvents() if rank0 else None
     if fn == "fit":
-        session.snapshotter = snapshots.Snapshotter(
-            0 if sharded else ctl.get("snapshot_every"), publish=_publish_snapshot if rank0 else None,
-            heartbeat=(lambda step, epoch: send_to_driver({"type": "heartbeat", "step": step, "epoch": epoch}))
-            if rank0 else None)
+        beat = (lambda step, epoch: send_to_driver({"type": "heartbeat", "step": step, "epoch": epoch})) \
+            if rank0 else None
+        every = ctl.get("snapshot_every")
+        session.snapshotter = snapshots.ShardSnapshotter(every, strategy, heartbeat=beat) if sharded else \
+            snapshots.Snapshotter(every, publish=_publish_snapshot if rank0 else None, heartbeat=beat)
         resume_step = ctl.get("resume_step")
         if resume_step is not None and rank0:
             for lg in trainer.loggers:
@@ -58,10 +57,10 @@ def rank_entry(info: Any, payload: RankPayload, fn: str, model: Any, kwargs: dic
     snapshot = None
     if status == "finished" and control.stop_reason() == "resize":
         status = "resize"
-        snapshot = session.snapshotter.take(session) if rank0 and not sharded else None
+        snapshot = session.snapshotter.take(session) if rank0 or sharded else None  # sharded: every rank's piece
     full_weights = strategy.full_state(session.module.state_dict()) if sharded and fn == "fit" else None
     if not rank0:
-        return None
+        return snapshot  # None, or (resizing a sharded run) this rank's piece for the driver
     result = RunResult.from_session(session, fn, out, info.world_size, status=status, snapshot=snapshot)
     if full_weights is not None:  # the driver's module gets whole tensors, gathered from every rank's shards
         result.state_dict = full_weights
@@ -110,6 +109,16 @@ def _publish_snapshot(step: int, state: dict[str, Any]) -> None:
 def latest_snapshot(info: Any) -> tuple[int, dict[str, Any]] | None:
     """(any rank, while another call may be stuck in a collective) This rank's newest snapshot."""
     return snapshots.latest()
+
+
+def held_pieces(info: Any) -> dict[int, list[int]] | None:
+    """(any rank of a sharded run) The steps of the snapshot pieces this rank holds, by owner."""
+    return snapshots.held_pieces()
+
+
+def hand_over_pieces(info: Any, assignment: dict[int, list[int]], step: int) -> list[Any]:
+    """(any rank of a sharded run) The pieces of ``step`` the driver asks this rank for."""
+    return snapshots.pieces_at(assignment.get(info.global_rank, []), step)
 
 
 def queued_messages(info: Any) -> list[Any]:

@@ -99,7 +99,19 @@ def init_process_group(ctx: RankContext, rdzv: Rendezvous, backend: str, timeout
 
 def destroy_process_group() -> bool:
     """Leave the default process group if this process is in one; True if it was."""
+    return release_process_group() is not None
+
+
+def release_process_group() -> bool | None:
+    """Leave the default process group; None if not in one. True when its connections closed (peers blocked on this
+    rank get an error), False when something still holds the group (a sharded module's device mesh does), which
+    keeps the connections open."""
     if not dist.is_available() or not dist.is_initialized():
-        return False
+        return None
+    import gc
+    import weakref
+
+    held = weakref.ref(dist.distributed_c10d._get_default_group())
     dist.destroy_process_group()
-    return True
+    gc.collect()
+    return held() is None

@@ -12,6 +12,10 @@ Rank 0 also makes a full copy every ten seconds (or less often when copying is s
 it to the Ray object store; the driver fetches it, so a copy lives on the driver's node as well and
 the loss of every rank's node never destroys the only copy. Recovery prefers the newest snapshot a
 survivor holds, then the driver's copy, then the newest valid durable checkpoint.
+
+Sharded (FSDP) runs hold no full copy anywhere: ``ShardSnapshotter`` has every rank serialize its shards into a
+piece at the same steps and send a copy to a holder rank (on another node when the world spans several), so any
+single rank or node loss leaves every piece with a survivor (see the section at the end).
 """
 from __future__ import annotations
 
@@ -72,6 +76,7 @@ def clear() -> None:
     global _LIGHT, _FULL
     with _LOCK:
         _LIGHT = _FULL = None
+        _PIECES.clear()
 
 
 def _heavy_tensors(session: Any) -> list[torch.Tensor]:
@@ -144,17 +149,27 @@ class Snapshotter:
             self._step_clock = now
         if not self.enabled or step == self._last_step or step % self.every != 0:
             return
-        snap = self._take_light(session)
-        if self.publish is not None:
-            self._maybe_publish(snap)
+        self._snapshot(session)
         cost = time.perf_counter() - now
         self._step_clock += cost  # do not count the snapshot as step time
         if self.taken == 1:
             return  # the first snapshot pays one-time costs (imports, hooks): it would stretch the interval for long
         self._costs.append(cost)
         self.cost_s = statistics.median(self._costs)  # typical cost: a garbage collection now and then is not
-        if self.fixed is None and self._step_time > 0:
-            self.every = max(1, math.ceil(self.cost_s / (AUTO_MAX_OVERHEAD * self._step_time)))
+        if self.fixed is None:
+            proposed = max(1, math.ceil(self.cost_s / (AUTO_MAX_OVERHEAD * self._step_time))) \
+                if self._step_time > 0 else self.every
+            self.every = self._agree(proposed)
+
+    def _snapshot(self, session: Any) -> None:
+        """Take this boundary's snapshot (and, on rank 0, publish a full copy now and then)."""
+        snap = self._take_light(session)
+        if self.publish is not None:
+            self._maybe_publish(snap)
+
+    def _agree(self, every: int) -> int:
+        """The automatic interval to use next (ranks of a sharded run agree on one; here: this rank's own)."""
+        return every
 
     def _take_light(self, session: Any) -> _Light:
         """Record this boundary: light state copied, parameters and optimizer state by reference."""
@@ -216,3 +231,151 @@ class Snapshotter:
             self.publish(step, state)
         except Exception as exc:  # a lost publication only makes the driver's copy older
             log.warning("snapshot at step %d was not published to the driver: %s", step, exc)
+
+
+# ------------------------------------------------------------------------------------------------ sharded runs
+# Under FSDP each rank holds only its shards, so a snapshot is one piece per rank, and a copy of every piece lives on
+# a second rank (its holder, on another node when there is more than one), refreshed at each snapshot. Each rank keeps
+# the pieces of the last two snapshot steps, its own and those of the ranks it holds for: the exchange at step S may
+# be cut short by a failure, but the one before it finished on every rank (they all went on training), so step S's
+# predecessor is always complete among the survivors unless a rank and its holder were both lost.
+_PIECES: dict[int, collections.deque[Any]] = {}
+PIECE_GENERATIONS = 2
+EXCHANGE_TIMEOUT_S = 3.0      # a piece's transfer may take this long, plus its size at EXCHANGE_MIN_RATE
+EXCHANGE_MIN_RATE = 100e6     # bytes per second
+
+
+def holders(nodes: list[str]) -> list[int]:
+    """For each rank (by the node it runs on), the rank that keeps a copy of its pieces: the next rank, cyclically,
+    on another node; the next rank when every rank shares one node."""
+    world = len(nodes)
+    out = []
+    for r in range(world):
+        others = [(r + k) % world for k in range(1, world) if nodes[(r + k) % world] != nodes[r]]
+        out.append(others[0] if others else (r + 1) % world)
+    return out
+
+
+def _keep(piece: Any) -> None:
+    with _LOCK:
+        kept = _PIECES.setdefault(piece.owner, collections.deque(maxlen=PIECE_GENERATIONS))
+        if kept and kept[-1].step == piece.step:
+            kept.pop()
+        kept.append(piece)
+
+
+def held_pieces() -> dict[int, list[int]] | None:
+    """(sharded runs) The steps of the pieces this rank holds, by owner; None when it holds none."""
+    with _LOCK:
+        return {owner: [p.step for p in kept] for owner, kept in _PIECES.items()} or None
+
+
+def pieces_at(wanted: list[int], step: int) -> list[Any]:
+    """(sharded runs) The pieces of the owners in ``wanted`` taken at ``step`` that this rank holds."""
+    with _LOCK:
+        return [p for owner in wanted for p in _PIECES.get(owner, ()) if p.step == step]
+
+
+def choose_pieces(held: list[dict[int, list[int]] | None], world: int) -> tuple[int, dict[int, list[int]]] | None:
+    """The newest step for which the ranks in ``held`` (by rank; None: lost) hold a piece of every owner
+    0..world-1, and which rank hands over which owners' pieces; None when no step is complete."""
+    steps = sorted({s for h in held if h for kept in h.values() for s in kept}, reverse=True)
+    for step in steps:
+        assignment: dict[int, list[int]] = {}
+        for owner in range(world):
+            holder = next((r for r, h in enumerate(held) if h and step in h.get(owner, ())), None)
+            if holder is None:
+                break
+            assignment.setdefault(holder, []).append(owner)
+        else:
+            return step, assignment
+    return None
+
+
+class ShardSnapshotter(Snapshotter):
+    """Snapshots of a sharded (FSDP) run: every rank serializes its own shards (with the loop state) into a piece at
+    the same step boundaries, and sends a copy to its holder rank over the process group."""
+
+    def __init__(self, every_n_steps: int | None, strategy: Any,
+                 heartbeat: Callable[[int, int], None] | None = None) -> None:
+        super().__init__(every_n_steps, heartbeat=heartbeat)
+        self.strategy = strategy
+        self.holders: list[int] | None = None  # by rank: who keeps its copy (agreed at the first snapshot)
+        self.exchanged_bytes = 0
+
+    def _snapshot(self, session: Any) -> None:
+        self._own_piece(session)
+        self._last_step = session.state.global_step
+        self.taken += 1
+
+    def _own_piece(self, session: Any, exchange: bool = True) -> Any:
+        from raytrainer.checkpoint.bridge import capture
+        from raytrainer.checkpoint.shard_snapshot import make_piece
+
+        state = capture(session, weights_only=False, check=False, gather=False)
+        piece = make_piece(state, self.strategy.global_rank, session.state.global_step, session.state.current_epoch)
+        _keep(piece)
+        if exchange and self.strategy.world_size > 1:
+            for theirs in self._exchange(piece):
+                _keep(theirs)
+        return piece
+
+    def _exchange(self, piece: Any) -> list[Any]:
+        """Send ``piece`` to this rank's holder; receive the pieces of the ranks this one holds for."""
+        import pickle
+
+        import torch.distributed as dist
+
+        from raytrainer.checkpoint.shard_snapshot import Piece
+
+        rank = self.strategy.global_rank
+        if self.holders is None:
+            nodes: list[Any] = [None] * self.strategy.world_size
+            dist.all_gather_object(nodes, str(getattr(self.strategy.ctx, "node_id", "")))
+            self.holders = holders(nodes)
+        dst, sources = self.holders[rank], [s for s, h in enumerate(self.holders) if h == rank]
+        device = self.strategy._collective_device()
+        head = pickle.dumps((piece.owner, piece.step, piece.epoch, piece.index))
+        sizes = torch.tensor([len(head), len(piece.data)], dtype=torch.int64, device=device)
+        theirs = [torch.empty(2, dtype=torch.int64, device=device) for _ in sources]
+        _p2p(dist, [(sizes, dst)], list(zip(theirs, sources)))
+        out = torch.frombuffer(bytearray(head + piece.data), dtype=torch.uint8).to(device)
+        into = [torch.empty(int(t.sum()), dtype=torch.uint8, device=device) for t in theirs]
+        # a peer that failed after sending its sizes never sends the rest, and one that failed holding a sharded
+        # module cannot close its connections: bound the wait by the size of what comes in
+        _p2p(dist, [(out, dst)], list(zip(into, sources)),
+             timeout_s=EXCHANGE_TIMEOUT_S + sum(int(t.numel()) for t in into) / EXCHANGE_MIN_RATE)
+        received = []
+        for t, buf in zip(theirs, into):
+            raw = buf.cpu().numpy().tobytes()
+            n_head = int(t[0])
+            owner, step, epoch, index = pickle.loads(raw[:n_head])
+            received.append(Piece(owner, step, epoch, raw[n_head:], index))
+        self.exchanged_bytes += len(piece.data)
+        return received
+
+    def _agree(self, every: int) -> int:
+        """The largest interval any rank proposes: every rank must snapshot (and exchange) at the same steps."""
+        import torch.distributed as dist
+
+        t = torch.tensor([every], dtype=torch.int64, device=self.strategy._collective_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+    def take(self, session: Any) -> Any:  # type: ignore[override]
+        """This rank's piece now (the ranks stopped at an agreed step to resize); no exchange."""
+        return self._own_piece(session, exchange=False)
+
+
+def _p2p(dist: Any, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]],
+         timeout_s: float | None = None) -> None:
+    """Post every send and receive at once, then wait for all (each within ``timeout_s`` when given)."""
+    from datetime import timedelta
+
+    ops = [dist.P2POp(dist.isend, t, peer) for t, peer in sends] + \
+        [dist.P2POp(dist.irecv, t, peer) for t, peer in recvs]
+    for work in dist.batch_isend_irecv(ops):
+        if timeout_s is None:
+            work.wait()
+        else:
+            work.wait(timedelta(seconds=timeout_s))

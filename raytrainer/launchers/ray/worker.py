@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -176,9 +177,17 @@ class RankWorker:
         import raytrainer.strategies.ddp  # noqa: F401
         return os.getpid()
 
-    def leave(self) -> bool:
-        """Leave the process group (peers blocked in a collective with this rank get an error), keep the rest."""
-        return rendezvous.destroy_process_group()
+    def leave(self) -> bool | str:
+        """Leave the process group (peers blocked in a collective with this rank get an error), keep the rest.
+
+        When the group cannot be closed (a sharded module's device mesh still holds it, so its connections stay open
+        and peers would wait for the collective timeout), the process exits just after answering: its connections
+        close, and the driver replaces it as a dead rank."""
+        released = rendezvous.release_process_group()
+        if released is False:
+            threading.Timer(0.2, os._exit, args=(1,)).start()
+            return "exiting"
+        return released is not None
 
     def teardown(self) -> bool:
         """Leave the process group and close the store; True if a process group was destroyed."""

@@ -77,14 +77,7 @@ def test_node_removed_run_completes_and_every_sample_is_used_once_per_epoch(clus
     assert "failure" in kinds and kinds[-1] == "finish"
     assert ev[-1]["world_size"] == 1, "the run must finish on the one node left"
 
-    # Work done after the snapshot a restart resumed from was lost; drop it, keep what counts.
-    restarts = [e for e in ev if e["event"] in ("restart", "resize")]
-    rows = [json.loads(line) for path in glob.glob(str(tmp_path / "ids.*")) for line in open(path)]
-    kept = []
-    for r in rows:
-        lost = any(r["time"] < e["time"] and r["step"] >= e["step"] for e in restarts)
-        if not lost:
-            kept.append(r)
+    kept = _kept_ids(tmp_path, ev)
     for epoch in range(4):
         ids = sorted(i for r in kept if r["epoch"] == epoch for i in r["ids"])
         assert ids == list(range(n)), f"epoch {epoch}: {len(ids)} ids, {len(set(ids))} distinct"
@@ -107,3 +100,44 @@ def test_node_added_world_grows_within_10s(cluster, tmp_path):
     thread.join(300)
     assert not thread.is_alive() and "error" not in box, box.get("error")
     assert trainer.world_size == 2
+
+
+def _kept_ids(tmp_path, ev) -> list[dict]:
+    """The sample ids logged by steps that count: work done after the point a restart or resize resumed from is
+    dropped (it was done again)."""
+    restarts = [e for e in ev if e["event"] in ("restart", "resize")]
+    rows = [json.loads(line) for path in glob.glob(str(tmp_path / "ids.*")) for line in open(path)]
+    return [r for r in rows if not any(r["time"] < e["time"] and r["step"] >= e["step"] for e in restarts)]
+
+
+def test_fsdp_grows_3_to_4_and_shrinks_4_to_3_resharding_its_snapshots(cluster, tmp_path):
+    """A sharded (FSDP) run on one-CPU nodes: a fourth node joins (3 -> 4 ranks, the shards of the stop step are
+    resharded 3 -> 4), then one leaves (4 -> 3: the lost rank's shards come from the copy on its holder's node and
+    are resharded 4 -> 3). No checkpoint is read, and every sample is used exactly once per epoch."""
+    nodes = [cluster.add_node(num_cpus=1) for _ in range(3)]
+    _connect(cluster)
+    n, epochs = 240, 6
+    trainer = pl.Trainer(strategy="fsdp", num_nodes="3:4", num_processes=1, max_epochs=epochs, max_failures=2,
+                         default_root_dir=str(tmp_path), enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, scale_check_interval_s=1.0, placement_timeout_s=30,
+                         snapshot_every_n_steps=1)
+    thread, box = _fit_in_background(trainer, Regression(ids_path=str(tmp_path / "ids"), sleep_s=0.05),
+                                     loader(n, batch_size=10))
+    assert _wait_for(lambda: len(glob.glob(str(tmp_path / "ids.*"))) >= 3, 120)
+    nodes.append(cluster.add_node(num_cpus=1))
+    assert _wait_for(lambda: any(e["event"] == "resize" for e in events(str(tmp_path))), 60)
+    resized = next(e for e in events(str(tmp_path)) if e["event"] == "resize")
+    assert _wait_for(lambda: any(r.get("world") == 4 for path in glob.glob(str(tmp_path / "ids.*"))
+                                 for r in map(json.loads, open(path)) if r["time"] > resized["time"]), 60)
+    cluster.remove_node(nodes[1])  # a rank's node disappears (main thread: Ray needs it)
+    thread.join(300)
+    assert not thread.is_alive() and "error" not in box, box.get("error")
+    ev = events(str(tmp_path))
+    kinds = [e["event"] for e in ev]
+    assert resized["world_size"] == 4 and "failure" in kinds and kinds[-1] == "finish", kinds
+    assert "snapshot_fallback" not in kinds, "the lost rank's shards should have come from its holder's copy"
+    assert ev[-1]["world_size"] == 3
+    kept = _kept_ids(tmp_path, ev)
+    for epoch in range(epochs):
+        ids = sorted(i for r in kept if r["epoch"] == epoch for i in r["ids"])
+        assert ids == list(range(n)), f"epoch {epoch}: {len(ids)} ids, {len(set(ids))} distinct"

@@ -187,3 +187,52 @@ def test_sharded_checkpoint_directories_resume_and_reshard(local_ray, tmp_path):
     one, _ = fit("fsdp", tmp_path / "d", model=MetaNet(str(out)), steps=2, devices=1, ckpt_path=str(last))
     for name, value in model.state_dict().items():
         torch.testing.assert_close(one.state_dict()[name], value)
+
+
+# ------------------------------------------------------------------------------------------------ failures
+def _ft_fit(tmp_path, name: str, callbacks=(), steps: int = 8, **kwargs) -> tuple[Net, pl.Trainer]:
+    pl.seed_everything(0)
+    return fit(FSDPStrategy(auto_wrap_policy={Block}), tmp_path / name, steps=steps, devices=4, deterministic=True,
+               callbacks=list(callbacks), **kwargs)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_killed_rank_of_four_recovers_in_place_from_the_shard_snapshots(local_ray, tmp_path):
+    """SIGKILL one rank of a 4-rank FSDP run: its shards come back from the copy its holder kept, the survivors are
+    kept, and the run ends with bitwise the weights of an uninterrupted run."""
+    from ft_models import SignalAt, events
+
+    straight, _ = _ft_fit(tmp_path, "ref")
+    model, trainer = _ft_fit(tmp_path, "ft", [SignalAt(5, str(tmp_path / "marker"), rank=1)], max_failures=2,
+                             snapshot_every_n_steps=1)
+    assert trainer.global_step == 8
+    for name, value in straight.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+    ev = events(str(tmp_path / "ft"))
+    kinds = [e["event"] for e in ev]
+    assert "failure" in kinds and "snapshot_fallback" not in kinds and kinds[-1] == "finish"
+    restart = next(e for e in ev if e["event"] == "restart")
+    assert restart["step"] >= 4 and "replaced, survivors kept" in restart["cause"], restart
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_rank_and_its_holder_killed_falls_back_to_the_sharded_checkpoint(local_ray, tmp_path):
+    """Ranks 1 and 2 (2 holds 1's copy) die at once: no complete snapshot survives, so the run resumes from the
+    newest sharded checkpoint directory, says so in the events log, and still ends with the uninterrupted weights."""
+    from ft_models import SignalAt, events
+
+    straight, _ = _ft_fit(tmp_path, "ref")
+    kill = [SignalAt(5, str(tmp_path / f"marker{r}"), rank=r) for r in (1, 2)]
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=2, save_top_k=-1)
+    model, trainer = _ft_fit(tmp_path, "ft", [*kill, ckpt], max_failures=3, snapshot_every_n_steps=1,
+                             enable_checkpointing=True)
+    assert trainer.global_step == 8
+    for name, value in straight.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+    ev = events(str(tmp_path / "ft"))
+    fallback = [e for e in ev if e["event"] == "snapshot_fallback"]
+    assert fallback and "checkpoint" in fallback[0]["cause"]
+    restart = next(e for e in ev if e["event"] == "restart")
+    assert restart["step"] <= 4, restart  # resumed from a checkpoint directory, not a snapshot

@@ -97,6 +97,8 @@ class ModelCheckpoint(Callback):
         self._to_remove: list[tuple[str, str]] = []  # (rotated-out path, the newer path it waits for)
         self._writer: Any = None
         self._snapshot: _Snapshot | None = None
+        self._sharded_pending: list[Any] = []  # FSDP: asynchronous sharded saves in flight (sharded.PendingSave)
+        self.sharded_blocked_s: list[float] = []  # how long each sharded save held the training thread (host copy)
         self._pool: dict[tuple, torch.Tensor] = {}  # host buffers reused by consecutive snapshots
 
     @property
@@ -194,6 +196,7 @@ class ModelCheckpoint(Callback):
         logged so the original exception stays visible (the caller re-raises it)."""
         try:
             self._join_snapshot()
+            self._wait_sharded()
             if self._writer is not None:
                 self._writer.wait()
         except Exception as exc:
@@ -224,6 +227,9 @@ class ModelCheckpoint(Callback):
         """Finish writes and deferred deletions, and stop the writer thread."""
         try:
             self._join_snapshot()
+            self._wait_sharded()
+            if self._writer is None and self._to_remove:
+                self._flush_removals(block=True)  # sharded: the directories they wait for are published now
         finally:
             if self._writer is not None:
                 try:
@@ -352,8 +358,8 @@ class ModelCheckpoint(Callback):
         from raytrainer.checkpoint.bridge import capture, writes_sharded
         from raytrainer.io import storage
 
-        if writes_sharded(trainer.session):
-            self._write_now(trainer, paths)  # every rank writes its shards, in parallel, now
+        if writes_sharded(trainer.session):  # every rank writes its shards, in parallel
+            self._write_sharded(trainer, paths, self.async_save)
             return
         ckpt = capture(trainer.session, self.save_weights_only)
         self._last_global_step_saved = trainer.global_step
@@ -381,17 +387,12 @@ class ModelCheckpoint(Callback):
 
     def _write_now(self, trainer: Any, paths: list[str]) -> None:
         """Write the current state to ``paths`` on this thread (rank 0 writes); returns once it is on storage."""
-        from raytrainer.checkpoint.bridge import capture, save_sharded, writes_sharded
+        from raytrainer.checkpoint.bridge import capture, writes_sharded
         from raytrainer.io import storage
 
         self._last_global_step_saved = trainer.global_step
         if writes_sharded(trainer.session):
-            # FSDP: a directory that every rank writes its shards into (rank 0's names, so all write the same)
-            paths = save_sharded(trainer.session, paths, self.save_weights_only)
-            if trainer.is_global_zero:
-                self._written.update(paths)
-                for path in paths:
-                    trainer.session.on_checkpoint_saved(path)
+            self._write_sharded(trainer, paths, asynchronous=False)
             return
         ckpt = capture(trainer.session, self.save_weights_only)
         if not trainer.is_global_zero:
@@ -400,6 +401,28 @@ class ModelCheckpoint(Callback):
             storage.save(ckpt, path)
             self._written.add(path)
             trainer.session.on_checkpoint_saved(path)
+
+    def _write_sharded(self, trainer: Any, paths: list[str], asynchronous: bool) -> None:
+        """FSDP: directories that every rank writes its shards into (rank 0's names, so all write the same). Async:
+        the training thread copies the shards to host memory; the previous save must be done before the next."""
+        from raytrainer.checkpoint.bridge import save_sharded
+
+        self._wait_sharded()
+        if self._to_remove:
+            self._flush_removals(block=False)  # what waited for the directory just published
+        self._last_global_step_saved = trainer.global_step
+        paths, self._sharded_pending = save_sharded(trainer.session, paths, self.save_weights_only, asynchronous)
+        self.sharded_blocked_s.extend(p.blocked_s for p in self._sharded_pending)
+        if trainer.is_global_zero:
+            self._written.update(paths)
+            for path in paths:
+                trainer.session.on_checkpoint_saved(path)
+
+    def _wait_sharded(self) -> None:
+        """Wait for the sharded saves in flight (this rank's part; rank 0: published); re-raise a failed one."""
+        pending, self._sharded_pending = self._sharded_pending, []
+        for save in pending:
+            save.wait()
 
     def _join_snapshot(self) -> None:
         """Wait until the running snapshot is copied and handed to the writer; re-raise its error."""
@@ -414,7 +437,7 @@ class ModelCheckpoint(Callback):
         if not path.startswith(str(self.dirpath)):
             return  # a previous run's file (resumed with another dirpath): never ours to delete
         self._to_remove.append((path, newer))
-        if self._writer is None:
+        if self._writer is None and not self._sharded_pending:  # else: once the sharded save in flight is done
             self._flush_removals(block=False)
 
     def _due_removals(self) -> list[str]:
@@ -444,6 +467,7 @@ class ModelCheckpoint(Callback):
     def wait_for_writes(self) -> None:
         """Block until every background write (and the deletions waiting for it) has finished."""
         self._join_snapshot()
+        self._wait_sharded()
         if self._writer is not None:
             self._writer.wait()
         self._flush_removals(block=True)
@@ -497,6 +521,7 @@ class ModelCheckpoint(Callback):
         state = self.__dict__.copy()
         state["_writer"] = None
         state["_snapshot"] = None
+        state["_sharded_pending"] = []
         state["_pool"] = {}
         return state
 

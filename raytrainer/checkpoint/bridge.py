@@ -106,19 +106,22 @@ def writes_sharded(session: RankSession) -> bool:
     return layout is not None and layout() == "sharded"
 
 
-def save_sharded(session: RankSession, paths: list[str], weights_only: bool = False) -> list[str]:
+def save_sharded(session: RankSession, paths: list[str], weights_only: bool = False,
+                 asynchronous: bool = False) -> tuple[list[str], list[sharded.PendingSave]]:
     """Write the session's state as a sharded checkpoint directory at each of ``paths`` (rank 0's, so every rank
-    writes the same directories); every rank calls it. Returns the paths written."""
+    writes the same directories); every rank calls it. Returns the paths and, with ``asynchronous=True``, the saves
+    still being written in the background (the training thread only copied the shards to host memory)."""
     strategy = session.strategy
     paths = list(strategy.broadcast(list(paths), 0))
     ckpt = capture(session, weights_only, check=False, gather=False, plain_rng=True)
     meta = {k: v for k, v in ckpt.items() if k not in ("state_dict", "optimizer_states")}
     format.check_loadable(meta)
     optimizers = [] if weights_only else session.optimizers
-    for path in paths:
-        sharded.save_sharded(path, session.module, optimizers, meta, rank=strategy.global_rank,
-                             barrier=lambda: strategy.barrier("sharded checkpoint"))
-    return paths
+    group = strategy.checkpoint_group() if asynchronous else False
+    pending = sharded.save_sharded(paths[0], session.module, optimizers, meta, rank=strategy.global_rank,
+                                   barrier=lambda: strategy.barrier("sharded checkpoint"), async_group=group,
+                                   copies=paths[1:])  # one write; rank 0 copies it to the other names
+    return paths, [] if pending is None else [pending]
 
 
 def hparams_keys(obj: Any, default: tuple[str, str, str]) -> tuple[str, str, str]:

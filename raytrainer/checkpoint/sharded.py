@@ -218,16 +218,23 @@ def _dcp_state(module: torch.nn.Module, optimizers: Sequence[torch.optim.Optimiz
 
 def save_sharded(dirpath: str, module: torch.nn.Module, optimizers: Sequence[torch.optim.Optimizer],
                  meta: dict[str, Any], *, rank: int | None = None,
-                 barrier: Callable[[], None] | None = None) -> None:
+                 barrier: Callable[[], None] | None = None, async_group: Any = False,
+                 copies: Sequence[str] = ()) -> PendingSave | None:
     """Every rank writes its shards of ``module``/``optimizers`` to the directory ``dirpath``; rank 0 adds ``meta``.
 
     ``meta`` is the rest of the checkpoint dict (no "state_dict"/"optimizer_states"; only rank 0's is written).
     ``barrier`` defaults to the default process group's. The directory appears under ``dirpath`` only complete.
+    ``copies``: more directories with the same content (e.g. last.ckpt beside epoch=...ckpt), copied by rank 0.
+
+    ``async_group``: False writes now and returns None. Otherwise (a process group kept for checkpoints, or None
+    without one) the shards are copied to host memory now and written by a background thread: the returned
+    PendingSave's ``wait()`` returns once this rank's part is done (on rank 0: the directory is published).
     """
     for key in ("state_dict", "optimizer_states"):
         if key in meta:
             raise ValueError(f"save_sharded: meta must not hold {key!r}; the module and optimizers are saved as "
                              "shards. Pass the checkpoint dict without it.")
+    started = time.perf_counter()
     rank = _dist()[0] if rank is None else rank
     barrier = barrier or _default_barrier
     path = _local_dir(dirpath)
@@ -242,14 +249,72 @@ def save_sharded(dirpath: str, module: torch.nn.Module, optimizers: Sequence[tor
     barrier()
     import torch.distributed.checkpoint as dcp
 
-    dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp), no_dist=_dist()[1] == 1)
-    # dcp.save returns on rank 0 after every rank's shards are written and .metadata is committed.
-    if rank == 0:
-        torch.save(meta, os.path.join(tmp, META_FILE))
-        _write_manifest(tmp)
-        storage.fsync_dir(tmp)
-        _publish_dir(tmp, path)
-    barrier()
+    writer = dcp.FileSystemWriter(tmp)
+    single = _dist()[1] == 1
+    if async_group is False:
+        dcp.save(state, storage_writer=writer, no_dist=single)
+        # dcp.save returns on rank 0 after every rank's shards are written and .metadata is committed.
+        if rank == 0:
+            _finish(tmp, path, meta, copies)
+        barrier()
+        return None
+    from raytrainer.checkpoint.host_copy import to_host
+
+    meta = to_host(meta) if rank == 0 else meta  # training may change the live tensors before the thread writes
+    future = dcp.async_save(state, storage_writer=writer, process_group=async_group, no_dist=single)
+    return PendingSave(dirpath, future, (lambda: _finish(tmp, path, meta, copies)) if rank == 0 else None,
+                       time.perf_counter() - started)
+
+
+def _finish(tmp: str, path: str, meta: dict[str, Any], copies: Sequence[str] = ()) -> None:
+    """(rank 0, every shard written) Add meta.pt and the manifest, publish the directory, then its copies."""
+    torch.save(meta, os.path.join(tmp, META_FILE))
+    _write_manifest(tmp)
+    storage.fsync_dir(tmp)
+    _publish_dir(tmp, path)
+    for uri in copies:
+        other = _local_dir(uri)
+        if os.path.isfile(other):
+            raise FileExistsError(f"cannot write sharded checkpoint {uri}: a file exists there; remove it or pick "
+                                  "another name")
+        staging = _tmp_sibling(other)
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(path, staging)
+        storage.fsync_dir(staging)
+        _publish_dir(staging, other)
+
+
+class PendingSave:
+    """A sharded save in flight: DCP's background write of this rank's shards, then (rank 0) the publication."""
+
+    def __init__(self, uri: str, future: Any, finish: Callable[[], None] | None, blocked_s: float) -> None:
+        import threading
+
+        self.uri, self.blocked_s = uri, blocked_s  # blocked_s: how long the training thread spent (host copy)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._complete, args=(future, finish), daemon=True,
+                                        name="raytrainer-sharded-save")
+        self._thread.start()
+
+    def _complete(self, future: Any, finish: Callable[[], None] | None) -> None:
+        try:
+            future.result()  # on rank 0 this returns once every rank's shards and .metadata are written
+            if finish is not None:
+                finish()
+        except BaseException as exc:  # noqa: BLE001 - re-raised by wait()
+            self._error = exc
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def wait(self, timeout: float | None = 600) -> None:
+        """Block until this rank's part is written (rank 0: published); re-raise a failed write."""
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError(f"the sharded checkpoint {self.uri} was not written within {timeout} s")
+        if self._error is not None:
+            raise ShardedCheckpointError(f"writing the sharded checkpoint {self.uri} failed: "
+                                         f"{type(self._error).__name__}: {self._error}") from self._error
 
 
 def _publish_dir(tmp: str, path: str) -> None:

@@ -844,7 +844,7 @@ class RankSession:
             raise RuntimeError("save_checkpoint needs a model: call it after (or during) trainer.fit.")
         with self.profiler.profile("save_checkpoint") if self.profiler is not None else contextlib.nullcontext():
             if bridge.writes_sharded(self):  # FSDP: a directory every rank writes its shards into
-                bridge.save_sharded(self, [filepath], weights_only)
+                bridge.save_sharded(self, [filepath], weights_only)  # written when it returns
                 return
             ckpt = bridge.capture(self, weights_only)
             if self.is_global_zero:

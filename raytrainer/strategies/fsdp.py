@@ -109,10 +109,12 @@ class FSDPStrategy(DDPStrategy):
         _policy_fn(auto_wrap_policy, "auto_wrap_policy")  # check now, on the driver
         _policy_fn(activation_checkpointing_policy, "activation_checkpointing_policy")
         self._mesh: Any = None
+        self._checkpoint_group: Any = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state["_mesh"] = None
+        state["_checkpoint_group"] = None
         return state
 
     # -- precision ------------------------------------------------------------------------------
@@ -281,6 +283,16 @@ class FSDPStrategy(DDPStrategy):
                               and param is not None and tuple(v.shape) == tuple(param.shape) else v
                               for k, v in values.items()}
         return {**state, "state": per_param}
+
+    def checkpoint_group(self) -> Any:
+        """A gloo process group kept for asynchronous checkpoint writes (their background thread must not share the
+        training collectives' group); None without a process group. Collective the first time: every rank calls
+        it."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        if self._checkpoint_group is None:
+            self._checkpoint_group = dist.new_group(backend="gloo")
+        return self._checkpoint_group
 
     def checkpoint_layout(self) -> str:
         """What a checkpoint save writes: 'sharded' (a directory every rank writes its shards into,

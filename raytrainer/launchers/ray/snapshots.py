@@ -247,12 +247,13 @@ EXCHANGE_MIN_RATE = 100e6     # bytes per second
 
 def holders(nodes: list[str]) -> list[int]:
     """For each rank (by the node it runs on), the rank that keeps a copy of its pieces: the next rank, cyclically,
-    on another node; the next rank when every rank shares one node."""
+    on another node that holds no copy yet (else the next on another node); the next rank when all share one node."""
     world = len(nodes)
-    out = []
+    out: list[int] = []
     for r in range(world):
         others = [(r + k) % world for k in range(1, world) if nodes[(r + k) % world] != nodes[r]]
-        out.append(others[0] if others else (r + 1) % world)
+        free = [o for o in others if o not in out]
+        out.append(free[0] if free else others[0] if others else (r + 1) % world)
     return out
 
 

@@ -106,3 +106,36 @@ def test_data_writes_that_bypass_version_counters_are_still_caught(monkeypatch):
     trainer.optimizers[0].step()
     assert [p._version for p in model.parameters()] == versions  # invisible to version counters ...
     assert snapshots.latest() is None                             # ... but the optimizer-step count saw it
+
+
+# ------------------------------------------------------------------------------------------------ sharded runs
+def test_holders_prefer_another_node_and_cover_every_rank():
+    # two nodes of two ranks: each rank's copy lives on the other node, one copy per rank
+    assert snapshots.holders(["a", "a", "b", "b"]) == [2, 3, 0, 1]
+    # one node: the next rank, cyclically
+    assert snapshots.holders(["a", "a", "a"]) == [1, 2, 0]
+    # uneven nodes: still never the same node when another exists
+    nodes = ["a", "a", "a", "b"]
+    assert all(nodes[h] != nodes[r] for r, h in enumerate(snapshots.holders(nodes)))
+
+
+def test_choose_pieces_takes_the_newest_complete_step():
+    # rank 1 died; rank 2 holds 1's copy. Step 6's exchange was cut short (rank 2 never got 1's piece of step 6)
+    held = [{0: [4, 6], 3: [4, 6]}, None, {2: [4, 6], 1: [4]}, {3: [4, 6], 2: [4, 6]}]
+    step, assignment = snapshots.choose_pieces(held, 4)
+    assert step == 4
+    assert sorted(o for owners in assignment.values() for o in owners) == [0, 1, 2, 3]
+    assert 1 in assignment[2]
+    # a rank and its holder lost: nothing complete
+    assert snapshots.choose_pieces([{0: [4]}, None, None, {3: [4]}], 4) is None
+
+
+def test_sharded_snapshot_needs_one_piece_per_rank_of_one_step():
+    import pytest
+
+    from raytrainer.checkpoint.shard_snapshot import Piece, ShardedSnapshot
+
+    with pytest.raises(ValueError, match="one piece per rank"):
+        ShardedSnapshot([Piece(0, 4, 0, b""), Piece(1, 6, 0, b"")])
+    with pytest.raises(ValueError, match="one piece per rank"):
+        ShardedSnapshot([Piece(0, 4, 0, b""), Piece(2, 4, 0, b"")])

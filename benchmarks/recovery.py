@@ -49,9 +49,9 @@ def _record(out: str, rank: int, step: int, attempt: str) -> None:
         f.write(json.dumps({"step": step, "t": time.time(), "attempt": attempt}) + "\n")
 
 
-def _maybe_kill(out: str, rank: int, step: int) -> None:
+def _maybe_kill(out: str, rank: int, step: int, kill_step: int = KILL_STEP) -> None:
     marker = os.path.join(out, "killed")
-    if rank == 1 and step == KILL_STEP and not os.path.exists(marker):
+    if rank == 1 and step == kill_step and not os.path.exists(marker):
         with open(marker, "w") as f:
             f.write(json.dumps({"t": time.time(), "step": step}))
         os.kill(os.getpid(), signal.SIGKILL)

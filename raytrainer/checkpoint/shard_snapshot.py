@@ -1,13 +1,13 @@
-"""In-memory snapshots of a sharded (FSDP) run: each rank's shards as one serialized piece, and a whole snapshot
-assembled from every rank's piece onto any new layout.
+"""In-memory snapshots of a sharded (FSDP) run: each rank's shards as one piece, and a whole snapshot assembled from
+every rank's piece onto any new layout.
 
 Under FSDP no rank holds the whole model, so a snapshot is N pieces, one per rank: the rank's checkpoint dict
-(``bridge.capture(gather=False)``) with every sharded tensor replaced by a ``LocalShard`` (its block of the global
-tensor: offset, global shape, and a CPU copy of the data), serialized with ``torch.save``. ``Piece`` carries the
-bytes plus a small index (each shard's offset and size, in walk order), so a loader knows which pieces it needs
-before it reads any.
+(``bridge.capture(gather=False)``) whose sharded tensors are copied once into one flat host buffer and replaced by
+``LocalShard`` records (offset and shape in the global tensor, where the bytes are); the rest is serialized with
+``torch.save``. ``Piece.index`` lists each shard's offset and size in walk order, so a loader knows which pieces it
+needs before it reads any.
 
-``ShardedSnapshot`` is the whole snapshot handed to a restarted group: the pieces (bytes, or Ray object refs the
+``ShardedSnapshot`` is the whole snapshot handed to a restarted group: the pieces (in memory, or Ray object refs the
 ranks fetch on demand) and rank 0's light state. ``ShardedSnapshot.state()`` is a checkpoint dict whose sharded
 tensors are ``ShardSource`` placeholders; ``ShardSource.place_like(target)`` builds the target's block (a DTensor of
 this rank's layout, on any world size or mesh) by copying the overlapping regions out of the old pieces, or the
@@ -16,6 +16,7 @@ whole tensor for an unsharded target. Imports torch only (Ray when a piece is a 
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,30 +31,38 @@ FETCH_TIMEOUT_S = 120.0  # reading one piece from the object store
 
 @dataclass
 class LocalShard:
-    """One rank's block of a sharded tensor: ``data`` sits at ``offset`` inside a tensor of ``shape``."""
+    """One rank's block of a sharded tensor: it sits at ``offset`` inside a tensor of ``shape``; its data are the
+    bytes ``[start, start + size.numel() * itemsize)`` of the piece's flat buffer."""
 
     shape: tuple[int, ...]
     offset: tuple[int, ...]
-    data: torch.Tensor
+    size: tuple[int, ...]
+    dtype: torch.dtype
+    start: int
+
+    def view(self, flat: torch.Tensor) -> torch.Tensor:
+        n = math.prod(self.size) * self.dtype.itemsize
+        return flat[self.start:self.start + n].view(self.dtype).view(self.size)
 
 
 @dataclass
 class Piece:
-    """One rank's part of a snapshot: its serialized state and, per shard in walk order, (offset, local size)."""
+    """One rank's part of a snapshot: the light state (serialized, shards replaced by LocalShard records), one flat
+    byte buffer holding every shard, and per shard in walk order (offset, local size)."""
 
     owner: int                  # the rank that took it
     step: int                   # global step of the boundary it was taken at
     epoch: int
-    data: Any                   # bytes (torch.save of the state), or a Ray ObjectRef to them
+    data: Any                   # bytes (torch.save of the light state), or a Ray ObjectRef to them
     index: list[tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
-
-    @property
-    def nbytes(self) -> int:
-        return len(self.data) if isinstance(self.data, (bytes, bytearray)) else 0
+    flat: Any = None            # a uint8 tensor with every shard's bytes, or a Ray ObjectRef to it
 
 
-def _local_block(t: Any) -> LocalShard:
-    """A DTensor's local block with its offset in the global tensor, copied to CPU."""
+_ALIGN = 64  # each shard starts on a multiple of this many bytes, so its bytes view as any dtype
+
+
+def _local_block(t: Any) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """A DTensor's local block and its offset in the global tensor."""
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     local = t.to_local()
@@ -61,34 +70,49 @@ def _local_block(t: Any) -> LocalShard:
     if tuple(local.shape) != tuple(shape):
         raise RuntimeError(f"a sharded tensor's local block has shape {tuple(local.shape)}, but its placement gives "
                            f"{tuple(shape)}: this layout cannot be snapshotted; set snapshot_every_n_steps=0.")
-    return LocalShard(tuple(t.shape), tuple(offset), local.detach().to("cpu", copy=True))
+    return local, tuple(offset)
 
 
 def make_piece(state: dict[str, Any], owner: int, step: int, epoch: int) -> Piece:
-    """Serialize this rank's checkpoint dict (sharded tensors as DTensors) into a Piece; copies every tensor."""
+    """This rank's checkpoint dict (sharded tensors as DTensors) as a Piece: the shards copied once into one flat
+    host buffer, everything else copied and serialized."""
     from torch.distributed.tensor import DTensor
 
     index: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+    blocks: list[tuple[LocalShard, torch.Tensor]] = []
+    end = 0
 
     def leaf(t: torch.Tensor) -> Any:
+        nonlocal end
         if isinstance(t, DTensor):
-            block = _local_block(t)
-            index.append((block.offset, tuple(block.data.shape)))
-            return block
+            local, offset = _local_block(t)
+            record = LocalShard(tuple(t.shape), offset, tuple(local.shape), local.dtype, end)
+            end += -(-local.numel() * local.element_size() // _ALIGN) * _ALIGN
+            index.append((offset, tuple(local.shape)))
+            blocks.append((record, local))
+            return record
         return t.detach().to("cpu", copy=True)
 
     light = apply_to_tensors(state, leaf)
+    flat = torch.empty(end, dtype=torch.uint8)
+    for record, local in blocks:
+        record.view(flat).copy_(local.detach())
     buf = io.BytesIO()
     torch.save(light, buf)
-    return Piece(owner, step, epoch, buf.getvalue(), index)
+    return Piece(owner, step, epoch, buf.getvalue(), index, flat)
+
+
+def _get(value: Any) -> Any:
+    """A Piece field: the value itself, or what a Ray ObjectRef points to."""
+    if isinstance(value, (bytes, bytearray, torch.Tensor)):
+        return value
+    import ray
+
+    return ray.get(value, timeout=FETCH_TIMEOUT_S)
 
 
 def _read(data: Any) -> Any:
-    if not isinstance(data, (bytes, bytearray)):
-        import ray
-
-        data = ray.get(data, timeout=FETCH_TIMEOUT_S)
-    return torch.load(io.BytesIO(data), weights_only=False, map_location="cpu")
+    return torch.load(io.BytesIO(_get(data)), weights_only=False, map_location="cpu")
 
 
 class ShardSource:
@@ -144,7 +168,7 @@ class ShardedSnapshot(dict):
         pieces = sorted(pieces, key=lambda p: p.owner)
         super().__init__(epoch=pieces[0].epoch, global_step=pieces[0].step)
         self.pieces = pieces
-        self._cache: dict[int, list[LocalShard]] = {}
+        self._cache: dict[int, tuple[list[LocalShard], torch.Tensor]] = {}
 
     @property
     def step(self) -> int:
@@ -159,19 +183,21 @@ class ShardedSnapshot(dict):
         and each rank reads only the pieces its new blocks overlap."""
         import ray
 
-        out = ShardedSnapshot([Piece(p.owner, p.step, p.epoch, ray.put(p.data) if isinstance(
-            p.data, (bytes, bytearray)) else p.data, p.index) for p in self.pieces])
-        return out
+        def put(value: Any) -> Any:
+            return ray.put(value) if isinstance(value, (bytes, bytearray, torch.Tensor)) else value
+        return ShardedSnapshot([Piece(p.owner, p.step, p.epoch, put(p.data), p.index, put(p.flat))
+                                for p in self.pieces])
 
     def shard(self, rank: int, i: int) -> torch.Tensor:
         """The data of the ``i``-th sharded tensor of rank ``rank``'s piece (the piece read once, then cached)."""
-        blocks = self._cache.get(rank)
-        if blocks is None:
+        cached = self._cache.get(rank)
+        if cached is None:
             found: list[LocalShard] = []
             apply_to_tensors(_read(self.pieces[rank].data), lambda t: t, leaf=lambda v: found.append(v)
                              if isinstance(v, LocalShard) else v)
-            blocks = self._cache[rank] = found
-        return blocks[i].data
+            cached = self._cache[rank] = (found, _get(self.pieces[rank].flat))
+        records, flat = cached
+        return records[i].view(flat)
 
     def state(self) -> dict[str, Any]:
         """Rank 0's checkpoint dict with every sharded tensor a ShardSource (placed later with ``place_like``)."""
@@ -182,7 +208,7 @@ class ShardedSnapshot(dict):
             if not isinstance(v, LocalShard):
                 return v
             count[0] += 1
-            return ShardSource(self, count[0] - 1, v.shape, v.data.dtype)
+            return ShardSource(self, count[0] - 1, v.shape, v.dtype)
         return apply_to_tensors(light, lambda t: t, leaf=leaf)
 
     def release(self) -> None:

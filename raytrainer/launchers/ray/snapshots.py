@@ -336,23 +336,23 @@ class ShardSnapshotter(Snapshotter):
             self.holders = holders(nodes)
         dst, sources = self.holders[rank], [s for s, h in enumerate(self.holders) if h == rank]
         device = self.strategy._collective_device()
-        head = pickle.dumps((piece.owner, piece.step, piece.epoch, piece.index))
-        sizes = torch.tensor([len(head), len(piece.data)], dtype=torch.int64, device=device)
+        head = pickle.dumps((piece.owner, piece.step, piece.epoch, piece.index, piece.data))
+        sizes = torch.tensor([len(head), piece.flat.numel()], dtype=torch.int64, device=device)
         theirs = [torch.empty(2, dtype=torch.int64, device=device) for _ in sources]
         _p2p(dist, [(sizes, dst)], list(zip(theirs, sources)))
-        out = torch.frombuffer(bytearray(head + piece.data), dtype=torch.uint8).to(device)
-        into = [torch.empty(int(t.sum()), dtype=torch.uint8, device=device) for t in theirs]
+        heads = [torch.empty(int(t[0]), dtype=torch.uint8, device=device) for t in theirs]
+        flats = [torch.empty(int(t[1]), dtype=torch.uint8, device=device) for t in theirs]
         # a peer that failed after sending its sizes never sends the rest, and one that failed holding a sharded
         # module cannot close its connections: bound the wait by the size of what comes in
-        _p2p(dist, [(out, dst)], list(zip(into, sources)),
-             timeout_s=EXCHANGE_TIMEOUT_S + sum(int(t.numel()) for t in into) / EXCHANGE_MIN_RATE)
+        mine = torch.frombuffer(bytearray(head), dtype=torch.uint8).to(device)
+        _p2p(dist, [(mine, dst), (piece.flat.to(device), dst)],
+             [(t, src) for src, h, f in zip(sources, heads, flats) for t in (h, f)],
+             timeout_s=EXCHANGE_TIMEOUT_S + sum(int(t.sum()) for t in theirs) / EXCHANGE_MIN_RATE)
         received = []
-        for t, buf in zip(theirs, into):
-            raw = buf.cpu().numpy().tobytes()
-            n_head = int(t[0])
-            owner, step, epoch, index = pickle.loads(raw[:n_head])
-            received.append(Piece(owner, step, epoch, raw[n_head:], index))
-        self.exchanged_bytes += len(piece.data)
+        for h, f in zip(heads, flats):
+            owner, step, epoch, index, data = pickle.loads(h.cpu().numpy().tobytes())
+            received.append(Piece(owner, step, epoch, data, index, f.cpu()))
+        self.exchanged_bytes += piece.flat.numel()
         return received
 
     def _agree(self, every: int) -> int:

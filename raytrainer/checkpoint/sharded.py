@@ -29,13 +29,15 @@ Paths: local or shared-filesystem paths (``file://`` too). Other ``pyarrow.fs`` 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import tempfile
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -59,22 +61,33 @@ class ShardedCheckpointError(storage.CheckpointCorruptError):
 
 # ------------------------------------------------------------------------------------------------ paths
 def _local_dir(uri: str) -> str:
-    """The local path of ``uri``; a clear error for URIs on other filesystems."""
-    uri = os.fspath(uri)
-    if "://" in uri and not uri.lower().startswith("file://"):
-        raise ValueError(f"sharded checkpoint {uri!r}: sharded (directory) checkpoints are written to local or shared "
-                         "filesystem paths only; pass a path every rank can reach (e.g. an NFS mount), or use "
-                         "state_dict_type='full' for a single-file checkpoint on an object store.")
-    return storage.resolve(uri)[1]
+    """The local path of ``uri`` (callers handle other filesystems through ``_remote`` first)."""
+    fs, path = storage.resolve(os.fspath(uri))
+    if not storage._is_local(fs):
+        raise ValueError(f"sharded checkpoint {uri!r} is not on this machine's filesystem")
+    return path
+
+
+def _remote(uri: str) -> tuple[Any, str] | None:
+    """(pyarrow filesystem, path) when ``uri`` is on a filesystem other than this machine's; None for local paths."""
+    fs, path = storage.resolve(os.fspath(uri))
+    return None if storage._is_local(fs) else (fs, path.rstrip("/"))
+
+
+def _remote_type(remote: tuple[Any, str], name: str | None = None) -> Any:
+    fs, path = remote
+    return fs.get_file_info(f"{path}/{name}" if name else path).type
 
 
 def is_sharded_checkpoint(uri: str) -> bool:
-    """True when ``uri`` is a local directory holding a DCP checkpoint (ours or Lightning's)."""
-    try:
-        path = _local_dir(uri)
-    except ValueError:
-        return False
-    return os.path.isfile(os.path.join(path, DCP_METADATA_FILE))
+    """True when ``uri`` is a directory holding a DCP checkpoint: a local one (ours or Lightning's), or one on another
+    filesystem whose manifest (written last) is there."""
+    import pyarrow.fs as pafs
+
+    remote = _remote(uri)
+    if remote is not None:
+        return _remote_type(remote, MANIFEST_FILE) == pafs.FileType.File
+    return os.path.isfile(os.path.join(_local_dir(uri), DCP_METADATA_FILE))
 
 
 def _tmp_sibling(path: str) -> str:
@@ -84,21 +97,28 @@ def _tmp_sibling(path: str) -> str:
 
 
 def is_directory(uri: str) -> bool:
-    """True when ``uri`` is an existing local directory (a checkpoint candidate that is no file)."""
-    try:
-        return os.path.isdir(_local_dir(uri))
-    except ValueError:
-        return False
+    """True when ``uri`` is an existing directory (a checkpoint candidate that is no file)."""
+    import pyarrow.fs as pafs
+
+    remote = _remote(uri)
+    if remote is not None:
+        return _remote_type(remote) == pafs.FileType.Directory
+    return os.path.isdir(_local_dir(uri))
 
 
 def list_sharded(dir_uri: str, extension: str) -> list[str]:
     """Checkpoint directories named ``*<extension>`` directly in ``dir_uri`` (hidden staging ones left out)."""
+    import pyarrow.fs as pafs
+
+    remote = _remote(dir_uri)
+    if remote is not None:
+        fs, path = remote
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        entries = [i.base_name for i in infos if i.type == pafs.FileType.Directory and not i.base_name.startswith(".")
+                   and i.base_name.endswith(extension)]
+        return [storage.join(dir_uri, n) for n in sorted(entries)]
     try:
-        path = _local_dir(dir_uri)
-    except ValueError:
-        return []
-    try:
-        entries = [e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith(".")
+        entries = [e.name for e in os.scandir(_local_dir(dir_uri)) if e.is_dir() and not e.name.startswith(".")
                    and e.name.endswith(extension)]
     except FileNotFoundError:
         return []
@@ -108,6 +128,9 @@ def list_sharded(dir_uri: str, extension: str) -> list[str]:
 def written_at(uri: str) -> float:
     """When a checkpoint file or sharded directory was completed (its manifest's mtime for a directory), in s."""
     fs, path = storage.resolve(str(uri))
+    remote = _remote(uri)
+    if remote is not None and is_directory(uri):
+        return (fs.get_file_info(f"{remote[1]}/{MANIFEST_FILE}").mtime_ns or 0) / 1e9
     if is_directory(uri):
         for name in (MANIFEST_FILE, META_FILE, DCP_METADATA_FILE):
             if os.path.isfile(os.path.join(path, name)):
@@ -128,23 +151,31 @@ def _file_digest(path: str) -> dict[str, Any]:
     return {"size": size, "sha256": sha.hexdigest()}
 
 
+def _manifest_bytes(files: dict[str, dict[str, Any]]) -> bytes:
+    return json.dumps({"format": MANIFEST_FORMAT, "format_version": MANIFEST_VERSION, "written_at": time.time(),
+                       "files": dict(sorted(files.items()))}, indent=1).encode()
+
+
 def _write_manifest(path: str) -> None:
     """List every file of the directory ``path`` with its size and sha256 in the manifest (fsynced)."""
     names = sorted(n for n in os.listdir(path) if n != MANIFEST_FILE and os.path.isfile(os.path.join(path, n)))
-    manifest = {"format": MANIFEST_FORMAT, "format_version": MANIFEST_VERSION, "written_at": time.time(),
-                "files": {n: _file_digest(os.path.join(path, n)) for n in names}}
-    with open(os.path.join(path, MANIFEST_FILE), "w") as f:
-        json.dump(manifest, f, indent=1)
+    with open(os.path.join(path, MANIFEST_FILE), "wb") as f:
+        f.write(_manifest_bytes({n: _file_digest(os.path.join(path, n)) for n in names}))
         f.flush()
         os.fsync(f.fileno())
 
 
 def read_manifest(uri: str) -> dict[str, Any] | None:
     """The manifest of a sharded checkpoint directory, None when it has none (e.g. written by Lightning)."""
-    file = os.path.join(_local_dir(uri), MANIFEST_FILE)
+    remote = _remote(uri)
+    file = f"{remote[1]}/{MANIFEST_FILE}" if remote is not None else os.path.join(_local_dir(uri), MANIFEST_FILE)
     try:
-        with open(file) as f:
-            manifest = json.load(f)
+        if remote is not None:
+            with remote[0].open_input_stream(file) as f:
+                manifest = json.loads(f.read())
+        else:
+            with open(file) as f:
+                manifest = json.load(f)
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
@@ -163,6 +194,10 @@ def verify_sharded(uri: str, checksums: bool = True, part: tuple[int, int] = (0,
     manifest. ``part=(i, n)`` checksums only every n-th file from the i-th (ranks share the reading).
 
     Raises FileNotFoundError / ShardedCheckpointError naming the directory and the file that does not match."""
+    remote = _remote(uri)
+    if remote is not None:
+        _verify_remote_sizes(uri, remote)
+        return
     path = _local_dir(uri)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"sharded checkpoint {uri} does not exist (or is not a directory)")
@@ -186,6 +221,56 @@ def verify_sharded(uri: str, checksums: bool = True, part: tuple[int, int] = (0,
             if sha != entry["sha256"]:
                 raise ShardedCheckpointError(f"sharded checkpoint {uri} is corrupt: {name} has sha256 {sha} but the "
                                              f"manifest records {entry['sha256']} (its content changed)")
+
+
+def _verify_remote_sizes(uri: str, remote: tuple[Any, str]) -> None:
+    """A directory on another filesystem: its manifest must be there and every file must have the recorded size
+    (checksums are checked when the files are read, see ``_readable``)."""
+    manifest = read_manifest(uri)
+    if manifest is None:
+        raise ShardedCheckpointError(f"sharded checkpoint {uri} is incomplete or missing: it has no "
+                                     f"{MANIFEST_FILE}, which is written last")
+    fs, path = remote
+    for name, entry in sorted(manifest["files"].items()):
+        info = fs.get_file_info(f"{path}/{name}")
+        if info.size is None:
+            raise ShardedCheckpointError(f"sharded checkpoint {uri} is incomplete: {name} is missing")
+        if info.size != entry["size"]:
+            raise ShardedCheckpointError(f"sharded checkpoint {uri} is corrupt: {name} has {info.size} bytes but the "
+                                         f"manifest records {entry['size']}")
+
+
+@contextlib.contextmanager
+def _readable(uri: str) -> Iterator[str]:
+    """A local directory with the checkpoint's files: the directory itself, or (another filesystem) a temporary
+    download of every file its manifest lists, each checked against its recorded sha256, removed afterwards."""
+    remote = _remote(uri)
+    if remote is None:
+        yield _local_dir(uri)
+        return
+    manifest = read_manifest(uri)
+    if manifest is None:
+        raise ShardedCheckpointError(f"sharded checkpoint {uri} is incomplete or missing: it has no "
+                                     f"{MANIFEST_FILE}, which is written last")
+    fs, path = remote
+    local = tempfile.mkdtemp(prefix="raytrainer-sharded-read-")
+    try:
+        for name, entry in manifest["files"].items():
+            dst = os.path.join(local, name)
+            with fs.open_input_stream(f"{path}/{name}") as src, open(dst, "wb") as out:
+                shutil.copyfileobj(src, out, _CHUNK)
+            got = _file_digest(dst)
+            if (got["size"], got["sha256"]) != (entry["size"], entry["sha256"]):
+                raise ShardedCheckpointError(f"sharded checkpoint {uri} is corrupt: {name} does not match its "
+                                             f"manifest ({got['size']} bytes, sha256 {got['sha256']})")
+        yield local
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+
+
+def _upload(fs: Any, src: str, dst: str) -> None:
+    with open(src, "rb") as f, fs.open_output_stream(dst) as out:
+        shutil.copyfileobj(f, out, _CHUNK)
 
 
 # ------------------------------------------------------------------------------------------------ save
@@ -237,15 +322,21 @@ def save_sharded(dirpath: str, module: torch.nn.Module, optimizers: Sequence[tor
     started = time.perf_counter()
     rank = _dist()[0] if rank is None else rank
     barrier = barrier or _default_barrier
-    path = _local_dir(dirpath)
-    tmp = _tmp_sibling(path)
-    if os.path.isfile(path):
-        raise FileExistsError(f"cannot write sharded checkpoint {dirpath}: a file exists there; remove it or pick "
-                              "another name")
+    remote = _remote(dirpath)
+    if remote is None:
+        path = _local_dir(dirpath)
+        tmp = _tmp_sibling(path)
+        if os.path.isfile(path):
+            raise FileExistsError(f"cannot write sharded checkpoint {dirpath}: a file exists there; remove it or "
+                                  "pick another name")
+    else:  # every rank writes into a local staging directory of its own, then uploads its files
+        path, tmp = dirpath, tempfile.mkdtemp(prefix="raytrainer-sharded-")
     state = _dcp_state(module, list(optimizers))  # collectives (FSDP2 may all-gather nothing here): every rank
-    if rank == 0:
+    if rank == 0 and remote is None:
         shutil.rmtree(tmp, ignore_errors=True)   # left by an interrupted save
         os.makedirs(tmp)
+    elif rank == 0:
+        remove_sharded(dirpath, missing_ok=True)  # the old content of this name (manifest first) before any upload
     barrier()
     import torch.distributed.checkpoint as dcp
 
@@ -254,7 +345,9 @@ def save_sharded(dirpath: str, module: torch.nn.Module, optimizers: Sequence[tor
     if async_group is False:
         dcp.save(state, storage_writer=writer, no_dist=single)
         # dcp.save returns on rank 0 after every rank's shards are written and .metadata is committed.
-        if rank == 0:
+        if remote is not None:
+            _finish_remote(tmp, dirpath, meta, copies, rank, None)
+        elif rank == 0:
             _finish(tmp, path, meta, copies)
         barrier()
         return None
@@ -262,8 +355,51 @@ def save_sharded(dirpath: str, module: torch.nn.Module, optimizers: Sequence[tor
 
     meta = to_host(meta) if rank == 0 else meta  # training may change the live tensors before the thread writes
     future = dcp.async_save(state, storage_writer=writer, process_group=async_group, no_dist=single)
-    return PendingSave(dirpath, future, (lambda: _finish(tmp, path, meta, copies)) if rank == 0 else None,
+    if remote is not None:
+        def finish() -> None:
+            _finish_remote(tmp, dirpath, meta, copies, rank, async_group)
+    elif rank == 0:
+        def finish() -> None:
+            _finish(tmp, path, meta, copies)
+    return PendingSave(dirpath, future, finish if remote is not None or rank == 0 else None,
                        time.perf_counter() - started)
+
+
+def _finish_remote(staging: str, uri: str, meta: dict[str, Any], copies: Sequence[str], rank: int,
+                   group: Any) -> None:
+    """(every rank, its shards written to ``staging``) Upload them; rank 0 then uploads .metadata, meta.pt and,
+    last, the manifest of every rank's files, so the directory counts as complete only when all of it is there."""
+    import torch.distributed as dist
+
+    fs, path = _remote(uri)  # type: ignore[misc]
+    try:
+        if rank == 0:
+            torch.save(meta, os.path.join(staging, META_FILE))
+        digests = {}
+        for name in sorted(os.listdir(staging)):
+            local = os.path.join(staging, name)
+            _upload(fs, local, f"{path}/{name}")
+            digests[name] = _file_digest(local)
+        world = _dist()[1]
+        every: list[Any] = [digests]
+        if world > 1:
+            every = [None] * world
+            dist.all_gather_object(every, digests, group=group)
+        if rank != 0:
+            return
+        files = {n: d for part in every for n, d in part.items()}
+        for target in [uri, *copies]:
+            t_fs, t_path = _remote(target) or (None, None)
+            if t_fs is None:
+                raise ValueError(f"sharded checkpoint copies must be on the same kind of filesystem: {target}")
+            if target != uri:
+                remove_sharded(target, missing_ok=True)
+                for name in files:
+                    t_fs.copy_file(f"{path}/{name}", f"{t_path}/{name}")
+            with t_fs.open_output_stream(f"{t_path}/{MANIFEST_FILE}") as out:
+                out.write(_manifest_bytes(files))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _finish(tmp: str, path: str, meta: dict[str, Any], copies: Sequence[str] = ()) -> None:
@@ -331,6 +467,19 @@ def _publish_dir(tmp: str, path: str) -> None:
 
 def remove_sharded(dirpath: str, missing_ok: bool = False) -> None:
     """Delete a sharded checkpoint directory: the manifest first, so a crash midway leaves no "valid" directory."""
+    remote = _remote(dirpath)
+    if remote is not None:
+        fs, rpath = remote
+        if not is_directory(dirpath):
+            if missing_ok:
+                return
+            raise FileNotFoundError(f"cannot remove sharded checkpoint {dirpath}: no such directory")
+        try:
+            fs.delete_file(f"{rpath}/{MANIFEST_FILE}")
+        except (FileNotFoundError, OSError):
+            pass
+        fs.delete_dir(rpath)
+        return
     path = _local_dir(dirpath)
     if not os.path.isdir(path):
         if missing_ok:
@@ -390,29 +539,30 @@ def load_sharded(dirpath: str, module: torch.nn.Module, optimizers: Sequence[tor
         set_optimizer_state_dict,
     )
 
-    path = _local_dir(dirpath)
-    if verify:
-        _verify_on_all_ranks(dirpath)
-    elif not os.path.isfile(os.path.join(path, DCP_METADATA_FILE)):
-        raise FileNotFoundError(f"{dirpath} is not a sharded checkpoint directory (no {DCP_METADATA_FILE})")
-    optimizers = list(optimizers)
-    stored = _stored_keys(path)
-    wanted = [MODEL_KEY] + [OPTIMIZER_KEY.format(i) for i in range(len(optimizers))]
-    missing = [k for k in wanted if k not in stored]
-    if missing:
-        raise ShardedCheckpointError(f"sharded checkpoint {dirpath} has no {missing} (it holds {sorted(stored)}): it "
-                                     f"was saved with fewer optimizers than the {len(optimizers)} given, or without "
-                                     "optimizer state (weights only); load it with optimizers=() to take the weights.")
-    state = _dcp_state(module, optimizers)
-    if not strict:
-        state[MODEL_KEY] = _present_only(state[MODEL_KEY], path)
-    import torch.distributed.checkpoint as dcp
+    with _readable(dirpath) as path:  # another filesystem: downloaded (checksums checked) for the read
+        if verify:
+            _verify_on_all_ranks(path)
+        elif not os.path.isfile(os.path.join(path, DCP_METADATA_FILE)):
+            raise FileNotFoundError(f"{dirpath} is not a sharded checkpoint directory (no {DCP_METADATA_FILE})")
+        optimizers = list(optimizers)
+        stored = _stored_keys(path)
+        wanted = [MODEL_KEY] + [OPTIMIZER_KEY.format(i) for i in range(len(optimizers))]
+        missing = [k for k in wanted if k not in stored]
+        if missing:
+            raise ShardedCheckpointError(
+                f"sharded checkpoint {dirpath} has no {missing} (it holds {sorted(stored)}): it was saved with fewer "
+                f"optimizers than the {len(optimizers)} given, or without optimizer state (weights only); load it "
+                "with optimizers=() to take the weights.")
+        state = _dcp_state(module, optimizers)
+        if not strict:
+            state[MODEL_KEY] = _present_only(state[MODEL_KEY], path)
+        import torch.distributed.checkpoint as dcp
 
-    dcp.load(state, storage_reader=dcp.FileSystemReader(path), no_dist=_dist()[1] == 1)
-    set_model_state_dict(module, state[MODEL_KEY], options=StateDictOptions(strict=strict))
-    for i, opt in enumerate(optimizers):
-        set_optimizer_state_dict(module, opt, state[OPTIMIZER_KEY.format(i)])
-    return read_meta(dirpath)
+        dcp.load(state, storage_reader=dcp.FileSystemReader(path), no_dist=_dist()[1] == 1)
+        set_model_state_dict(module, state[MODEL_KEY], options=StateDictOptions(strict=strict))
+        for i, opt in enumerate(optimizers):
+            set_optimizer_state_dict(module, opt, state[OPTIMIZER_KEY.format(i)])
+        return read_meta(path)
 
 
 def _present_only(model_state: dict[str, Any], path: str) -> dict[str, Any]:
@@ -425,10 +575,22 @@ def _present_only(model_state: dict[str, Any], path: str) -> dict[str, Any]:
 
 def read_meta(dirpath: str, weights_only: bool = True) -> dict[str, Any]:
     """The non-tensor part of a sharded checkpoint (``meta.pt``); {} when the directory has none."""
-    file = os.path.join(_local_dir(dirpath), META_FILE)
-    if not os.path.isfile(file):
-        return {}
-    meta = torch.load(file, map_location="cpu", weights_only=weights_only)
+    remote = _remote(dirpath)
+    if remote is not None:
+        import io
+
+        file = f"{remote[1]}/{META_FILE}"
+        try:
+            with remote[0].open_input_stream(file) as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return {}
+        meta = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=weights_only)
+    else:
+        file = os.path.join(_local_dir(dirpath), META_FILE)
+        if not os.path.isfile(file):
+            return {}
+        meta = torch.load(file, map_location="cpu", weights_only=weights_only)
     if not isinstance(meta, dict):
         raise ShardedCheckpointError(f"{file} holds a {type(meta).__name__}, not a dict")
     return meta
@@ -446,15 +608,15 @@ def consolidate(dirpath: str, verify: bool = True, weights_only: bool = True) ->
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-    path = _local_dir(dirpath)
-    if verify:
-        verify_sharded(dirpath)
-    elif not os.path.isfile(os.path.join(path, DCP_METADATA_FILE)):
-        raise FileNotFoundError(f"{dirpath} is not a sharded checkpoint directory (no {DCP_METADATA_FILE})")
-    state: dict[str, Any] = {}
-    _load_state_dict(state, storage_reader=dcp.FileSystemReader(path), planner=_EmptyStateDictLoadPlanner(),
-                     no_dist=True)
-    ckpt = read_meta(dirpath, weights_only=weights_only)
+    with _readable(dirpath) as path:  # another filesystem: downloaded (checksums checked) for the read
+        if verify:
+            verify_sharded(path)
+        elif not os.path.isfile(os.path.join(path, DCP_METADATA_FILE)):
+            raise FileNotFoundError(f"{dirpath} is not a sharded checkpoint directory (no {DCP_METADATA_FILE})")
+        state: dict[str, Any] = {}
+        _load_state_dict(state, storage_reader=dcp.FileSystemReader(path), planner=_EmptyStateDictLoadPlanner(),
+                         no_dist=True)
+        ckpt = read_meta(path, weights_only=weights_only)
     if MODEL_KEY not in state:
         raise ShardedCheckpointError(f"sharded checkpoint {dirpath} holds no {MODEL_KEY!r} entry (keys: "
                                      f"{sorted(state)}); it was not written by raytrainer or Lightning's FSDPStrategy")

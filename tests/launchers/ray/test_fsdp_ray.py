@@ -309,3 +309,26 @@ def test_peak_resident_memory_of_each_rank_stays_near_its_share(local_ray, tmp_p
         grew = rec["peak"] - rec["base"]
         assert grew <= 1.25 * share + 64 * 2**20 < full, f"rank {rank} grew by {grew / 2**20:.0f} MiB; its share is " \
             f"{share / 2**20:.0f} MiB and the whole model {full / 2**20:.0f} MiB"
+
+
+@pytest.mark.slow
+def test_sharded_checkpoints_on_an_object_store_resume(local_ray, s3_server, tmp_path):
+    """ModelCheckpoint with an s3:// dirpath under FSDP: every rank uploads its shards (asynchronously), rank 0 the
+    manifest last; "last" resumes from S3 and 2 + 2 steps equal 4 straight."""
+    from raytrainer.checkpoint import sharded
+
+    out = tmp_path / "bytes"
+    out.mkdir()
+    dirpath = f"{s3_server['uri']}/ckpt"
+    fit("fsdp", tmp_path / "a", model=MetaNet(str(out)), steps=2, enable_checkpointing=True,
+        callbacks=[ModelCheckpoint(dirpath=dirpath, save_last=True)])
+    assert sharded.list_sharded(dirpath, ".ckpt") == [f"{dirpath}/epoch=0-step=2.ckpt", f"{dirpath}/last.ckpt"]
+    sharded.verify_sharded(f"{dirpath}/last.ckpt")
+    resumed, _ = fit("fsdp", tmp_path / "c", model=MetaNet(str(out)), steps=4, ckpt_path="last",
+                     enable_checkpointing=True, callbacks=[ModelCheckpoint(dirpath=dirpath)])
+    from ft_models import events
+
+    assert next(e for e in events(str(tmp_path / "c")) if e["event"] == "start")["step"] == 2  # resumed from S3
+    straight, _ = fit("fsdp", tmp_path / "b", model=MetaNet(str(out)), steps=4)
+    for name, value in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], value)

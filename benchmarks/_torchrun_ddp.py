@@ -24,14 +24,19 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ddp_throughput import BATCH, LR, make_dataset, make_model  # noqa: E402 - the shared definitions
 
 
-def main() -> None:
+def join() -> tuple[argparse.Namespace, int, int]:
+    """Parse --warmup/--steps, use one thread, join torchrun's gloo group; (args, rank, world size)."""
     p = argparse.ArgumentParser()
     p.add_argument("--warmup", type=int, required=True)
     p.add_argument("--steps", type=int, required=True)
     args = p.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=timedelta(seconds=300))
-    rank, world = dist.get_rank(), dist.get_world_size()
+    return args, dist.get_rank(), dist.get_world_size()
+
+
+def main() -> None:
+    args, rank, world = join()
     total = args.warmup + args.steps
     torch.manual_seed(0)
     model = nn.parallel.DistributedDataParallel(make_model())

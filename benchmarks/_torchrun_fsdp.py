@@ -7,12 +7,10 @@ DistributedSampler and trains with Adam. Rank 0 times the steps after the warm-u
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -20,17 +18,12 @@ from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader, DistributedSampler
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fsdp import BATCH, LM, SEQ, lm_loss, make_dataset  # noqa: E402 - the shared definitions
+from _torchrun_ddp import join  # noqa: E402 - the shared definitions
+from fsdp import BATCH, LM, SEQ, lm_loss, make_dataset  # noqa: E402
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--warmup", type=int, required=True)
-    p.add_argument("--steps", type=int, required=True)
-    args = p.parse_args()
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=timedelta(seconds=300))
-    rank, world = dist.get_rank(), dist.get_world_size()
+    args, rank, world = join()
     total = args.warmup + args.steps
     torch.manual_seed(0)
     model = LM()

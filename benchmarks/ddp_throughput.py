@@ -106,12 +106,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_torchrun(warmup: int, steps: int) -> dict[str, float]:
+def run_torchrun(warmup: int, steps: int, script: str = "_torchrun_ddp.py", world: int = WORLD) -> dict[str, float]:
+    """Run ``benchmarks/<script>`` under torchrun with ``world`` processes; its rank 0's ``RESULT {...}`` line."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_addr",
-           "127.0.0.1", "--master_port", str(free_port()), str(REPO / "benchmarks" / "_torchrun_ddp.py"),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_addr",
+           "127.0.0.1", "--master_port", str(free_port()), str(REPO / "benchmarks" / script),
            "--warmup", str(warmup), "--steps", str(steps)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if proc.returncode != 0 or line is None:
         raise RuntimeError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

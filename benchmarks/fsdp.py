@@ -25,7 +25,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,8 +39,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-from ddp_throughput import free_port  # noqa: E402 - shared helper
-from recovery import _maybe_kill, _record, analyse, wait_quiet  # noqa: E402
+from ddp_throughput import run_torchrun  # noqa: E402 - shared helpers
+from recovery import _maybe_kill, _record, analyse, wait_quiet, write_snapshot_stats  # noqa: E402
 
 VOCAB, WIDTH, DEPTH, SEQ, BATCH, WARMUP, KILL_STEP = 2048, 512, 6, 32, 4, 3, 8
 
@@ -124,10 +123,7 @@ def run_raytrainer(out: str, world: int, steps: int, strategy: str = "fsdp", sna
                 f.write(json.dumps({"async": asynchronous, "blocked_s": blocked}) + "\n")
 
         def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-            snap = trainer.session.snapshotter
-            if trainer.global_rank == 0 and snap is not None and snap.enabled:
-                with open(os.path.join(out, "snapshots.json"), "w") as f:
-                    json.dump({"every": snap.every, "cost_s": snap.cost_s, "step_s": snap._step_time}, f)
+            write_snapshot_stats(out, trainer)
 
     class Model(rt.LightningModule):
         def __init__(self) -> None:
@@ -162,19 +158,6 @@ def run_raytrainer(out: str, world: int, steps: int, strategy: str = "fsdp", sna
     if os.path.exists(os.path.join(out, "snapshots.json")):
         result["snapshots"] = json.load(open(os.path.join(out, "snapshots.json")))
     return result
-
-
-# ------------------------------------------------------------------------------------------- torchrun
-def run_torchrun(world: int, steps: int) -> dict[str, float]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_addr",
-           "127.0.0.1", "--master_port", str(free_port()), str(REPO / "benchmarks" / "_torchrun_fsdp.py"),
-           "--warmup", str(WARMUP), "--steps", str(steps)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    if proc.returncode != 0 or line is None:
-        raise RuntimeError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return json.loads(line[len("RESULT "):])
 
 
 def mib(n: float) -> str:
@@ -212,7 +195,7 @@ def main() -> None:
                                                                                      "raytrainer")
             for kind in order:
                 if kind == "torchrun":
-                    r = run_torchrun(world, args.steps)
+                    r = run_torchrun(WARMUP, args.steps, script="_torchrun_fsdp.py", world=world)
                 else:
                     r = run_raytrainer(fresh(), world, args.steps, snapshot_every=0 if kind == "no-snapshots" else None)
                 runs[kind].append(r)

@@ -57,6 +57,14 @@ def _maybe_kill(out: str, rank: int, step: int, kill_step: int = KILL_STEP) -> N
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def write_snapshot_stats(out: str, trainer) -> None:
+    """(rank 0, at the end of training) The snapshotter's interval, cost and step time, to ``out/snapshots.json``."""
+    snap = trainer.session.snapshotter
+    if trainer.global_rank == 0 and snap is not None and snap.enabled:
+        with open(os.path.join(out, "snapshots.json"), "w") as f:
+            json.dump({"every": snap.every, "cost_s": snap.cost_s, "step_s": snap._step_time}, f)
+
+
 def analyse(out: str) -> dict[str, float]:
     kill = json.load(open(os.path.join(out, "killed")))
     rows = [json.loads(line) for line in open(os.path.join(out, "steps.0"))]
@@ -99,10 +107,7 @@ def run_raytrainer(out: str, kill: bool, snapshot_every: int | None = None, step
                 _maybe_kill(out, trainer.global_rank, trainer.global_step)
 
         def on_train_end(self, trainer, pl_module):
-            snap = trainer.session.snapshotter
-            if trainer.global_rank == 0 and snap is not None and snap.enabled:
-                with open(os.path.join(out, "snapshots.json"), "w") as f:
-                    json.dump({"every": snap.every, "cost_s": snap.cost_s, "step_s": snap._step_time}, f)
+            write_snapshot_stats(out, trainer)
 
     class Model(rt.LightningModule):
         def __init__(self) -> None:

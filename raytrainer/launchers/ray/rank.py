@@ -7,7 +7,7 @@ from typing import Any
 
 from raytrainer.core import control
 from raytrainer.launchers.base import RankPayload, RunResult
-from raytrainer.launchers.ray import snapshots
+from raytrainer.launchers.ray import rendezvous, snapshots
 from raytrainer.launchers.ray.messages import drain_messages, send_to_driver
 from raytrainer.plan import FSDP_STRATEGIES
 from raytrainer.strategies.ddp import DDPStrategy
@@ -29,6 +29,7 @@ def rank_entry(info: Any, payload: RankPayload, fn: str, model: Any, kwargs: dic
     strategy = rank_strategy(trainer, info, model)
     rank0 = info.global_rank == 0
     sharded = isinstance(strategy, FSDPStrategy)  # every rank snapshots its own shards, a holder keeps a copy
+    rendezvous.SHARDED_MODULE_HOLDS_GROUP = sharded
     bar = trainer.progress_bar_callback
     if bar is not None and rank0:
         bar.sink = lambda event: send_to_driver({"type": "progress", "event": event})

@@ -102,6 +102,11 @@ def destroy_process_group() -> bool:
     return release_process_group() is not None
 
 
+# Set by a rank whose run shards its module (FSDP): its DTensors' device mesh keeps the process group, and so its
+# connections, alive after destroy_process_group, so a rank that raised must exit for its peers to be released.
+SHARDED_MODULE_HOLDS_GROUP = False
+
+
 def release_process_group() -> bool | None:
     """Leave the default process group; None if not in one. True when its connections closed (peers blocked on this
     rank get an error), False when something still holds the group (a sharded module's device mesh does), which

@@ -113,6 +113,7 @@ class Snapshotter:
         self._step_clock = 0.0
         self._clock_started = False
         self._step_time = 0.0
+        self._step_times: collections.deque[float] = collections.deque(maxlen=15)
         self.cost_s = 0.0
         self._costs: collections.deque[float] = collections.deque(maxlen=15)
         self.full_cost_s = 0.0
@@ -140,11 +141,12 @@ class Snapshotter:
             self._last_beat = now
             self.heartbeat(step, session.state.current_epoch)
         if step != self._last_step:
-            # time per optimizer step, smoothed (only used to size the automatic interval); the clock starts at
+            # time per optimizer step, median of the last 15 (it only sizes the automatic interval); the clock starts at
             # the first step boundary, so setup and the first step's warm-up do not count
             if self._clock_started:
                 dt = now - self._step_clock
-                self._step_time = dt if self._step_time == 0 else 0.8 * self._step_time + 0.2 * dt
+                self._step_times.append(dt)  # the median: the slow first steps (lazy set-up) do not linger in it
+                self._step_time = statistics.median(self._step_times)
             self._clock_started = True
             self._step_clock = now
         if not self.enabled or step == self._last_step or step % self.every != 0:

@@ -184,7 +184,7 @@ class RankWorker:
         and peers would wait for the collective timeout), the process exits just after answering: its connections
         close, and the driver replaces it as a dead rank."""
         released = rendezvous.release_process_group()
-        if released is False:
+        if released is False and rendezvous.SHARDED_MODULE_HOLDS_GROUP:
             threading.Timer(0.2, os._exit, args=(1,)).start()
             return "exiting"
         return released is not None

@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from ddp_throughput import run_torchrun  # noqa: E402 - shared helpers
 from recovery import _maybe_kill, _record, analyse, wait_quiet, write_snapshot_stats  # noqa: E402
 
-VOCAB, WIDTH, DEPTH, SEQ, BATCH, WARMUP, KILL_STEP = 2048, 512, 6, 32, 4, 3, 8
+VOCAB, WIDTH, DEPTH, SEQ, BATCH, WARMUP, KILL_STEP = 2048, 512, 6, 32, 4, 5, 8
 
 
 class LM(nn.Module):

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from raytrainer.checkpoint import format, sharded
 from raytrainer.checkpoint.resolve import load_state_dict_checked, read_checkpoint
 from raytrainer.checkpoint.shard_snapshot import ShardedSnapshot
@@ -145,12 +147,15 @@ def restore(session: RankSession, path: str | dict[str, Any], full: bool, weight
     elif isinstance(path, dict):
         ckpt, path = path, "<in-memory snapshot>"
     elif getattr(session.strategy, "shards_parameters", False) and sharded.is_sharded_checkpoint(path):
+        if full:  # the loop position is checked before the shards are loaded into the module
+            resume_position(sharded.read_meta(path), session.world_size, path)
         ckpt = sharded.load_sharded(path, module, session.optimizers if full else [], strict=module.strict_loading)
         in_place = True
     else:
         # torch.load cannot map onto an XLA device: load on CPU, load_state_dict copies onto the device
         ckpt = read_checkpoint(path, map_location="cpu" if module.device.type == "xla" else module.device,
                                weights_only=weights_only)
+    pos = resume_position(ckpt, session.world_size, path) if full else None  # before anything is loaded
     module.on_load_checkpoint(ckpt)
     cut = getattr(session.strategy, "shard_module_state", None)  # FSDP: whole tensors cut to this rank's shards
     if not in_place:
@@ -184,10 +189,34 @@ def restore(session: RankSession, path: str | dict[str, Any], full: bool, weight
     scaler = format.scaler_state(ckpt)
     if scaler:
         session.precision.load_state_dict(scaler)
-    pos = format.read_position(ckpt, session.world_size, str(path))
+    assert pos is not None
     for idx, value in pos.pending_plateau.items():
         session.lr_scheduler_configs[int(idx)].scheduler.step(value)
     session.state.load_state_dict(pos.loop_state, global_step=int(ckpt.get("global_step", 0)), rng=pos.rng)
+
+
+def resume_position(ckpt: dict[str, Any], world_size: int, path: Any) -> format.Position:
+    """The loop position a fit resumes at, read (and so checked) before anything of the checkpoint is loaded: a
+    damaged or foreign dict raises an error naming the file and the key, with the module still untouched."""
+    from raytrainer.io.storage import CheckpointCorruptError
+
+    for key in ("global_step", "epoch"):
+        value = ckpt.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, (int, torch.Tensor)):
+            raise CheckpointCorruptError(f"{path} cannot be resumed from: its {key!r} is {value!r}, not a whole "
+                                         "number. Nothing was loaded; resume from another checkpoint, or take its "
+                                         "weights with Model.load_from_checkpoint.")
+    try:
+        return format.read_position(ckpt, world_size, str(path))
+    except KeyError as exc:
+        raise CheckpointCorruptError(f"{path} cannot be resumed from: its loop position has no {exc.args[0]!r} "
+                                     "entry (the file is damaged or was edited). Nothing was loaded; resume from "
+                                     "another checkpoint, or take its weights with Model.load_from_checkpoint."
+                                     ) from exc
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointCorruptError(f"{path} cannot be resumed from: its loop position is damaged ({exc}). "
+                                     "Nothing was loaded; resume from another checkpoint, or take its weights "
+                                     "with Model.load_from_checkpoint.") from exc
 
 
 def _load_list(states: list[Any], targets: list[Any], path: Any, what: str, source: str,

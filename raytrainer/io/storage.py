@@ -638,7 +638,12 @@ def load(uri: str, map_location: Any = None, weights_only: bool = True, *,
 
     ``weights_only=True`` refuses arbitrary pickled objects; pass False only for files you trust.
     """
-    data = read_verified(uri, filesystem=filesystem)
+    data, manifest = _read_checked(uri, filesystem)
+    if manifest is None and data[:2] == b"PK":  # no manifest (another tool wrote it, or it was copied alone):
+        problem = _archive_problem(data)        # the zip members' CRCs catch a flipped bit before it loads
+        if problem is not None:
+            raise CheckpointCorruptError(f"checkpoint {uri} {problem}; it has no manifest to compare with, so it "
+                                         "cannot be repaired here: use another checkpoint or a backup copy")
     try:
         obj = torch.load(io.BytesIO(data), map_location=map_location, weights_only=weights_only)
     except pickle.UnpicklingError as exc:

@@ -611,6 +611,10 @@ class Trainer:
                 ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
             except Exception:  # noqa: BLE001 -- a damaged file gets its own clear error when the run restores it
                 return path
+            from raytrainer.checkpoint.bridge import resume_position
+
+            saved = ckpt.get("raytrainer")
+            resume_position(ckpt, int(saved.get("world_size", 1)) if isinstance(saved, dict) else 1, path)
             reached = reached_limit(ckpt, self.config.max_epochs, self.config.max_steps)
             if reached is not None:
                 limit, epochs, step = reached

@@ -476,3 +476,23 @@ def test_register_filesystem_rejects_bad_input():
         storage.register_filesystem("s3://", object())
     with pytest.raises(ValueError, match="cannot map abfs://"):
         storage.register_filesystem("abfs://container/", pafs.LocalFileSystem())
+
+
+def test_a_flipped_bit_in_a_checkpoint_without_manifest_is_caught(tmp_path):
+    """A .ckpt copied without its manifest (or written by another tool): one flipped bit in a weight is caught by
+    the zip members' CRC on every load path, instead of loading a wrong weight."""
+    from raytrainer.checkpoint.resolve import read_checkpoint
+
+    weight = torch.full((256,), -0.177)
+    path = tmp_path / "copied.ckpt"
+    torch.save({"state_dict": {"w": weight}, "global_step": 3}, path)  # torch.save: no manifest
+    assert storage.load(str(path))["global_step"] == 3
+    raw = bytearray(path.read_bytes())
+    at = raw.find(weight.numpy().tobytes()[:64])
+    assert at > 0
+    raw[at + 130] ^= 0x40  # one bit of one float
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointCorruptError, match="CRC mismatch"):
+        storage.load(str(path))
+    with pytest.raises(CheckpointCorruptError, match="copied.ckpt"):
+        read_checkpoint(str(path))

@@ -67,3 +67,30 @@ def test_an_empty_training_loader_warns_that_nothing_trains(tmp_path, caplog):
     assert trainer.global_step == 0
     assert "training data has no batches" in caplog.text
 
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda c: c["raytrainer"].pop("position"), "no 'position' entry"),
+    (lambda c: c.__setitem__("global_step", "lots"), "'global_step' is 'lots'"),
+    (lambda c: c["raytrainer"]["position"].__setitem__("batch_idx", "x"), "loop position is damaged"),
+], ids=["no-position", "global-step-text", "batch-idx-text"])
+def test_a_damaged_checkpoint_dict_is_refused_before_anything_loads(tmp_path, damage, match):
+    """Issue 20 item 9: the error names the file and the key, and the module's weights are untouched."""
+    from raytrainer.io import storage
+
+    loader = DataLoader(TensorDataset(torch.ones(8, 2)), batch_size=4)
+    quiet = dict(logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
+    trainer = pl.Trainer(max_steps=2, enable_checkpointing=False, **quiet)
+    trainer.fit(Tiny(), loader)
+    path = str(tmp_path / "damaged.ckpt")
+    trainer.save_checkpoint(path)
+    ckpt = torch.load(path, weights_only=False)
+    damage(ckpt)
+    storage.save(ckpt, path)
+    fresh = Tiny()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(storage.CheckpointCorruptError, match=match) as err:
+        pl.Trainer(max_steps=4, enable_checkpointing=False, **quiet).fit(fresh, loader, ckpt_path=path)
+    assert "damaged.ckpt" in str(err.value) and "Nothing was loaded" in str(err.value)
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, before[k]), k

@@ -86,6 +86,7 @@ def last_candidates(trainer: Any, dirpath: str | None, dirpath_given: bool,
             dirs.append(dirpath)
     files: list[str] = []
     for d in dict.fromkeys(dirs):
+        storage.remove_dead_writers_temporaries(d)  # a crashed run's half-written files, resumed into a new version
         files += [f for f in storage.listdir(d, missing_ok=True) if f.endswith(extension)]
         files += sharded.list_sharded(d, extension)
     return files

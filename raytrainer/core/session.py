@@ -336,6 +336,10 @@ class RankSession:
         try:
             with torch.autograd.set_detect_anomaly(self.config.detect_anomaly):  # as Lightning: for the fit loop
                 loops.fit_loop(self)
+        except BaseException as exc:
+            if events is not None and not self.events_forwarded:  # every exit of a fit records its end
+                self._record_failed_finish(events, exc)
+            raise
         finally:
             control.restore_sigterm_handler(previous)
         if control.stop_reason() != "preempt":
@@ -352,6 +356,17 @@ class RankSession:
         if self.is_global_zero:
             log.warning("%s", message)
         return control.Preempted(message, checkpoint=path)
+
+    def _record_failed_finish(self, events: Any, exc: BaseException) -> None:
+        """A "finish" event with the step and the cause of a fit that raised (best effort: the error that stopped
+        the run, e.g. a full disk, may stop this write too, and must not be hidden by it)."""
+        cause = "failed: interrupted (KeyboardInterrupt)" if isinstance(exc, KeyboardInterrupt) else \
+            f"failed: {type(exc).__name__}: {exc}"
+        try:
+            events.emit("finish", world_size=self.world_size, step=self.state.global_step,
+                        epoch=self.state.current_epoch, cause=cause.splitlines()[0][:300] if cause else cause)
+        except Exception as err:  # noqa: BLE001 - the original exception is re-raised by the caller
+            log.warning("could not record the end of the run in the events log: %s", err)
 
     def _preemption_checkpoint(self) -> str:
         """The durable checkpoint of a preempted run: last.ckpt where ckpt_path="last" will find it."""

@@ -42,6 +42,7 @@ import os
 import pickle
 import posixpath
 import re
+import socket
 import threading
 import time
 import uuid
@@ -76,6 +77,7 @@ MANIFEST_SUFFIX = ".manifest.json"
 MANIFEST_FORMAT = "raytrainer-checkpoint-manifest"
 MANIFEST_VERSION = 1
 _TMP_MARK = ".tmp-"
+_HOST = socket.gethostname().replace("~", "-")  # temporary names carry <host>~<pid> of their writer
 _URI_RE = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*)://(?P<netloc>[^/?]*)(?P<path>[^?]*)(?:\?(?P<query>.*))?$")
 # Schemes whose pyarrow path is "<bucket>/<key>" and whose uploads become visible only when complete.
 _BUCKET_SCHEMES = {"s3", "s3a", "gs", "gcs"}
@@ -285,7 +287,49 @@ def _split(path: str, fs: pafs.FileSystem) -> tuple[str, str]:
 
 def _tmp_name(name: str) -> str:
     """A hidden, unique sibling name used to stage ``name`` before it is renamed into place."""
-    return f".{name}{_TMP_MARK}{uuid.uuid4().hex[:16]}"
+    return f".{name}{_TMP_MARK}{_HOST}~{os.getpid()}~{uuid.uuid4().hex[:12]}"
+
+
+def remove_dead_writers_temporaries(dir_uri: str, older_than_s: float = 3600.0) -> list[str]:
+    """Delete the temporary files that interrupted writes left in the local directory ``dir_uri`` (a crashed run's
+    ``.last.ckpt.tmp-*``), never one a live writer owns: a file of this host is removed when its writer's process is
+    gone, one of another host (or of an older raytrainer) when it is older than ``older_than_s``. Returns the paths
+    removed; object stores get no temporary files."""
+    fs, directory = resolve(dir_uri)
+    if not _is_local(fs):
+        return []
+    removed = []
+    try:
+        entries = [e for e in os.scandir(directory) if e.is_file() and _is_tmp_name(e.name)]
+    except FileNotFoundError:
+        return []
+    now = time.time()
+    for entry in entries:
+        writer = entry.name.split(_TMP_MARK, 1)[1].rsplit("~", 1)[0]
+        host, _, pid = writer.rpartition("~")
+        if host == _HOST and pid.isdigit():
+            dead = not _process_alive(int(pid))
+        else:
+            try:
+                dead = now - entry.stat().st_mtime > older_than_s
+            except FileNotFoundError:
+                continue
+        if dead:
+            _delete_quietly(fs, entry.path)
+            removed.append(entry.path)
+    if removed:
+        logger.info("removed %d temporary file(s) left by interrupted writes in %s", len(removed), dir_uri)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def _is_tmp_name(name: str) -> bool:
@@ -744,7 +788,8 @@ def newest_valid(candidates: list[str], *, filesystem: pafs.FileSystem | None = 
 
     Newest means latest modification time, ties broken by natural name order (``step=10`` after
     ``step=9``). A file with a manifest must match it; a file without one must be a complete torch
-    zip archive (every member's CRC checks). Missing candidates are listed as skipped. Storage
+    zip archive (every member's CRC checks) whose pickle holds nothing a weights_only load refuses.
+    Missing candidates are listed as skipped. Storage
     errors other than missing or corrupt files propagate instead of silently falling back.
     """
     if isinstance(candidates, str):
@@ -766,10 +811,23 @@ def newest_valid(candidates: list[str], *, filesystem: pafs.FileSystem | None = 
             skipped.append((uri, str(exc)))
             continue
         if manifest is None:
-            problem = _archive_problem(data)
+            problem = _archive_problem(data) or _unsafe_payload(data)
             if problem is not None:
                 skipped.append((uri, f"{uri} {problem}"))
                 continue
         return uri, skipped
     return None, skipped
+
+
+def _unsafe_payload(data: bytes) -> str | None:
+    """Why a checkpoint (a complete torch archive) cannot be resumed with weights_only=True: the Python objects it
+    pickles that torch does not allow (read statically from its pickle, nothing is run); None when there are none."""
+    try:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(data))
+    except Exception as exc:  # noqa: BLE001 - a pickle that cannot even be disassembled
+        return f"has a pickle that cannot be read ({type(exc).__name__}: {exc})"
+    if unsafe:
+        return (f"holds Python objects that a weights_only load refuses ({', '.join(unsafe[:3])}); load it "
+                "explicitly with weights_only=False if you trust it")
+    return None
 

@@ -116,8 +116,8 @@ class FitController:
     def on_tick(self) -> None:
         """Called by the group's wait loop every poll interval: preemption, heartbeat, growth."""
         now = time.monotonic()
-        if self.sigterm and not self.stop_sent:
-            self._request_stop("preempt")
+        if self.sigterm and (not self.stop_sent or not self.start_logged):
+            self._request_stop("preempt")  # again until rank 0 has started: a starting rank clears old requests
         hb_timeout = self.trainer.config.heartbeat_timeout_s
         if now - self.last_beat > hb_timeout:
             raise _Hung(f"no progress from rank 0 for {hb_timeout:.0f} s (stuck in a collective or a step)")
@@ -167,14 +167,22 @@ class FitController:
     # ------------------------------------------------------------------ the state machine
     def run(self) -> None:
         """Drive the phases until FINISHED; raises what ends the run (an error, Preempted, exhaustion)."""
-        ensure_ray(self.plan.max_ranks, 0, self.trainer.config.ray_address)
-        self.world = self._initial_world()
+        # SIGTERM is a preemption from here on, Ray's start-up included: the ranks stop at their first step boundary
         previous = control.install_sigterm_handler()
         if previous is not None:
             signal.signal(signal.SIGTERM, self._on_sigterm)
         phases = {Phase.STARTING: self._starting, Phase.RUNNING: self._running, Phase.RECOVERING: self._recovering,
                   Phase.RESIZING: self._resizing, Phase.STOPPING: self._stopping}
         try:
+            try:
+                ensure_ray(self.plan.max_ranks, 0, self.trainer.config.ray_address)
+            except SystemExit as exc:  # ray.init answers SIGTERM with sys.exit(15) while it starts
+                if exc.code != signal.SIGTERM or previous is None:
+                    raise
+                self._preempted_while_starting_ray()
+            if previous is not None and signal.getsignal(signal.SIGTERM) != self._on_sigterm:
+                signal.signal(signal.SIGTERM, self._on_sigterm)  # in case starting Ray replaced it
+            self.world = self._initial_world()
             while self.phase is not Phase.FINISHED:
                 self.history.append(self.phase)
                 self.phase = phases[self.phase]()
@@ -203,7 +211,8 @@ class FitController:
         if kind != "start":  # rank 0 reports the first start itself, once it knows the step it resumed at
             self.events.emit(kind, world_size=self.world, step=self.step, epoch=self.epoch, cause=cause)
         ctl = {"rng": self.rng, "snapshot_every": self.trainer.config.snapshot_every_n_steps,
-               "resume_step": self.resume_step, "elastic": self.plan.elastic, "emit_start": kind == "start"}
+               "resume_step": self.resume_step, "elastic": self.plan.elastic, "emit_start": kind == "start",
+               "stop": "preempt" if self.sigterm else None}  # a SIGTERM that came while Ray or the group started
         self.stop_sent, self.resize_to, self.last_beat = False, None, time.monotonic()
         try:
             results = self.group.run(
@@ -292,6 +301,19 @@ class FitController:
             self.group.shutdown(graceful=False)
         return ok
 
+    def _preempted_while_starting_ray(self) -> None:
+        """SIGTERM came while Ray started: nothing has trained, so there is nothing to save; record it and exit as a
+        preemption (exit code 75), so a scheduler reruns the command."""
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        self.events.emit("preemption", world_size=0, step=self.step, epoch=self.epoch,
+                         cause="SIGTERM while starting Ray, before any step")
+        raise control.Preempted(
+            f"preempted (SIGTERM) while starting Ray, before any step at this call; nothing needed saving. Rerun the "
+            f"same command (with ckpt_path='last' to resume an earlier run) (exit code {control.PREEMPTED_EXIT_CODE}).")
+
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         self.sigterm = True
 
@@ -309,6 +331,9 @@ class FitController:
     def _decide(self, err: BaseException, survivors_kept: bool) -> RecoveryDecision:
         """Record the failure and let the policies decide; raises when the run ends here."""
         retryable = _retryable(err, getattr(err, "died", False))
+        raised_at = getattr(getattr(err, "exception", None), "raytrainer_step", None)
+        if isinstance(raised_at, int):
+            self.step = raised_at  # the step the rank raised at (heartbeats may be a second old)
         if retryable and self.driver_snapshot is not None and self.driver_snapshot[0] > self.step:
             self.step = self.driver_snapshot[0]
         short = _short_cause(err)

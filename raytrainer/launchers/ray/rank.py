@@ -23,6 +23,8 @@ def rank_entry(info: Any, payload: RankPayload, fn: str, model: Any, kwargs: dic
     trainer = payload.build()
     session = trainer.session
     control.reset()
+    if ctl.get("stop"):
+        control.request_stop(ctl["stop"])
     snapshots.clear()
     if ctl.get("rng") is not None:
         set_rng_states(ctl["rng"])  # every rank starts from the driver's RNG, as Lightning's ranks share a seed
@@ -53,6 +55,9 @@ def rank_entry(info: Any, payload: RankPayload, fn: str, model: Any, kwargs: dic
         out = session.run(fn, model, strategy, **kwargs)
     except control.Preempted as exc:
         out, status = exc.checkpoint, "preempted"
+    except Exception as exc:
+        exc.raytrainer_step = session.state.global_step  # the driver records the failure at this step
+        raise
     if fn == "predict":  # every rank returns its contiguous shard; the driver concatenates in rank order
         return len(session.val_dataloaders), out
     snapshot = None

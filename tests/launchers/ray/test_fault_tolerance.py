@@ -113,6 +113,22 @@ def test_plain_user_error_is_not_retried(local_ray, tmp_path):
     assert [e["event"] for e in events(str(tmp_path))].count("restart") == 0
 
 
+def test_a_raise_is_recorded_at_the_step_it_happened(local_ray, tmp_path):
+    """Issue 20 item 7: rank 1 raises at step 5, shortly after rank 0's last heartbeat; the events log records the
+    end at step 5, not at the step of an older heartbeat."""
+    class BrokenAt5(Regression):
+        def training_step(self, batch, batch_idx):
+            if self.global_step == 5 and self.global_rank == 1:
+                raise ValueError("bug at step 5")
+            return super().training_step(batch, batch_idx)
+
+    trainer = _trainer(tmp_path, max_failures=0)
+    with pytest.raises(Exception, match="bug at step 5"):
+        trainer.fit(BrokenAt5(), loader())
+    finish = [e for e in events(str(tmp_path)) if e["event"] == "finish"]
+    assert finish and finish[-1]["step"] == 5 and "bug at step 5" in finish[-1]["cause"], finish
+
+
 def test_sigterm_to_a_rank_checkpoints_and_rerun_resumes(local_ray, tmp_path):
     pl.seed_everything(0)
     trainer = _trainer(tmp_path, max_epochs=3, callbacks=[SignalAt(7, str(tmp_path / "marker"), sig=signal.SIGTERM)])
@@ -173,3 +189,28 @@ def test_sigterm_to_the_driver_checkpoints_and_rerun_resumes(tmp_path):
     starts = [e for e in events(str(tmp_path / "run")) if e["event"] == "start"]
     assert starts[-1]["step"] == step
     del json, events_path
+
+
+def test_sigterm_while_ray_starts_exits_as_preempted(tmp_path):
+    """Issue 20 item 13: SIGTERM while the driver starts its local Ray instance is a preemption (exit code 75, a
+    checkpoint to resume from), not a plain kill (exit code -15)."""
+    import time
+
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER.format(root=ROOT, here=os.path.dirname(__file__), out=str(tmp_path / "run")))
+    env = dict(os.environ, RAY_ADDRESS="local")
+    proc = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    seen = []
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if "starting a local Ray instance" in line or "connecting to the Ray cluster" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, "".join(seen)[-2000:] + out[-3000:]
+    assert "preempted" in out

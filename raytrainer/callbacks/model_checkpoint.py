@@ -98,7 +98,6 @@ class ModelCheckpoint(Callback):
         self._writer: Any = None
         self._snapshot: _Snapshot | None = None
         self._sharded_pending: list[Any] = []  # FSDP: asynchronous sharded saves in flight (sharded.PendingSave)
-        self.sharded_blocked_s: list[float] = []  # how long each sharded save held the training thread (host copy)
         self._pool: dict[tuple, torch.Tensor] = {}  # host buffers reused by consecutive snapshots
 
     @property
@@ -412,7 +411,6 @@ class ModelCheckpoint(Callback):
             self._flush_removals(block=False)  # what waited for the directory just published
         self._last_global_step_saved = trainer.global_step
         paths, self._sharded_pending = save_sharded(trainer.session, paths, self.save_weights_only, asynchronous)
-        self.sharded_blocked_s.extend(p.blocked_s for p in self._sharded_pending)
         if trainer.is_global_zero:
             self._written.update(paths)
             for path in paths:

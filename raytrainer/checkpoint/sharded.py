@@ -319,7 +319,6 @@ def save_sharded(dirpath: str, module: torch.nn.Module, optimizers: Sequence[tor
         if key in meta:
             raise ValueError(f"save_sharded: meta must not hold {key!r}; the module and optimizers are saved as "
                              "shards. Pass the checkpoint dict without it.")
-    started = time.perf_counter()
     rank = _dist()[0] if rank is None else rank
     barrier = barrier or _default_barrier
     remote = _remote(dirpath)
@@ -361,8 +360,7 @@ def save_sharded(dirpath: str, module: torch.nn.Module, optimizers: Sequence[tor
     elif rank == 0:
         def finish() -> None:
             _finish(tmp, path, meta, copies)
-    return PendingSave(dirpath, future, finish if remote is not None or rank == 0 else None,
-                       time.perf_counter() - started)
+    return PendingSave(dirpath, future, finish if remote is not None or rank == 0 else None)
 
 
 def _finish_remote(staging: str, uri: str, meta: dict[str, Any], copies: Sequence[str], rank: int,
@@ -423,10 +421,10 @@ def _finish(tmp: str, path: str, meta: dict[str, Any], copies: Sequence[str] = (
 class PendingSave:
     """A sharded save in flight: DCP's background write of this rank's shards, then (rank 0) the publication."""
 
-    def __init__(self, uri: str, future: Any, finish: Callable[[], None] | None, blocked_s: float) -> None:
+    def __init__(self, uri: str, future: Any, finish: Callable[[], None] | None) -> None:
         import threading
 
-        self.uri, self.blocked_s = uri, blocked_s  # blocked_s: how long the training thread spent (host copy)
+        self.uri = uri
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._complete, args=(future, finish), daemon=True,
                                         name="raytrainer-sharded-save")

@@ -41,7 +41,7 @@ from raytrainer.launchers.ray.rank import (
     request_stop,
 )
 from raytrainer.launchers.ray.snapshots import choose_pieces
-from raytrainer.plan import Plan
+from raytrainer.plan import FSDP_STRATEGIES, Plan
 from raytrainer.utilities import log, rng_states
 
 
@@ -146,6 +146,8 @@ class FitController:
 
     def _collect_survivor_pieces(self) -> None:
         """(sharded runs) The newest step whose pieces the survivors hold for every rank, fetched to the driver."""
+        if self.plan.strategy not in FSDP_STRATEGIES:
+            return  # DDP ranks hold no pieces: no round trip to ask them
         held = _call_ranks(self.group, held_pieces)
         if not any(held):
             return

@@ -304,7 +304,6 @@ class ShardSnapshotter(Snapshotter):
         super().__init__(every_n_steps, heartbeat=heartbeat)
         self.strategy = strategy
         self.holders: list[int] | None = None  # by rank: who keeps its copy (agreed at the first snapshot)
-        self.exchanged_bytes = 0
 
     def _snapshot(self, session: Any) -> None:
         self._own_piece(session)
@@ -354,7 +353,6 @@ class ShardSnapshotter(Snapshotter):
         for h, f in zip(heads, flats):
             owner, step, epoch, index, data = pickle.loads(h.cpu().numpy().tobytes())
             received.append(Piece(owner, step, epoch, data, index, f.cpu()))
-        self.exchanged_bytes += piece.flat.numel()
         return received
 
     def _agree(self, every: int) -> int:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from raytrainer.core import step
+from raytrainer.data.samplers import data_source, skip_at_sampler
 from raytrainer.profilers import Profiler, profiled, profiled_iter
 from raytrainer.utilities.combined_loader import CombinedLoader
 
@@ -96,12 +97,11 @@ def train_epoch(session: RankSession, module: Any, deadline: float | None) -> bo
     combined = loader if isinstance(loader, CombinedLoader) else None
     batch_sampler = None
     for dl in combined.flattened if combined is not None else (loader,):
-        sampler = getattr(dl, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
         batch_sampler = getattr(dl, "batch_sampler", None)
-        if hasattr(batch_sampler, "set_epoch"):
-            batch_sampler.set_epoch(epoch)
+        for part in (getattr(dl, "sampler", None), batch_sampler, data_source(dl)):
+            if hasattr(part, "set_epoch"):
+                part.set_epoch(epoch)
+    source = data_source(loader) if combined is None else None
 
     # No module.train() here: as in Lightning 2.x the module keeps the modes the user gave its submodules
     # (a frozen backbone stays in eval); evaluation restores them when it ends.
@@ -119,20 +119,37 @@ def train_epoch(session: RankSession, module: Any, deadline: float | None) -> bo
     elif start and start.epoch_rng is not None:
         torch.set_rng_state(start.epoch_rng)  # rebuild this epoch's data order ...
     state.epoch_start_rng = torch.get_rng_state()
+    segments = [list(x) for x in start.segments] if start and start.segments else []
     if hasattr(batch_sampler, "resume_from"):
         # Elastic run: the sampler leaves out what earlier worlds of this epoch trained, so nothing is skipped here.
-        state.epoch_segments = [list(x) for x in start.segments or []] if start and start.segments else []
+        state.epoch_segments = segments
         batch_sampler.resume_from(state.epoch_segments)
         first = 0
         session.num_training_batches = session.limit(loader, "train")
+    elif hasattr(source, "start_at"):
+        # A resumable source (ParquetDataset) starts reading at its saved position (same world), or splits what
+        # earlier worlds of this epoch left (another world): nothing before it is read.
+        if first and not segments:  # a checkpoint without segments: this world's plan, at the saved batch
+            segments = [[source.world, first, source.batch_size]]
+        first = source.start_at(segments)
+        session.num_training_batches = session.limit(loader, "train")
     limit = session.num_training_batches
+    skipper = skip_at_sampler(loader, first) if first and combined is None else None
+    if skipper is not None:
+        loader, prime = skipper
+        if loader.persistent_workers and epoch > 0:
+            prime()  # a persistent iterator draws no new base seed after its first epoch: the order comes first
     batches: Iterable[Any] = iter(loader) if combined is None else \
         combined.batches(_cycle_restarts(state.epoch_start_rng) if combined.mode == "max_size_cycle" else None)
     if first:
-        # ... skip what was trained now (the sampler draws its order on the first batch, so this must happen
-        # before the RNG moves on) ...
-        for _ in itertools.islice(batches, first):
-            pass
+        # ... skip what was trained now, before the RNG moves on (the sampler draws its order on the first batch):
+        # by index for a map-style DataLoader, by position for a resumable source, else by reading and dropping
+        # batches (a Ray Data loader starts a fresh pass instead, see RayDataLoader) ...
+        if skipper is not None:
+            prime()
+        elif not hasattr(source, "start_at") and not getattr(source, "fresh_pass_on_resume", False):
+            for _ in itertools.islice(batches, first):
+                pass
         session.restore_rng(start)                         # ... and continue with the RNG of that moment
     if limit is not None and not math.isinf(limit):
         batches = itertools.islice(batches, max(int(limit) - first, 0))
@@ -236,10 +253,14 @@ def train_epoch(session: RankSession, module: Any, deadline: float | None) -> bo
     step.step_schedulers(session, "epoch", plateau=True)
     state.batches_done_in_epoch = 0
     state.epoch_done = False
-    if hasattr(batch_sampler, "resume_from"):
-        # Elastic run: this epoch may have been the remainder of an earlier world's; the next one is whole.
+    if hasattr(batch_sampler, "resume_from") or hasattr(source, "start_at"):
+        # This epoch may have been the remainder of an earlier world's; the next one is whole.
         state.epoch_segments = []
-        batch_sampler.resume_from([])
+        for part in (batch_sampler, source):
+            if hasattr(part, "resume_from"):
+                part.resume_from([])
+            elif hasattr(part, "set_epoch"):
+                part.set_epoch(epoch + 1)
         session.num_training_batches = session.limit(loader, "train")
     return True
 

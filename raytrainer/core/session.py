@@ -31,6 +31,7 @@ from raytrainer.core.precision import Precision, make_precision, precision_plugi
 from raytrainer.core.results import Results, to_float
 from raytrainer.core.state import LoopState, ResumePosition
 from raytrainer.core.step import LightningOptimizer
+from raytrainer.data.samplers import data_source, distributed_loader, elastic_loader, sequential_loader
 from raytrainer.io import storage
 from raytrainer.module import hparams_origin, logs_hyperparameters, prepares_data_here
 from raytrainer.plan import as_sequence
@@ -569,13 +570,17 @@ class RankSession:
         """One loader of ``stage``: checked, made sequential for overfit_batches, and sharded across ranks."""
         if not isinstance(loader, Iterable):
             raise TypeError(f"expected a DataLoader (or any iterable of batches), got {type(loader).__name__}.")
-        from raytrainer.data.samplers import distributed_loader, elastic_loader, sequential_loader
 
         if overfit is None:
             overfit = stage == "train" and self.config.overfit_batches > 0
         if overfit:
             loader = sequential_loader(loader, "train" if stage == "train" else "val",
                                        warn=self.strategy is None or self.is_global_zero)
+        source = data_source(loader)
+        if source is not None:  # ParquetDataset / Ray Data: this rank's share, which it reads itself
+            if self.strategy is not None:
+                source.bind(self.strategy.ctx.global_rank, self.strategy.ctx.world_size)
+            return loader
         if self.strategy is None or not self.config.use_distributed_sampler:
             return loader
         if self.elastic and stage == "train":  # even at world size 1: the epoch may continue another world's
@@ -653,6 +658,9 @@ class RankSession:
 
     def elastic_segments(self) -> list[list[int]] | None:
         """For an elastic run's data position: what every world of this epoch consumed (None otherwise)."""
+        source = data_source(self.train_dataloader)
+        if hasattr(source, "segments_at"):  # ParquetDataset: always, so a resume in another world is exact too
+            return [] if self.state.epoch_done else source.segments_at(self.state.batches_done_in_epoch)
         bs = getattr(self.train_dataloader, "batch_sampler", None)
         if not hasattr(bs, "resume_from"):
             return None

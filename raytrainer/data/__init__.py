@@ -1,1 +1,6 @@
-"""Data helpers: distributed and elastic samplers (streaming datasets land here too)."""
+"""Data for raytrainer runs: streaming Parquet (exact resume, elastic), Ray Data input, and the samplers that
+shard and resume map-style DataLoaders."""
+from raytrainer.data.parquet import ParquetDataset
+from raytrainer.data.samplers import data_source
+
+__all__ = ["ParquetDataset", "data_source"]

@@ -1,12 +1,21 @@
 """Give each rank its shard of a DataLoader, keeping the user's batch size, workers and collate."""
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, Sampler, SequentialSampler
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    DistributedSampler,
+    IterableDataset,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+)
 
 if TYPE_CHECKING:
     from raytrainer.strategies.base import RankContext
@@ -26,6 +35,73 @@ class ContiguousShardSampler(Sampler[int]):
         return self.stop - self.start
 
 
+def rebuild(loader: DataLoader, **how: Any) -> DataLoader:
+    """A new DataLoader over ``loader``'s dataset with its workers, collate and pinning, drawing indices as
+    ``how`` says (batch_size/sampler/shuffle/drop_last, or a batch_sampler)."""
+    workers = loader.num_workers > 0
+    return DataLoader(
+        loader.dataset, num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
+        timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
+        multiprocessing_context=loader.multiprocessing_context if workers else None,
+        persistent_workers=loader.persistent_workers if workers else False,
+        prefetch_factor=loader.prefetch_factor if workers else None, **how,
+    )
+
+
+def data_source(loader: Any) -> Any:
+    """The object that keeps a loader's data position (a ParquetDataset, a Ray Data loader), or None: the
+    loader itself, or the dataset a DataLoader wraps."""
+    for obj in (loader, getattr(loader, "dataset", None) if isinstance(loader, DataLoader) else None):
+        if hasattr(obj, "bind"):
+            return obj
+    return None
+
+
+class SkipFirstBatches(Sampler[list[int]]):
+    """A batch sampler that leaves out the first ``skip`` batches of ``inner``, for one resumed epoch: it skips
+    at the index level instead of loading and dropping batches. Its order is drawn on the first batch, or earlier
+    through ``prime``, so the draw can come where the original loader's came (after or before the DataLoader's
+    own base seed)."""
+
+    def __init__(self, inner: Any, skip: int) -> None:
+        self.inner, self.skip = inner, skip
+        self._live: Iterator[list[int]] | None = None
+
+    def prime(self) -> None:
+        """Draw the order and skip now (the RNG that orders this epoch is still in place)."""
+        if self._live is None:
+            self._live = iter(self.inner)
+            for _ in itertools.islice(self._live, self.skip):
+                pass
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return self._Lazy(self)  # one epoch only: a primed order is kept
+
+    class _Lazy:
+        def __init__(self, owner: SkipFirstBatches) -> None:
+            self.owner = owner
+
+        def __iter__(self) -> Any:
+            return self
+
+        def __next__(self) -> list[int]:
+            self.owner.prime()
+            assert self.owner._live is not None
+            return next(self.owner._live)
+
+    def __len__(self) -> int:
+        return max(len(self.inner) - self.skip, 0)
+
+
+def skip_at_sampler(loader: Any, skip: int) -> tuple[Any, Callable[[], None]] | None:
+    """``loader`` rebuilt to start at batch ``skip`` without loading the batches before, and the call that draws
+    its order; None when it cannot (an iterable dataset, a loader without a batch sampler)."""
+    if type(loader) is not DataLoader or loader.batch_sampler is None or isinstance(loader.dataset, IterableDataset):
+        return None
+    sampler = SkipFirstBatches(loader.batch_sampler, skip)
+    return rebuild(loader, batch_sampler=sampler, generator=loader.generator), sampler.prime
+
+
 def sequential_loader(loader: Any, prefix: str, warn: bool = True) -> Any:
     """``loader`` without shuffling, for overfit_batches (the same first batches every epoch), as Lightning does;
     warns when it had to turn shuffling off."""
@@ -39,13 +115,8 @@ def sequential_loader(loader: Any, prefix: str, warn: bool = True) -> Any:
     if warn:
         warnings.warn(f"You requested to overfit but enabled {prefix} dataloader shuffling. We are turning off the "
                       f"{prefix} dataloader shuffling for you.", UserWarning, stacklevel=2)
-    return DataLoader(
-        loader.dataset, batch_size=loader.batch_size, shuffle=False, num_workers=loader.num_workers,
-        collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, drop_last=loader.drop_last,
-        timeout=loader.timeout, worker_init_fn=loader.worker_init_fn, generator=loader.generator,
-        persistent_workers=loader.persistent_workers if loader.num_workers > 0 else False,
-        prefetch_factor=loader.prefetch_factor if loader.num_workers > 0 else None,
-    )
+    return rebuild(loader, batch_size=loader.batch_size, shuffle=False, drop_last=loader.drop_last,
+                   generator=loader.generator)
 
 
 def distributed_loader(loader: Any, ctx: RankContext, ordered: bool = False, seed: int = 0) -> Any:
@@ -63,13 +134,7 @@ def distributed_loader(loader: Any, ctx: RankContext, ordered: bool = False, see
     else:
         sampler = DistributedSampler(loader.dataset, num_replicas=ctx.world_size, rank=ctx.global_rank,
                                      shuffle=isinstance(loader.sampler, RandomSampler), seed=seed, drop_last=False)
-    return DataLoader(
-        loader.dataset, batch_size=loader.batch_size, sampler=sampler, num_workers=loader.num_workers,
-        collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, drop_last=loader.drop_last,
-        timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
-        persistent_workers=loader.persistent_workers if loader.num_workers > 0 else False,
-        prefetch_factor=loader.prefetch_factor if loader.num_workers > 0 else None,
-    )
+    return rebuild(loader, batch_size=loader.batch_size, sampler=sampler, drop_last=loader.drop_last)
 
 
 class ElasticBatchSampler(Sampler[list[int]]):
@@ -155,9 +220,4 @@ def elastic_loader(loader: Any, ctx: RankContext, batch_size: int | None = None,
     batch_sampler = ElasticBatchSampler(len(loader.dataset), ctx.global_rank, ctx.world_size,
                                         batch_size or loader.batch_size, isinstance(loader.sampler, RandomSampler),
                                         seed=seed, drop_last=loader.drop_last)
-    return DataLoader(
-        loader.dataset, batch_sampler=batch_sampler, num_workers=loader.num_workers, collate_fn=loader.collate_fn,
-        pin_memory=loader.pin_memory, timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
-        persistent_workers=loader.persistent_workers if loader.num_workers > 0 else False,
-        prefetch_factor=loader.prefetch_factor if loader.num_workers > 0 else None,
-    )
+    return rebuild(loader, batch_sampler=batch_sampler)

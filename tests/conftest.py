@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import uuid
 from collections.abc import Iterator
 
@@ -60,3 +61,30 @@ def L():
     for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
     return lightning
+
+
+def _write_parquet(where, n: int = 3000, files: int = 3, row_group: int = 250, filesystem=None) -> int:
+    """``files`` files of ``n // files`` rows: a row id, an 8-float feature vector, a target and a name."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if filesystem is None:
+        os.makedirs(where, exist_ok=True)
+    per = n // files
+    g = np.random.default_rng(0)
+    for f in range(files):
+        ids = np.arange(f * per, (f + 1) * per)
+        x = g.standard_normal((per, 8)).astype(np.float32)
+        table = pa.table({"id": ids, "x": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 8),
+                          "y": x.sum(1, keepdims=False).astype(np.float32), "name": [f"r{i}" for i in ids]})
+        path = f"{where}/part-{f}.parquet"
+        pq.write_table(table, path if filesystem is None else path.split("://", 1)[1], row_group_size=row_group,
+                       filesystem=filesystem)
+    return per * files
+
+
+@pytest.fixture(scope="session")
+def parquet_writer():
+    """Writes a small Parquet table (see _write_parquet) for the data tests; returns its row count."""
+    return _write_parquet

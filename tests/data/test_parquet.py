@@ -5,8 +5,6 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 from torch import nn
@@ -15,21 +13,6 @@ from torch.utils.data import DataLoader
 import raytrainer as pl
 from raytrainer.data import ParquetDataset
 from raytrainer.data.parquet import _split
-
-
-def write_parquet(where, n: int = 3000, files: int = 3, row_group: int = 250, filesystem=None) -> int:
-    """``files`` files of ``n // files`` rows: a row id, an 8-float feature vector, a target and a name."""
-    per = n // files
-    g = np.random.default_rng(0)
-    for f in range(files):
-        ids = np.arange(f * per, (f + 1) * per)
-        x = g.standard_normal((per, 8)).astype(np.float32)
-        table = pa.table({"id": ids, "x": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 8),
-                          "y": x.sum(1, keepdims=False).astype(np.float32), "name": [f"r{i}" for i in ids]})
-        path = f"{where}/part-{f}.parquet"
-        pq.write_table(table, path if filesystem is None else path.split("://", 1)[1], row_group_size=row_group,
-                       filesystem=filesystem)
-    return per * files
 
 
 class Counting(ParquetDataset):
@@ -47,9 +30,9 @@ def ids(ds) -> list[np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
+def data(tmp_path_factory, parquet_writer):
     where = tmp_path_factory.mktemp("parquet")
-    return str(where), write_parquet(where)
+    return str(where), parquet_writer(where)
 
 
 def test_batches_columns_types_and_transform(data):
@@ -149,9 +132,9 @@ def test_resized_epoch_trains_every_row_once(data, shuffle, worlds):
     assert sorted(got.tolist()) == list(range(n))
 
 
-def test_s3_reads_the_same_rows(s3_server, tmp_path):
+def test_s3_reads_the_same_rows(s3_server, parquet_writer):
     uri = f"{s3_server['uri']}/table"
-    n = write_parquet(uri, n=600, files=2, row_group=100, filesystem=s3_server["filesystem"])
+    n = parquet_writer(uri, n=600, files=2, row_group=100, filesystem=s3_server["filesystem"])
     ds = ParquetDataset(uri, batch_size=50, shuffle=True, columns=["id", "x"])
     ds.bind(0, 2)
     other = ParquetDataset(uri, batch_size=50, shuffle=True, columns=["id", "x"])

@@ -1,6 +1,7 @@
 """Small modules and callbacks for the fault-tolerance tests (importable by the Ray ranks)."""
 from __future__ import annotations
 
+import glob
 import json
 import os
 import signal
@@ -23,7 +24,7 @@ class Regression(pl.LightningModule):
         self.sleep_s = sleep_s
 
     def training_step(self, batch, batch_idx):
-        idx, x, y = batch
+        idx, x, y = (batch["id"], batch["x"], batch["y"][:, None]) if isinstance(batch, dict) else batch
         if self.sleep_s:
             time.sleep(self.sleep_s)
         if self.ids_path:
@@ -70,6 +71,14 @@ class FailingRegression(Regression):
         if self.global_rank == 1 and self.global_step == self.fail_step:
             raise RetryableError(f"injected failure at step {self.fail_step}")
         return super().training_step(batch, batch_idx)
+
+
+def kept_ids(root: str, ev: list[dict]) -> list[dict]:
+    """The sample ids Regression(ids_path=root/ids) logged in steps that count: work done after the point a
+    restart or resize resumed from is dropped (it was done again)."""
+    restarts = [e for e in ev if e["event"] in ("restart", "resize")]
+    rows = [json.loads(line) for path in glob.glob(os.path.join(root, "ids.*")) for line in open(path)]
+    return [r for r in rows if not any(r["time"] < e["time"] and r["step"] >= e["step"] for e in restarts)]
 
 
 def params(model: nn.Module) -> torch.Tensor:

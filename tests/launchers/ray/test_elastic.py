@@ -7,7 +7,7 @@ import threading
 import time
 
 import pytest
-from ft_models import Regression, events, loader
+from ft_models import Regression, events, kept_ids, loader
 
 import raytrainer as pl
 
@@ -77,7 +77,7 @@ def test_node_removed_run_completes_and_every_sample_is_used_once_per_epoch(clus
     assert "failure" in kinds and kinds[-1] == "finish"
     assert ev[-1]["world_size"] == 1, "the run must finish on the one node left"
 
-    kept = _kept_ids(tmp_path, ev)
+    kept = kept_ids(str(tmp_path), ev)
     for epoch in range(4):
         ids = sorted(i for r in kept if r["epoch"] == epoch for i in r["ids"])
         assert ids == list(range(n)), f"epoch {epoch}: {len(ids)} ids, {len(set(ids))} distinct"
@@ -100,14 +100,6 @@ def test_node_added_world_grows_within_10s(cluster, tmp_path):
     thread.join(300)
     assert not thread.is_alive() and "error" not in box, box.get("error")
     assert trainer.world_size == 2
-
-
-def _kept_ids(tmp_path, ev) -> list[dict]:
-    """The sample ids logged by steps that count: work done after the point a restart or resize resumed from is
-    dropped (it was done again)."""
-    restarts = [e for e in ev if e["event"] in ("restart", "resize")]
-    rows = [json.loads(line) for path in glob.glob(str(tmp_path / "ids.*")) for line in open(path)]
-    return [r for r in rows if not any(r["time"] < e["time"] and r["step"] >= e["step"] for e in restarts)]
 
 
 def test_fsdp_grows_3_to_4_and_shrinks_4_to_3_resharding_its_snapshots(cluster, tmp_path):
@@ -137,7 +129,39 @@ def test_fsdp_grows_3_to_4_and_shrinks_4_to_3_resharding_its_snapshots(cluster, 
     assert resized["world_size"] == 4 and "failure" in kinds and kinds[-1] == "finish", kinds
     assert "snapshot_fallback" not in kinds, "the lost rank's shards should have come from its holder's copy"
     assert ev[-1]["world_size"] == 3
-    kept = _kept_ids(tmp_path, ev)
+    kept = kept_ids(str(tmp_path), ev)
+    for epoch in range(epochs):
+        ids = sorted(i for r in kept if r["epoch"] == epoch for i in r["ids"])
+        assert ids == list(range(n)), f"epoch {epoch}: {len(ids)} ids, {len(set(ids))} distinct"
+
+
+def test_parquet_shrink_then_grow_trains_every_row_once_per_epoch(cluster, tmp_path, parquet_writer):
+    """A ParquetDataset on an elastic run: 2 ranks -> a node leaves (1) -> a node joins (2); each epoch still
+    trains every row exactly once, the rows left in an epoch re-split over the new world each time."""
+    from raytrainer.data import ParquetDataset
+
+    n = parquet_writer(tmp_path / "data", n=1200, files=3, row_group=100)
+    nodes = [cluster.add_node(num_cpus=1), cluster.add_node(num_cpus=1)]
+    _connect(cluster)
+    epochs = 6
+    trainer = pl.Trainer(num_nodes="1:2", num_processes=1, max_epochs=epochs, max_failures=2,
+                         default_root_dir=str(tmp_path), enable_progress_bar=False, enable_model_summary=False,
+                         scale_check_interval_s=1.0, placement_timeout_s=30, snapshot_every_n_steps=1)
+    data = ParquetDataset(str(tmp_path / "data"), batch_size=20, shuffle=True, shuffle_buffer_size=150,
+                          columns=["id", "x", "y"])
+    thread, box = _fit_in_background(trainer, Regression(ids_path=str(tmp_path / "ids"), sleep_s=0.05), data)
+    assert _wait_for(lambda: any(e["event"] == "checkpoint" for e in events(str(tmp_path))), 120)
+    cluster.remove_node(nodes[1])
+    assert _wait_for(lambda: any(e["event"] == "restart" for e in events(str(tmp_path))), 120)
+    cluster.add_node(num_cpus=1)
+    thread.join(300)
+    assert not thread.is_alive() and "error" not in box, box.get("error")
+    ev = events(str(tmp_path))
+    kinds = [e["event"] for e in ev]
+    assert "failure" in kinds and "resize" in kinds and kinds[-1] == "finish", kinds
+    worlds = [e["world_size"] for e in ev if e["event"] in ("start", "restart", "resize")]
+    assert worlds[:1] == [2] and 1 in worlds and worlds[-1] == 2, worlds
+    kept = kept_ids(str(tmp_path), ev)
     for epoch in range(epochs):
         ids = sorted(i for r in kept if r["epoch"] == epoch for i in r["ids"])
         assert ids == list(range(n)), f"epoch {epoch}: {len(ids)} ids, {len(set(ids))} distinct"

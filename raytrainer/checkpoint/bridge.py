@@ -70,6 +70,7 @@ def capture(session: RankSession, weights_only: bool = False, check: bool = True
             segments=session.elastic_segments(),  # elastic runs: what each world consumed this epoch
             results=train_results.accum_state_dict() if train_results is not None else None)
         position["sampler_seed"] = _sampler_seed(session)
+        position["data"] = session.data_fingerprint()
         callbacks = {}
         for cb in session.callbacks:
             cb_state = cb.state_dict()

@@ -101,8 +101,8 @@ def build(*, progress: Progress, state_dict: dict[str, Any], hparams_name: str |
         ckpt["raytrainer"] = {
             "format": FORMAT_VERSION,
             "rng": training.rng,
-            "position": {k: pos.pop(k) for k in ("epoch", "batch_idx", "epoch_start_rng", "sampler_seed",
-                                                 "segments")},
+            "position": {k: pos.pop(k, None) for k in ("epoch", "batch_idx", "epoch_start_rng", "sampler_seed",
+                                                       "segments", "data")},
             "world_size": training.world_size,
             "grad_scaler": training.scaler,
             **pos,   # batches_that_stepped, total_batches_seen, results
@@ -153,6 +153,7 @@ def read_position(ckpt: dict[str, Any], world_size: int, where: str) -> Position
                         "order and RNG streams cannot be continued exactly.", where, saved_ws, world_size,
                         batch_idx, epoch)
         state = {"epoch": epoch, "batch_idx": batch_idx, "epoch_start_rng": epoch_rng, "segments": segments,
+                 "data": pos.get("data"),
                  "batches_that_stepped": int(ours.get("batches_that_stepped", global_step)),
                  "total_batches_seen": int(ours.get("total_batches_seen", 0)),
                  "results": ours.get("results") or None}

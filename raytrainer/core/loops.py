@@ -127,6 +127,11 @@ def train_epoch(session: RankSession, module: Any, deadline: float | None) -> bo
         first = 0
         session.num_training_batches = session.limit(loader, "train")
     elif hasattr(source, "start_at"):
+        if start and start.data and source.fingerprint() != start.data:
+            raise ValueError(f"the checkpoint's position is in other data: its ParquetDataset had fingerprint "
+                             f"{start.data}, this one has {source.fingerprint()} (files, row groups, shuffle, seed, "
+                             "shuffle_buffer_size or drop_last changed). Resume with the same dataset and options, "
+                             "or start a fresh fit (ckpt_path=None).")
         # A resumable source (ParquetDataset) starts reading at its saved position (same world), or splits what
         # earlier worlds of this epoch left (another world): nothing before it is read.
         if first and not segments:  # a checkpoint without segments: this world's plan, at the saved batch

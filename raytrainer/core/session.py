@@ -656,6 +656,11 @@ class RankSession:
         every = self.config.check_val_every_n_epoch
         return every is None or (epoch + 1) % every == 0
 
+    def data_fingerprint(self) -> str | None:
+        """What identifies the training source's data and order (ParquetDataset), for the resume check."""
+        source = data_source(self.train_dataloader)
+        return source.fingerprint() if hasattr(source, "fingerprint") else None
+
     def elastic_segments(self) -> list[list[int]] | None:
         """For an elastic run's data position: what every world of this epoch consumed (None otherwise)."""
         source = data_source(self.train_dataloader)

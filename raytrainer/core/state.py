@@ -21,6 +21,7 @@ class ResumePosition:
     rng: dict[str, Any] | None
     results: dict[str, Any] | None = None  # epoch accumulators of self.log(on_epoch=True) values so far
     segments: list[list[int]] | None = None  # elastic runs: [world, batches per rank, batch size] done so far
+    data: str | None = None  # the fingerprint of a resumable source (ParquetDataset) the position is in
 
 
 class LoopState:
@@ -78,7 +79,8 @@ class LoopState:
         self.total_batches_seen = int(state.get("total_batches_seen", 0))
         self.resume = ResumePosition(epoch=epoch, batch_idx=int(state["batch_idx"]),
                                      epoch_rng=state.get("epoch_start_rng"), rng=rng,
-                                     results=state.get("results") or None, segments=state.get("segments"))
+                                     results=state.get("results") or None, segments=state.get("segments"),
+                                     data=state.get("data"))
         self.resuming = True
 
     def take_resume(self, epoch: int) -> ResumePosition | None:

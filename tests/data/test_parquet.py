@@ -235,3 +235,15 @@ def test_map_style_resume_skips_at_the_sampler(tmp_path, workers, persistent):
         assert data.loads == 4 * batch
     for a, b in zip(model.parameters(), ref.parameters()):
         assert torch.equal(a, b)
+
+
+def test_resume_with_other_data_or_order_is_refused(data, tmp_path):
+    path, n = data
+    first, _ = _fit(tmp_path / "run", path, max_steps=10)
+    pl.seed_everything(0)
+    other = ParquetDataset(path, batch_size=64, shuffle=True, seed=1, shuffle_buffer_size=500,
+                           columns=["id", "x", "y"])
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=2, default_root_dir=str(tmp_path / "run"),
+                         enable_progress_bar=False, enable_model_summary=False, logger=False)
+    with pytest.raises(ValueError, match="other data: its ParquetDataset had fingerprint"):
+        trainer.fit(Model(), other, ckpt_path=first.checkpoint_callback.last_model_path)

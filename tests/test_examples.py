@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,3 +57,27 @@ def test_autoencoder_trains_on_digits_and_writes_logs_and_checkpoint(tmp_path):
          str(root), "--no_progress_bar"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "nothing left to train" in again.stderr and "max_epochs=2 is already reached" in again.stderr
+
+
+@pytest.mark.slow
+def test_parquet_classifier_on_s3_is_preempted_then_resumes_at_its_position(tmp_path, s3_server):
+    """The README's cluster example, on 2 Ray ranks with its data on (local) S3: SIGTERM -> exit 75 -> rerun
+    resumes at the preemption's step and finishes the epochs."""
+    import json
+
+    root, data = tmp_path / "run", f"{s3_server['uri']}/tabular"
+    env = {**os.environ, **s3_server["env"], "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "RAY_ADDRESS": "local"}
+    cmd = [sys.executable, str(REPO / "examples" / "parquet_classifier.py"), "--data", data, "--rows", "20000",
+           "--batch_size", "256", "--max_epochs", "2", "--default_root_dir", str(root)]
+    first = subprocess.run(cmd + ["--sigterm_at_step", "30"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert first.returncode == 75, first.stdout[-3000:] + first.stderr[-3000:]
+    second = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    # 20000 rows over 2 ranks in batches of 256: 40 batches per rank and epoch
+    found = re.search(r"world size: 2, epochs: 2, steps: 80, val_acc: ([\d.]+)", second.stdout)
+    assert found and float(found.group(1)) > 0.8, second.stdout[-2000:]
+    events = [json.loads(line) for p in root.rglob("events.jsonl") for line in p.read_text().splitlines()]
+    preempted = [e["step"] for e in events if e["event"] == "preemption"]
+    starts = [e["step"] for e in events if e["event"] == "start"]
+    assert preempted and preempted[0] >= 30 and starts[-1] == preempted[0], (preempted, starts)

@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> pl.Trainer:
         num_processes=args.num_processes, gpus=args.gpus, tpu_cores=args.tpu_cores, num_nodes=args.num_nodes,
         strategy=args.strategy, precision=args.precision, default_root_dir=args.default_root_dir,
         max_failures=args.max_failures, deterministic=args.deterministic or None,
-        enable_progress_bar=not args.no_progress_bar, log_every_n_steps=5,
+        enable_progress_bar=not args.no_progress_bar, log_every_n_steps=5, logger=loggers(args.default_root_dir),
         # save_last: checkpoints/last.ckpt always names the newest checkpoint (the README exports it)
         callbacks=[pl.ModelCheckpoint(save_last=True)]
         + ([KillOnce(args.kill_rank_at_step, args.default_root_dir)] if args.kill_rank_at_step else []),
@@ -161,8 +161,14 @@ def main(argv: list[str] | None = None) -> pl.Trainer:
     first = _first_epoch_loss(trainer.log_dir)
     print(f"train loss: first epoch {first:.4f} -> last epoch {last:.4f}; test loss {test[0]['test_loss']:.4f}")
     print(f"checkpoint: {trainer.checkpoint_callback.best_model_path}")
-    print(f"logs: {trainer.log_dir}/metrics.csv")
+    print(f"logs: {trainer.log_dir} (metrics.csv; tensorboard --logdir {os.path.dirname(trainer.log_dir)})")
     return trainer
+
+
+def loggers(root: str) -> list[pl.loggers.Logger]:
+    """TensorBoard (Lightning's default) and metrics.csv, both in the same lightning_logs/version_N folder."""
+    tensorboard = pl.loggers.TensorBoardLogger(root)
+    return [tensorboard, pl.loggers.CSVLogger(root, version=tensorboard.version)]
 
 
 def _first_epoch_loss(log_dir: str) -> float:

@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> pl.Trainer:
           f"optimizer steps (global_step): {trainer.global_step}")
     print(f"last epoch: g_loss {float(metrics.get('g_loss_epoch', float('nan'))):.4f}, "
           f"d_loss {float(metrics.get('d_loss_epoch', float('nan'))):.4f}")
-    print(f"logs: {trainer.log_dir}/metrics.csv")
+    print(f"logs: {trainer.log_dir} (tensorboard --logdir {os.path.dirname(trainer.log_dir)})")
     print(f"samples: {path}")
     return trainer
 

@@ -138,6 +138,9 @@ class ModelCheckpoint(Callback):
 
         if self.dirpath is None:
             base = trainer.log_dir if trainer.loggers else trainer.default_root_dir
+            lg = trainer.logger
+            if getattr(lg, "sub_dir", None):  # as Lightning: <save_dir>/<name>/<version>/checkpoints, not in sub_dir
+                base = storage.join(lg.root_dir, lg.version if isinstance(lg.version, str) else f"version_{lg.version}")
             self.dirpath = storage.join(base, "checkpoints")
         if stage == "fit" and trainer.is_global_zero:
             storage.makedirs(self.dirpath)
@@ -383,6 +386,14 @@ class ModelCheckpoint(Callback):
                 storage.save(ckpt, path)
         for path in paths:
             trainer.session.on_checkpoint_saved(path)
+        self._notify_loggers(trainer)
+
+    def _notify_loggers(self, trainer: Any) -> None:
+        """Lightning's after_save_checkpoint on every logger (rank 0), e.g. for log_model uploads."""
+        for lg in trainer.loggers:
+            hook = getattr(lg, "after_save_checkpoint", None)
+            if hook is not None:
+                hook(self)
 
     def _write_now(self, trainer: Any, paths: list[str]) -> None:
         """Write the current state to ``paths`` on this thread (rank 0 writes); returns once it is on storage."""
@@ -400,6 +411,7 @@ class ModelCheckpoint(Callback):
             storage.save(ckpt, path)
             self._written.add(path)
             trainer.session.on_checkpoint_saved(path)
+        self._notify_loggers(trainer)
 
     def _write_sharded(self, trainer: Any, paths: list[str], asynchronous: bool) -> None:
         """FSDP: directories that every rank writes its shards into (rank 0's names, so all write the same). Async:
@@ -415,6 +427,7 @@ class ModelCheckpoint(Callback):
             self._written.update(paths)
             for path in paths:
                 trainer.session.on_checkpoint_saved(path)
+            self._notify_loggers(trainer)
 
     def _wait_sharded(self) -> None:
         """Wait for the sharded saves in flight (this rank's part; rank 0: published); re-raise a failed one."""

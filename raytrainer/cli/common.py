@@ -69,6 +69,7 @@ def _children(uri: str) -> dict[str, Any]:
 
 
 _RUN_MARKERS = ("events.jsonl", "metrics.csv", "hparams.yaml", "checkpoints")
+_TB_EVENTS = "events.out.tfevents."  # TensorBoardLogger's event files (the default logger)
 
 
 def _newest_version(uri: str, entries: dict[str, Any]) -> str | None:
@@ -103,7 +104,7 @@ def resolve_run_dir(path_or_uri: str) -> str:
         raise CLIError(f"{path_or_uri} is a file, not a run directory. Give the folder that holds "
                        "events.jsonl and metrics.csv (lightning_logs/version_N) or the default_root_dir.")
     entries = _children(uri)
-    if any(marker in entries for marker in _RUN_MARKERS):
+    if any(marker in entries for marker in _RUN_MARKERS) or any(n.startswith(_TB_EVENTS) for n in entries):
         return uri
     newest = _newest_version(uri, entries)
     if newest is None and "lightning_logs" in entries:
@@ -174,12 +175,13 @@ def _number(text: str) -> float | None:
 
 
 def read_metrics(run_dir: str) -> list[dict[str, float]]:
-    """Rows of the run's metrics.csv with numeric cells only ([] when there is no metrics.csv)."""
+    """Rows of the run's metrics.csv with numeric cells only; without a metrics.csv, the scalars of its
+    TensorBoard event files, one row per step ([] when there is neither)."""
     import pyarrow.fs as pafs
 
     uri = _storage().join(run_dir, "metrics.csv")
     if _file_info(uri).type != pafs.FileType.File:
-        return []
+        return _tensorboard_rows(run_dir)
     fs, path = _storage().resolve(uri)
     try:
         with fs.open_input_stream(path) as f:
@@ -192,6 +194,44 @@ def read_metrics(run_dir: str) -> list[dict[str, float]]:
         if values:
             rows.append(values)
     return rows
+
+
+def _tensorboard_rows(run_dir: str) -> list[dict[str, float]]:
+    """The scalars of the event files in ``run_dir`` as rows ``{"step": s, tag: value, ...}`` by step, read with
+    tensorboard's own reader (which applies the purges of restarted runs); [] without event files."""
+    import tempfile
+
+    try:
+        names = [n for n in _children(run_dir) if n.startswith(_TB_EVENTS)]
+    except CLIError:
+        return []
+    if not names:
+        return []
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError as exc:
+        raise CLIError(f"{run_dir} holds TensorBoard event files but tensorboard is not installed "
+                       "(pip install tensorboard) to read them.") from exc
+    storage = _storage()
+    with tempfile.TemporaryDirectory(prefix="raytrainer-report-") as tmp:
+        local = run_dir
+        if "://" in run_dir and not run_dir.startswith("file://"):  # a URI: read copies of the event files
+            local = tmp
+            for name in names:
+                fs, path = storage.resolve(storage.join(run_dir, name))
+                with fs.open_input_stream(path) as f, open(os.path.join(tmp, name), "wb") as out:
+                    out.write(f.read())
+        acc = EventAccumulator(local.removeprefix("file://"), size_guidance={"scalars": 0})
+        try:
+            acc.Reload()
+        except Exception as exc:  # a truncated or foreign file
+            raise CLIError(f"cannot read the TensorBoard event files in {run_dir}: {exc}") from exc
+        by_step: dict[int, dict[str, float]] = {}
+        for tag in acc.Tags().get("scalars", []):
+            for event in acc.Scalars(tag):
+                if math.isfinite(event.value):
+                    by_step.setdefault(event.step, {"step": float(event.step)})[tag] = float(event.value)
+    return [by_step[s] for s in sorted(by_step)]
 
 
 def _checkpoint_candidates(run_dir: str, events: list[dict[str, Any]]) -> list[str]:

@@ -75,10 +75,17 @@ class Spinner:
               file=self.stream, flush=True)
 
 
+# The first script argument that marks a LightningCLI script: its Trainer flags are --trainer.X, after the subcommand.
+_LIGHTNING_CLI_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
 def _translate_flags(args: argparse.Namespace, script_args: list[str]) -> list[str]:
-    """The script's own arguments for --num-nodes/--num-processes, refusing the same setting twice."""
+    """The script's arguments with --num-nodes/--num-processes added as its own flags, refusing the same setting
+    twice: ``--num_nodes V`` first for a plain script, ``--trainer.num_nodes V`` last for a LightningCLI one."""
+    cli = bool(script_args) and script_args[0] in _LIGHTNING_CLI_SUBCOMMANDS
     extra = []
     for ours, theirs in (("num_nodes", "--num_nodes"), ("num_processes", "--num_processes")):
+        theirs = "--trainer." + theirs[2:] if cli else theirs
         value = getattr(args, ours)
         if value is None:
             continue
@@ -86,7 +93,7 @@ def _translate_flags(args: argparse.Namespace, script_args: list[str]) -> list[s
             raise CLIError(f"--{ours.replace('_', '-')} and the script argument {theirs} both set the same "
                            "thing; give only one.")
         extra += [theirs, str(value)]
-    return extra
+    return script_args + extra if cli else extra + script_args
 
 
 def _values_of(flag: str, argv: list[str]) -> list[str]:
@@ -294,9 +301,11 @@ def cmd_fit(args: argparse.Namespace, script_args: list[str], argv: list[str]) -
     """`raytrainer fit`: run a training script here, or as a Ray job on the cluster at --address."""
     working_dir = os.path.abspath(args.working_dir or os.getcwd())
     script_rel = _script_in_working_dir(args.script, working_dir)
-    args_for_script = _translate_flags(args, script_args) + script_args
+    args_for_script = _translate_flags(args, script_args)
     command = ["raytrainer", *argv]
-    if args.address and not any("://" in a for a in _values_of("--default_root_dir", args_for_script)):
+    roots = _values_of("--default_root_dir", args_for_script) + _values_of("--trainer.default_root_dir",
+                                                                           args_for_script)
+    if args.address and not any("://" in a for a in roots):
         print("raytrainer fit: note: no --default_root_dir URI (s3://..., gs://...) in the script's arguments. "
               "On more than one node, checkpoints must go to storage every node reaches, or a restarted "
               "rank will not find them (cluster/README.md).", file=sys.stderr)

@@ -31,6 +31,7 @@ from raytrainer.core.precision import Precision, make_precision, precision_plugi
 from raytrainer.core.results import Results, to_float
 from raytrainer.core.state import LoopState, ResumePosition
 from raytrainer.core.step import LightningOptimizer
+from raytrainer.data.ray_data import RayDataLoader, is_ray_dataset
 from raytrainer.data.samplers import data_source, distributed_loader, elastic_loader, sequential_loader
 from raytrainer.io import storage
 from raytrainer.module import hparams_origin, logs_hyperparameters, prepares_data_here
@@ -568,6 +569,8 @@ class RankSession:
 
     def _prepare_loader(self, loader: Any, stage: str, overfit: bool | None = None) -> Any:
         """One loader of ``stage``: checked, made sequential for overfit_batches, and sharded across ranks."""
+        if is_ray_dataset(loader):  # from a data hook on the ranks; trainer.fit(...) wraps the ones it is given
+            loader = RayDataLoader(loader)
         if not isinstance(loader, Iterable):
             raise TypeError(f"expected a DataLoader (or any iterable of batches), got {type(loader).__name__}.")
 
@@ -853,13 +856,15 @@ class RankSession:
         # As Lightning: only what save_hyperparameters(logger=True) recorded is logged (no empty hparams.yaml).
         log_module = logs_hyperparameters(model)
         log_dm = datamodule is not None and logs_hyperparameters(datamodule)
-        if not (log_module or log_dm):
-            return
-        params = dict(model.hparams_initial) if log_module else {}
-        if log_dm:
-            params.update(getattr(datamodule, "hparams", {}) or {})
-        for lg in self.loggers:
-            lg.log_hyperparams(params)
+        if log_module or log_dm:
+            params = dict(model.hparams_initial) if log_module else {}
+            if log_dm:
+                params.update(getattr(datamodule, "hparams", {}) or {})
+            for lg in self.loggers:
+                lg.log_hyperparams(params)
+        for lg in self.loggers:  # as Lightning: TensorBoardLogger(log_graph=True) traces model.example_input_array
+            if hasattr(lg, "log_graph"):
+                lg.log_graph(model)
 
     # ------------------------------------------------------------------ checkpoints
     def hparams_origin(self) -> tuple[str | None, str | None]:

@@ -77,11 +77,13 @@ class RayDataLoader:
         self._rank: int | None = None
 
     # ------------------------------------------------------------------ driver side
-    def split(self, world: int, exclude: dict[str, float] | None = None) -> RayDataLoader:
+    def split(self, world: int, exclude: dict[str, float] | None = None,
+              locality_hints: list[str] | None = None) -> RayDataLoader:
         """A copy holding ``world`` streaming splits of the dataset, one per rank (every rank receives all).
 
         ``exclude`` (e.g. the ranks' ``{"CPU": 2}``) is left out of what Ray Data plans to use, so its budget
-        counts only what the ranks do not hold. Each call starts a new split coordinator (a new execution).
+        counts only what the ranks do not hold; ``locality_hints`` (each rank's Ray node id) lets Ray Data hand
+        a rank blocks that are already on its node. Each call starts a new split coordinator (a new execution).
         """
         if not isinstance(world, int) or world < 1:
             raise ValueError(f"split(world={world!r}): give the number of ranks, an integer >= 1.")
@@ -90,7 +92,8 @@ class RayDataLoader:
         ds = _with_excluded(self.dataset, exclude)
         out = copy.copy(self)
         out.dataset = None  # the ranks need only their iterators
-        out._splits = list(ds.streaming_split(world, equal=True))
+        hints = list(locality_hints) if locality_hints and len(locality_hints) == world else None
+        out._splits = list(ds.streaming_split(world, equal=True, locality_hints=hints))
         out._bound, out._rank = None, None
         return out
 
@@ -111,6 +114,8 @@ class RayDataLoader:
     def bind(self, rank: int, world: int) -> None:
         """Select this rank's split; a clear error when the splits were made for another world, or when a
         multi-rank run got an unsplit loader (one built on the ranks, e.g. returned from a data hook)."""
+        if self._splits is None and self.dataset is None:
+            raise RuntimeError("this RayDataLoader split was closed (its run ended); split the original again.")
         if self._splits is None:
             if world > 1:
                 raise RuntimeError(
@@ -142,6 +147,8 @@ class RayDataLoader:
             elif self._splits is not None:
                 raise RuntimeError(f"this RayDataLoader holds {len(self._splits)} splits but was not bound to a "
                                    "rank; call bind(rank, world) first.")
+            elif self.dataset is None:
+                raise RuntimeError("this RayDataLoader split was closed (its run ended); split the original again.")
             else:
                 source = self.dataset
         seed = self.local_shuffle_seed
@@ -158,7 +165,8 @@ class RayDataLoader:
         return state
 
     def __repr__(self) -> str:
-        where = f"{len(self._splits)} splits" if self._splits is not None else "unsplit"
+        where = f"{len(self._splits)} splits" if self._splits is not None else \
+            "unsplit" if self.dataset is not None else "closed"
         if self._rank is not None:
             where += f", rank {self._rank}"
         return f"RayDataLoader(batch_size={self.batch_size}, {where})"
@@ -240,14 +248,15 @@ def holds_ray_data(obj: Any) -> bool:
     return any(isinstance(x, RayDataLoader) or is_ray_dataset(x) for x in _leaves(obj))
 
 
-def split_ray_data(obj: Any, world: int, exclude: dict[str, float] | None = None) -> tuple[Any, list[RayDataLoader]]:
+def split_ray_data(obj: Any, world: int, exclude: dict[str, float] | None = None,
+                   locality_hints: list[str] | None = None) -> tuple[Any, list[RayDataLoader]]:
     """(driver) Call arguments with every unsplit RayDataLoader replaced by a fresh ``split(world)``; also the
     new splits, for ``close_splits`` when the ranks are done with them."""
     made: list[RayDataLoader] = []
 
     def one(x: Any) -> Any:
         if isinstance(x, RayDataLoader) and x.dataset is not None:
-            made.append(x.split(world, exclude))
+            made.append(x.split(world, exclude, locality_hints))
             return made[-1]
         return x
 

@@ -28,6 +28,9 @@ class Logger:
     def save(self) -> None: ...
     def finalize(self, status: str) -> None: ...
 
+    def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
+        """Called on rank 0 after ModelCheckpoint saved, so loggers can upload checkpoints (log_model)."""
+
     def state_dict(self) -> dict[str, Any]:
         """What a rank's logger hands back to the driver's copy after a run (e.g. the version it wrote)."""
         return {}

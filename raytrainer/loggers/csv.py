@@ -16,11 +16,15 @@ def _is_uri(path: str) -> bool:
 class CSVLogger(Logger):
     """Buffers metric rows in memory and rewrites the CSV every ``flush_logs_every_n_steps`` rows."""
 
+    LOGGER_JOIN_CHAR = "-"
+
     def __init__(self, save_dir: str, name: str = "lightning_logs", version: int | str | None = None,
-                 flush_logs_every_n_steps: int = 100) -> None:
+                 prefix: str = "", flush_logs_every_n_steps: int = 100) -> None:
+        """Arguments as Lightning's; ``prefix`` is joined to every metric name with "-" (not to ``step``)."""
         self._save_dir = str(save_dir)
         self._name = name or ""
         self._version = version
+        self._prefix = prefix
         self._rows: list[dict[str, Any]] = []
         self._keys: list[str] = []
         self._flush_every = flush_logs_every_n_steps
@@ -61,24 +65,10 @@ class CSVLogger(Logger):
         return _join(self.root_dir, v if isinstance(v, str) else f"version_{v}")
 
     def _next_version(self) -> int:
-        from raytrainer.io import storage
-
-        fs, path = storage.resolve(self.root_dir)
-        from pyarrow import fs as pafs
-
-        try:
-            infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-        except Exception:
-            return 0
-        nums = []
-        for info in infos:
-            base = info.base_name
-            if info.type == pafs.FileType.Directory and base.startswith("version_") and base[8:].isdigit():
-                nums.append(int(base[8:]))
-        return max(nums) + 1 if nums else 0
+        return next_version(self.root_dir)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        row = {"step": step, **metrics}
+        row = {"step": step, **add_prefix(metrics, self._prefix, self.LOGGER_JOIN_CHAR)}
         for k in row:
             if k not in self._keys:
                 self._keys.append(k)
@@ -131,6 +121,30 @@ class CSVLogger(Logger):
         # resolve the version before shipping to a worker so every process writes the same folder
         _ = self.version
         return self.__dict__.copy()
+
+
+def next_version(root_dir: str) -> int:
+    """One more than the largest ``version_N`` directory under ``root_dir`` (0 when there is none)."""
+    from pyarrow import fs as pafs
+
+    from raytrainer.io import storage
+
+    fs, path = storage.resolve(root_dir)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except Exception:
+        return 0
+    nums = []
+    for info in infos:
+        base = info.base_name
+        if info.type == pafs.FileType.Directory and base.startswith("version_") and base[8:].isdigit():
+            nums.append(int(base[8:]))
+    return max(nums) + 1 if nums else 0
+
+
+def add_prefix(metrics: dict[str, Any], prefix: str, sep: str) -> dict[str, Any]:
+    """Metric names with ``prefix`` and ``sep`` in front (Lightning's logger prefix); unchanged without one."""
+    return {f"{prefix}{sep}{k}": v for k, v in metrics.items()} if prefix else dict(metrics)
 
 
 def _join(base: str, part: str) -> str:

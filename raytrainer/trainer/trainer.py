@@ -25,10 +25,12 @@ from raytrainer.core.config import RunConfig
 from raytrainer.core.hooks import callback_order, defines
 from raytrainer.core.precision import make_precision, precision_plugin
 from raytrainer.core.session import RankSession
+from raytrainer.data.ray_data import wrap_ray_datasets
 from raytrainer.datamodule import LightningDataModule
 from raytrainer.launchers import make_launcher
 from raytrainer.loggers.base import Logger
 from raytrainer.loggers.csv import CSVLogger
+from raytrainer.loggers.tensorboard import TensorBoardLogger, tensorboard_available
 from raytrainer.module import LightningModule, from_compiled, is_compiled_module
 from raytrainer.plan import Env, Plan, as_sequence
 from raytrainer.profilers import PassThroughProfiler, Profiler
@@ -234,7 +236,9 @@ class Trainer:
     def _make_loggers(self, logger: Any) -> list[Logger]:
         if logger is False:
             return []
-        if logger is None or logger is True:
+        if logger is None or logger is True:  # Lightning's default: TensorBoard when it is installed, else CSV
+            if tensorboard_available():
+                return [TensorBoardLogger(self.config.default_root_dir)]
             return [CSVLogger(self.config.default_root_dir)]
         return list(as_sequence(logger))
 
@@ -544,6 +548,8 @@ class Trainer:
         model = self._unwrap_compiled("fit", model)
         if isinstance(train_dataloaders, LightningDataModule):
             datamodule, train_dataloaders = train_dataloaders, None
+        # a ray.data.Dataset is read through a RayDataLoader: on Ray, each rank reads its own streaming split
+        train_dataloaders, val_dataloaders = wrap_ray_datasets(train_dataloaders), wrap_ray_datasets(val_dataloaders)
         self._check_inputs("fit", model, datamodule, train_dataloaders, val_dataloaders)
         if train_dataloaders is None and datamodule is None and not defines(model, "train_dataloader"):
             raise MisconfigurationException("Trainer.fit got no training data: pass train_dataloaders=DataLoader(...), "
@@ -574,6 +580,7 @@ class Trainer:
         model = self._unwrap_compiled("predict", model) if model is not None else self.lightning_module
         if isinstance(dataloaders, LightningDataModule):
             datamodule, dataloaders = dataloaders, None
+        dataloaders = wrap_ray_datasets(dataloaders)
         self._check_inputs("predict", model, datamodule, dataloaders, None)
         if dataloaders is None and datamodule is None and not defines(model, "predict_dataloader"):
             raise MisconfigurationException(
@@ -590,6 +597,7 @@ class Trainer:
         model = self._unwrap_compiled(stage, model) if model is not None else self.lightning_module
         if isinstance(dataloaders, LightningDataModule):
             datamodule, dataloaders = dataloaders, None
+        dataloaders = wrap_ray_datasets(dataloaders)
         self._check_inputs(stage, model, datamodule, dataloaders, None)
         hook = "val_dataloader" if stage == "validate" else "test_dataloader"
         if dataloaders is None and datamodule is None and not defines(model, hook):

@@ -71,9 +71,9 @@ Regressor = make_body(rt.LightningModule)
 
 
 def trainer(root: Any, **kwargs: Any) -> rt.Trainer:
-    """A quiet Trainer that logs every step."""
+    """A quiet Trainer that logs every step to metrics.csv (a CSVLogger: the default would be TensorBoard)."""
     args = dict(default_root_dir=str(root), enable_progress_bar=False, enable_model_summary=False,
-                log_every_n_steps=1, deterministic=True)
+                log_every_n_steps=1, deterministic=True, logger=rt.loggers.CSVLogger(str(root)))
     args.update(kwargs)
     return rt.Trainer(**args)
 

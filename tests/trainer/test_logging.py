@@ -35,8 +35,9 @@ def read_csv(path: str) -> tuple[list[str], list[dict[str, str]]]:
 
 
 def loggers_for(base, root):
-    """Lightning's default logger is TensorBoard when installed: give it the CSVLogger we default to."""
-    return {"logger": base.loggers.CSVLogger(root)} if base.__name__ == "pytorch_lightning" else {}
+    """These tests compare metrics.csv: both frameworks get a CSVLogger (the default is TensorBoard, see
+    tests/loggers/test_tensorboard.py)."""
+    return {"logger": base.loggers.CSVLogger(root)}
 
 
 def run_both(L, make, tmp_path, fit_kwargs=None, train=None, val=None, then=None):
@@ -319,7 +320,7 @@ def test_log_without_a_trainer_warns_once_and_drops_the_value():
 
 
 # --------------------------------------------------------------------------- CSVLogger
-def test_default_logger_writes_versioned_metrics_and_hparams(tmp_path):
+def test_csv_logger_writes_versioned_metrics_and_hparams(tmp_path):
     class HP(pl.LightningModule):
         def __init__(self, hidden: int = 8, lr: float = 0.1, name: str = "mlp", dims: tuple = (1, 2)):
             super().__init__()
@@ -336,7 +337,8 @@ def test_default_logger_writes_versioned_metrics_and_hparams(tmp_path):
 
     for version in range(2):
         trainer = pl.Trainer(max_epochs=2, default_root_dir=str(tmp_path), enable_progress_bar=False,
-                             enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=2)
+                             enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=2,
+                             logger=pl.CSVLogger(str(tmp_path)))
         trainer.fit(HP(hidden=3, lr=0.05), data(8))
         log_dir = tmp_path / "lightning_logs" / f"version_{version}"
         assert trainer.log_dir == str(log_dir)

@@ -291,7 +291,8 @@ def test_gan_example_matches_plain_pytorch_bitwise(tmp_path: Any) -> None:
     loader = digits_loader(320, batch)
 
     torch.manual_seed(1)
-    trainer = quiet_trainer(tmp_path, max_epochs=epochs, deterministic=True, logger=None, log_every_n_steps=1)
+    trainer = quiet_trainer(tmp_path, max_epochs=epochs, deterministic=True, log_every_n_steps=1,
+                            logger=raytrainer.loggers.CSVLogger(str(tmp_path)))
     trainer.fit(model, loader)
 
     torch.manual_seed(1)
@@ -443,7 +444,8 @@ def test_max_steps_counts_optimizer_steps_like_lightning(tmp_path: Any, lightnin
 def test_logged_steps_match_lightning(tmp_path: Any, lightning_reference: dict) -> None:
     """Under manual optimization the logger's step counts batches, not optimizer steps, as in Lightning."""
     module = type("RTGan", (LoggingGan, raytrainer.LightningModule), {})()
-    trainer = quiet_trainer(tmp_path, max_epochs=2, log_every_n_steps=2, logger=None)
+    trainer = quiet_trainer(tmp_path, max_epochs=2, log_every_n_steps=2,
+                            logger=raytrainer.loggers.CSVLogger(str(tmp_path)))
     trainer.fit(module, tiny_loader(n=12, dim=64))
     rows = csv_rows(trainer.log_dir)
     assert rows == lightning_reference["csv_rows"]

@@ -21,6 +21,13 @@ from typing import Any
 from raytrainer.checkpoint.shard_snapshot import Piece, ShardedSnapshot
 from raytrainer.core import control
 from raytrainer.core.events import EventLog, command_fields
+from raytrainer.data.ray_data import (
+    DATA_HEADROOM_CPUS,
+    check_room_for_data,
+    close_splits,
+    holds_ray_data,
+    split_ray_data,
+)
 from raytrainer.launchers.base import RankPayload, RunResult
 from raytrainer.launchers.ray.group import PlacementError, RankError, ensure_ray
 from raytrainer.launchers.ray.policies import (
@@ -87,6 +94,9 @@ class FitController:
         self.error: BaseException | None = None
         self.result: RunResult | None = None
         self.results: list[Any] = []
+        # Ray Data input: the driver gives every start of the ranks a fresh streaming split of each Ray Dataset
+        self.ray_data = holds_ray_data(self.kwargs)
+        self.data_splits: list[Any] = []
 
     # ------------------------------------------------------------------ messages from rank 0, ticks
     def on_message(self, rank: int, msg: Any) -> None:
@@ -120,12 +130,15 @@ class FitController:
             self._request_stop("preempt")  # again until rank 0 has started: a starting rank clears old requests
         hb_timeout = self.trainer.config.heartbeat_timeout_s
         if now - self.last_beat > hb_timeout:
-            raise _Hung(f"no progress from rank 0 for {hb_timeout:.0f} s (stuck in a collective or a step)")
+            raise _Hung(f"no progress from rank 0 for {hb_timeout:.0f} s (stuck in a collective or a step"
+                        f"{_DATA_HANG_HINT if self.ray_data else ''})")
         if self.plan.elastic and not self.stop_sent and now - self.last_scale_check >= \
                 self.trainer.config.scale_check_interval_s:
             self.last_scale_check = now
             target = self.scaling.should_grow(self.world, _free_slots(self.plan))
             if target is not None:
+                target = self._room_for_data(target)
+            if target is not None and target > self.world:
                 self.resize_to = target
                 self._request_stop("resize")
 
@@ -177,7 +190,7 @@ class FitController:
                   Phase.RESIZING: self._resizing, Phase.STOPPING: self._stopping}
         try:
             try:
-                ensure_ray(self.plan.max_ranks, 0, self.trainer.config.ray_address)
+                ensure_ray(self.plan.max_ranks + self._data_headroom(), 0, self.trainer.config.ray_address)
             except SystemExit as exc:  # ray.init answers SIGTERM with sys.exit(15) while it starts
                 if exc.code != signal.SIGTERM or previous is None:
                     raise
@@ -193,6 +206,8 @@ class FitController:
             control.restore_sigterm_handler(previous)
             if self.group is not None:
                 self.group.shutdown(graceful=False)  # idempotent; frees the placement group on any exit
+            close_splits(self.data_splits)  # after the ranks: stop the Ray Data executions they read
+            self.data_splits = []
 
     def _starting(self) -> Phase:
         """Place and start a group of ``self.world`` ranks (an elastic run shrinks if they do not fit)."""
@@ -216,9 +231,10 @@ class FitController:
                "resume_step": self.resume_step, "elastic": self.plan.elastic, "emit_start": kind == "start",
                "stop": "preempt" if self.sigterm else None}  # a SIGTERM that came while Ray or the group started
         self.stop_sent, self.resize_to, self.last_beat = False, None, time.monotonic()
+        kwargs = self._split_data(dict(self.kwargs, ckpt_path=self.resume))
         try:
             results = self.group.run(
-                rank_entry, RankPayload.of(self.trainer), "fit", self.model, dict(self.kwargs, ckpt_path=self.resume),
+                rank_entry, RankPayload.of(self.trainer), "fit", self.model, kwargs,
                 ctl, on_message=self.on_message, on_tick=self.on_tick,
                 before_shutdown=self._collect_survivor_snapshots,
                 arg_names=["trainer", "fn", "model", "kwargs", "ctl"],
@@ -232,6 +248,37 @@ class FitController:
         self.result, self.results = results[0], results
         self.step, self.epoch = self.result.global_step, self.result.current_epoch
         return Phase.RESIZING if self.result.status == "resize" else Phase.STOPPING
+
+    # ------------------------------------------------------------------ Ray Data input
+    def _split_data(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """``kwargs`` with each Ray Dataset loader split for this start's ``self.world`` ranks (a fresh split: Ray
+        Data cannot resume a pass, so a restart or resize reads the interrupted epoch from its start again)."""
+        if not self.ray_data:
+            return kwargs
+        close_splits(self.data_splits)  # the last start's coordinators: nothing reads them any more
+        self.data_splits = []
+        cpus, gpus = self.world * self.group.cpus_per_rank, self.world * self.group.gpus_per_rank
+        check_room_for_data(cpus, self.world)
+        nodes = [r.node_id for r in self.group.ranks] or None  # blocks go preferably to their rank's node
+        kwargs, self.data_splits = split_ray_data(kwargs, self.world, {"CPU": cpus, "GPU": gpus}, nodes)
+        return kwargs
+
+    def _data_headroom(self) -> int:
+        """Logical CPUs beyond the ranks' for Ray Data's tasks, when this fit starts its own local Ray instance."""
+        import ray
+
+        return DATA_HEADROOM_CPUS if self.ray_data and not ray.is_initialized() else 0
+
+    def _room_for_data(self, world: int) -> int:
+        """(elastic runs reading a Ray Dataset) ``world`` capped so that one CPU of the cluster stays free for
+        Ray Data's tasks (ranks reserve one CPU each), but never below the run's minimum."""
+        if not self.ray_data:
+            return world
+        import ray
+
+        cap = int(ray.cluster_resources().get("CPU", 0.0)) - 1
+        cap -= cap % self._unit()
+        return max(self.plan.min_ranks, min(world, cap))
 
     def _recovering(self) -> Phase:
         """Settle the survivors, record the failure, and repair in place or restart (or give up)."""
@@ -325,7 +372,7 @@ class FitController:
     def _initial_world(self) -> int:
         if not self.plan.elastic:
             return self.plan.world_size
-        world = self.scaling.target(_free_slots(self.plan, capacity=True))
+        world = self._room_for_data(self.scaling.target(_free_slots(self.plan, capacity=True)))
         if world < self.plan.min_ranks:
             world = self.plan.min_ranks  # wait for MIN in placement (bounded by placement_timeout_s)
         return world - world % self._unit() if self.plan.nodes_elastic else world
@@ -355,7 +402,8 @@ class FitController:
             budget = self.failures.record(Failure(time.time(), rank, node, short, self.step, preempted=preempted))
         new_world = self.world
         if retryable and budget == "retry" and self.plan.elastic:
-            new_world = self.scaling.after_failure(self.world, _free_slots(self.plan, capacity=True))
+            new_world = self._room_for_data(self.scaling.after_failure(self.world,
+                                                                       _free_slots(self.plan, capacity=True)))
         decision = decide_recovery(retryable=retryable, budget=budget, survivors_kept=survivors_kept,
                                    world=self.world, new_world=new_world)
         if decision.action == "give_up":
@@ -379,6 +427,8 @@ class FitController:
         return "last", None
 
 
+_DATA_HANG_HINT = (", or waiting for a batch of the Ray Dataset: its read and map tasks need CPUs that neither the "
+                   "ranks nor other actors hold")
 SETTLE_TIMEOUT_S = 5.0  # survivors of a failure must leave their collectives within this to be kept
 PIECE_FETCH_TIMEOUT_S = 60.0  # survivors hand their snapshot pieces (shards) to the driver within this
 

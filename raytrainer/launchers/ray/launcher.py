@@ -4,13 +4,21 @@ A fit runs under the FitController (controller.py), which recovers, resizes and 
 from __future__ import annotations
 
 import atexit
+import math
 from typing import Any
 
 import torch
 
+from raytrainer.data.ray_data import (
+    DATA_HEADROOM_CPUS,
+    check_room_for_data,
+    close_splits,
+    holds_ray_data,
+    split_ray_data,
+)
 from raytrainer.launchers.base import RankPayload, RunResult, merge_predictions
 from raytrainer.launchers.ray.controller import FitController, RetryableError
-from raytrainer.launchers.ray.group import WorkerGroup, check_picklable
+from raytrainer.launchers.ray.group import WorkerGroup, check_picklable, ensure_ray
 from raytrainer.launchers.ray.policies import ScalingPolicy
 from raytrainer.launchers.ray.rank import rank_entry
 from raytrainer.plan import Plan
@@ -65,6 +73,7 @@ class RayLauncher:
         # Each entry point gets its own group, released when it returns (as Lightning's processes end).
         group = self._new_group(trainer, trainer.session.world or self.plan.world_size)
         trainer.session.worker_group = group
+        kwargs, data_splits = _split_ray_data(group, kwargs, trainer.config.ray_address)
         bar = trainer.progress_bar_callback
 
         def on_message(rank: int, msg: Any) -> None:
@@ -78,11 +87,27 @@ class RayLauncher:
             if bar is not None:
                 bar.close()
             group.shutdown()
+            close_splits(data_splits)
         if fn == "predict":
             return merge_predictions(results)
         result: RunResult = results[0]
         result.apply(trainer, model)
         return result.output
+
+
+def _split_ray_data(group: Any, kwargs: dict[str, Any], address: str | None) -> tuple[dict[str, Any], list[Any]]:
+    """(validate/test/predict) ``kwargs`` with each Ray Dataset loader split over the group's ranks, after making
+    sure Ray runs with room for Ray Data's tasks beside the ranks; also the splits, to close after the call."""
+    if not holds_ray_data(kwargs):
+        return kwargs, []
+    import ray
+
+    world = group.world_size
+    cpus, gpus = world * group.cpus_per_rank, world * group.gpus_per_rank
+    headroom = 0 if ray.is_initialized() else DATA_HEADROOM_CPUS  # only a local instance started here grows
+    ensure_ray(math.ceil(cpus) + headroom, math.ceil(gpus), address)
+    check_room_for_data(cpus, world)
+    return split_ray_data(kwargs, world, {"CPU": cpus, "GPU": gpus})  # the group starts later: no node hints
 
 
 class _Discard:

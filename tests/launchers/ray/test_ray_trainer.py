@@ -162,8 +162,9 @@ def test_driver_sees_metrics_step_epoch_and_checkpoint_and_only_rank0_writes(tmp
     ref.fit(reference, loader(data, 32), loader(data, 32))
 
     model = Regression(hidden=8)
-    t = trainer(num_processes=2, max_epochs=2, logger=True, enable_checkpointing=True, default_root_dir=str(root),
-                callbacks=[WriteAudit(audit)])
+    # a CSVLogger: its files go through raytrainer.io.storage, which WriteAudit records per rank
+    t = trainer(num_processes=2, max_epochs=2, logger=pl.loggers.CSVLogger(str(root)), enable_checkpointing=True,
+                default_root_dir=str(root), callbacks=[WriteAudit(audit)])
     t.fit(model, loader(data, 16), loader(data, 16))
 
     # step, epoch, world size and weights as the in-process run

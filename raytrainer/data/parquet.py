@@ -306,9 +306,11 @@ class ParquetDataset(IterableDataset):
                 group = groups[g]
                 if cache.get("key") != (group.file, group.index):
                     if group.file not in files:
-                        fs, _ = self._fs()
+                        for old in list(files)[:-1]:  # keep at most 2 files open: an open file holds its buffers
+                            files.pop(old).close()
                         assert self.files is not None
-                        files[group.file] = pq.ParquetFile(fs.open_input_file(self.files[group.file]))
+                        files[group.file] = pq.ParquetFile(cache["fs"].open_input_file(self.files[group.file]))
+                    cache["table"] = None  # let the last row group go before the next one is read
                     cache["table"] = self._read_group(files[group.file], group)
                     cache["key"] = (group.file, group.index)
                 end = min(b, starts[g] + group.rows)
@@ -321,14 +323,14 @@ class ParquetDataset(IterableDataset):
     def _read_group(self, file: pq.ParquetFile, group: _RowGroup) -> pa.Table:
         """One row group, only the asked columns (the unit of reading: a resume reads at most one before its
         position, plus the rows of its shuffle window already trained)."""
-        return file.read_row_group(group.index, columns=self.columns)
+        return file.read_row_group(group.index, columns=self.columns, use_threads=False)
 
     def _reader(self, plan: _Plan, first_window: int, out: queue.Queue, stop: threading.Event) -> None:
         """Background thread: read windows in order into ``out`` (bounded), then _DONE; errors go in too."""
         try:
             groups, starts = self._stream()
             files: dict[int, pq.ParquetFile] = {}
-            cache: dict[str, Any] = {}
+            cache: dict[str, Any] = {"fs": self._fs()[0]}
             n_windows = -(-plan.size // self.window)
             for m in range(first_window, n_windows):
                 item = self._read_window(plan, m, groups, starts, files, cache)
@@ -402,21 +404,25 @@ class ParquetDataset(IterableDataset):
                     rows = len(next(iter(window.values())))
                     offset, skip = min(skip, rows), 0
                 n = min(need, rows - offset)
-                parts.append({k: v[offset:offset + n] for k, v in window.items()})
+                parts.append({k: v[offset:offset + n] for k, v in window.items()})  # numpy views: cheap
                 offset += n
                 need -= n
             batch = parts[0] if len(parts) == 1 else {k: _concat([p[k] for p in parts]) for k in parts[0]}
+            with warnings.catch_warnings():  # Arrow's buffers are read-only; batches are handed out, not written to
+                warnings.simplefilter("ignore", UserWarning)
+                batch = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
             yield self.transform(batch) if self.transform is not None else batch
 
 
 def _concat(values: list[Any]) -> Any:
-    if isinstance(values[0], torch.Tensor):
-        return torch.cat(values)
+    if isinstance(values[0], np.ndarray):
+        return np.concatenate(values)
     return [x for v in values for x in v]
 
 
 def _column(col: pa.ChunkedArray, perm: np.ndarray | None) -> Any:
-    """One column as a tensor (numeric, bool, fixed-size lists of numbers) or a list, rows in ``perm`` order."""
+    """One column as a numpy array (numeric, bool, fixed-size lists of numbers; batches become tensors) or a list,
+    rows in ``perm`` order."""
     arr = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
     kind = arr.type
     if pa.types.is_fixed_size_list(kind) and (pa.types.is_integer(kind.value_type)
@@ -427,8 +433,4 @@ def _column(col: pa.ChunkedArray, perm: np.ndarray | None) -> Any:
     else:
         items = arr.to_pylist()
         return items if perm is None else [items[i] for i in perm]
-    if perm is not None:
-        values = values[perm]
-    with warnings.catch_warnings():  # Arrow's buffers are read-only; batches are handed out, never written to
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(values)
+    return values[perm] if perm is not None else values

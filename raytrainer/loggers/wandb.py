@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import struct
+import time
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -152,6 +153,9 @@ class WandbLogger(Logger):
                         if not key.startswith("_") and key != STEP_KEY:
                             counts.setdefault(key, []).append(int(row[STEP_KEY]))
             floors = {k: (max(v), v.count(max(v))) for k, v in counts.items()}
+            # wandb names offline folders by the second: a segment started within the same second as the previous
+            # one would share its folder and lose its rows
+            time.sleep(1.0)
         else:
             summary = self.experiment.summary
             last = summary.get(STEP_KEY)

@@ -298,6 +298,7 @@ def run_resume_write(spec: dict[str, Any]) -> dict[str, Any]:
     import raytrainer as rt
 
     save_at, out = set(spec["save_at"]), spec["ckpt_dir"]
+    os.makedirs(out, exist_ok=True)
 
     class SaveAt(rt.Callback):
         def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, idx: int) -> None:

@@ -164,6 +164,7 @@ class ParquetDataset(IterableDataset):
         self._first = 0                    # the batch of this world's plan the next pass starts at
         self.files: list[str] | None = None
         self._groups: list[_RowGroup] | None = None
+        self._fingerprint: str | None = None
 
     # ------------------------------------------------------------------ metadata
     def _fs(self) -> tuple[pafs.FileSystem, list[str]]:
@@ -207,11 +208,13 @@ class ParquetDataset(IterableDataset):
 
     def fingerprint(self) -> str:
         """Identifies the data and the options that fix an epoch's order; a resume checks it is unchanged."""
-        self._discover()
-        assert self._groups is not None and self.files is not None
-        key = repr((self.files, [(g.file, g.index, g.rows) for g in self._groups], self.shuffle, self.seed,
-                    self.window, self.drop_last))
-        return hashlib.sha256(key.encode()).hexdigest()[:16]
+        if self._fingerprint is None:  # once: every checkpoint and snapshot records it
+            self._discover()
+            assert self._groups is not None and self.files is not None
+            key = repr((self.files, [(g.file, g.index, g.rows) for g in self._groups], self.shuffle, self.seed,
+                        self.window, self.drop_last))
+            self._fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
+        return self._fingerprint
 
     # ------------------------------------------------------------------ position (called by the loops)
     def bind(self, rank: int, world: int) -> None:

@@ -20,6 +20,22 @@ def add_prefix(metrics: Mapping[str, Any], prefix: str) -> dict[str, Any]:
     return {f"{prefix}{JOIN_CHAR}{k}": v for k, v in metrics.items()}
 
 
+def already_logged(floors: dict[str, tuple[int, int]], key: str, step: int) -> bool:
+    """After a restart: is this point one the run got before the failure? ``floors`` maps a metric to the last
+    step it reached and how many points it holds there; points before that step are, and at that step as many as
+    it already holds (e.g. ``epoch`` is logged several times per step). Consumes those repeats."""
+    floor = floors.get(key)
+    if floor is None:
+        return False
+    last, repeats = floor
+    if step < last:
+        return True
+    if step == last and repeats > 0:
+        floors[key] = (last, repeats - 1)
+        return True
+    return False
+
+
 def as_dict(params: Any) -> dict[str, Any]:
     """Hyper-parameters as a plain dict (a Namespace or any mapping); a clear error for anything else."""
     if params is None:

@@ -162,7 +162,7 @@ class MLFlowLogger(Logger):
             if clean != key:
                 log.warning("MLflow only allows '_', '/', '.', '-', ' ' and alphanumerics in metric names; "
                             "logging %r as %r", key, clean)
-            if self._already_logged(clean, step):
+            if helpers.already_logged(self._floors, clean, step):
                 continue  # logged before the failure this run restarted from: keep the history monotonic
             batch.append(Metric(key=clean, value=float(value), timestamp=stamp, step=step))
         if not batch:
@@ -170,21 +170,6 @@ class MLFlowLogger(Logger):
         client = self.experiment
         for i in range(0, len(batch), _METRICS_PER_BATCH):
             client.log_batch(run_id=self.run_id, metrics=batch[i:i + _METRICS_PER_BATCH])
-
-    def _already_logged(self, key: str, step: int) -> bool:
-        """After a restart: is this point one the run got before the failure? Points before the metric's last
-        logged step are; at that step, as many points as it already holds there (e.g. ``epoch`` is logged several
-        times per step)."""
-        floor = self._floors.get(key)
-        if floor is None:
-            return False
-        last, repeats = floor
-        if step < last:
-            return True
-        if step == last and repeats > 0:
-            self._floors[key] = (last, repeats - 1)
-            return True
-        return False
 
     def resume_from_step(self, step: int) -> None:
         """Continue this run after a restart at ``step``: note the last step each metric reached before the

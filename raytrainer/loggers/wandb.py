@@ -122,21 +122,9 @@ class WandbLogger(Logger):
         if step is None or self._wandb_init.get("sync_tensorboard"):
             self.experiment.log(metrics)
             return
-        metrics = {k: v for k, v in metrics.items() if not self._already_logged(k, int(step))}
+        metrics = {k: v for k, v in metrics.items() if not helpers.already_logged(self._floors, k, int(step))}
         if metrics:
             self.experiment.log({**metrics, STEP_KEY: step})
-
-    def _already_logged(self, key: str, step: int) -> bool:
-        floor = self._floors.get(key)
-        if floor is None:
-            return False
-        last, repeats = floor
-        if step < last:
-            return True
-        if step == last and repeats > 0:
-            self._floors[key] = (last, repeats - 1)
-            return True
-        return False
 
     def resume_from_step(self, step: int) -> None:
         """Continue this run after a restart at ``step``. Offline, the rows written before the failure are read

@@ -27,7 +27,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check raytrainer tests benchmarks examples
 
 test: lint
-	$(BIN)/python -m pytest -q tests --ignore=tests/xla
+	$(BIN)/python -m pytest -q tests --ignore=tests/xla --durations=40
 
 test-fast: lint
 	$(BIN)/python -m pytest -q tests --ignore=tests/xla -m "not slow"

@@ -120,7 +120,10 @@ class RankSession:
         self.elastic = False               # data is re-sharded on resize (elastic Ray runs)
         self.events: Any = None            # EventLog (rank 0 in process) or a forwarder to the Ray driver
         self.events_forwarded = False      # the driver writes start/finish itself
-        self.forward_start = False         # ... except the first start, which only rank 0 knows the step of
+        # ... except the first event of a start (or a restart from "last"), which only rank 0 knows the step of:
+        # (event, cause) for rank 0 to report once it restored
+        self.first_event: tuple[str, str | None] | None = None
+        self.continue_logging = False      # a restart or resize on Ray: the loggers go on in the same version
         self.world: int | None = None      # the driver's view of the last run's world size
         self.run_name = uuid.uuid4().hex[:8]  # names this trainer's Ray actors across calls
         self.worker_group: Any = None      # the Ray launcher's group of the running (or last) call
@@ -275,6 +278,8 @@ class RankSession:
                 self._setup_optimizers(model)
             if ckpt_path is not None:
                 self.restore_from(ckpt_path, fn, weights_only)
+                if self.continue_logging and fn == "fit":
+                    self._continue_logging()
             self.hooks.collect()
             if self.profiler is not None:
                 self._profile_steps(model)
@@ -305,6 +310,13 @@ class RankSession:
         self.trainer_state.status = TrainerStatus.FINISHED
         return out
 
+    def _continue_logging(self) -> None:
+        """After a restart restored its step (from a snapshot or, when none survived, from "last"), every logger
+        drops or hides what it wrote past that step, so the run's curves never go back."""
+        for lg in self.trainer.loggers:
+            if hasattr(lg, "resume_from_step"):
+                lg.resume_from_step(self.state.global_step)
+
     def _add_module_callbacks(self, model: LightningModule) -> None:
         """configure_callbacks(): the module's callbacks replace the Trainer's of the same type."""
         extra = as_sequence(model.configure_callbacks())
@@ -328,10 +340,12 @@ class RankSession:
         events = self.events
         if events is None and self.is_global_zero:
             events = self.events = EventLog(self.trainer.log_dir)
-        if events is not None and (not self.events_forwarded or self.forward_start):
+        if events is not None and (not self.events_forwarded or self.first_event is not None):
             # after any restore, so a resumed run's start names the step it resumes at
-            events.emit("start", world_size=self.world_size, step=state.global_step, epoch=state.current_epoch,
-                        **command_fields())
+            kind, cause = self.first_event or ("start", None)
+            extra = command_fields() if kind == "start" else {"cause": cause}
+            events.emit(kind, world_size=self.world_size, step=state.global_step, epoch=state.current_epoch,
+                        **extra)
         if not self.events_forwarded:
             control.reset()  # a stop requested in an earlier fit of this process does not carry over
         previous = control.install_sigterm_handler()

@@ -86,10 +86,11 @@ class FitController:
         self.stop_sent = False
         self.rng = rng_states()
         self.bar = trainer.progress_bar_callback
-        self.start_logged = False
+        # the first event of a RUNNING phase when only rank 0 knows its step (the first start, a restart from "last"):
+        # rank 0 reports it once it restored; the driver records it itself if rank 0 dies first
+        self.awaiting: tuple[str, str | None] | None = None
         # what the next RUNNING phase resumes from, and the event it records first
         self.resume: Any = self.kwargs.get("ckpt_path")
-        self.resume_step: int | None = None
         self.pending_event: tuple[str, str | None] = ("start", None)
         self.error: BaseException | None = None
         self.result: RunResult | None = None
@@ -116,17 +117,18 @@ class FitController:
                 log.warning("could not fetch the snapshot of step %s: %s", msg.get("step"), exc)
         elif kind == "event":
             fields = dict(msg["fields"])
-            if msg["event"] == "start":
-                if self.start_logged:
+            if msg["event"] in _FIRST_EVENTS:
+                if self.awaiting is None:
                     return  # already recorded by the driver when this message came too late
-                self.start_logged = True
-                fields.update(command_fields())  # the driver's command line, not the rank actor's
+                self.awaiting = None
+                if msg["event"] == "start":
+                    fields.update(command_fields())  # the driver's command line, not the rank actor's
             self.events.emit(msg["event"], **fields)
 
     def on_tick(self) -> None:
         """Called by the group's wait loop every poll interval: preemption, heartbeat, growth."""
         now = time.monotonic()
-        if self.sigterm and (not self.stop_sent or not self.start_logged):
+        if self.sigterm and (not self.stop_sent or self.awaiting is not None):
             self._request_stop("preempt")  # again until rank 0 has started: a starting rank clears old requests
         hb_timeout = self.trainer.config.heartbeat_timeout_s
         if now - self.last_beat > hb_timeout:
@@ -225,10 +227,12 @@ class FitController:
     def _running(self) -> Phase:
         """Run the fit on the ranks until they return, fail, or stop for a resize."""
         kind, cause = self.pending_event
-        if kind != "start":  # rank 0 reports the first start itself, once it knows the step it resumed at
+        # rank 0 reports the first start, and a restart from "last", itself, once it knows the step it resumed at
+        self.awaiting = (kind, cause) if kind == "start" or self.resume == "last" else None
+        if self.awaiting is None:
             self.events.emit(kind, world_size=self.world, step=self.step, epoch=self.epoch, cause=cause)
         ctl = {"rng": self.rng, "snapshot_every": self.trainer.config.snapshot_every_n_steps,
-               "resume_step": self.resume_step, "elastic": self.plan.elastic, "emit_start": kind == "start",
+               "continue_logging": kind != "start", "elastic": self.plan.elastic, "first_event": self.awaiting,
                "stop": "preempt" if self.sigterm else None}  # a SIGTERM that came while Ray or the group started
         self.stop_sent, self.resize_to, self.last_beat = False, None, time.monotonic()
         kwargs = self._split_data(dict(self.kwargs, ckpt_path=self.resume))
@@ -287,7 +291,7 @@ class FitController:
         kept = self._settle(err)
         world_before = self.world
         decision = self._decide(err, kept)
-        self.resume, self.resume_step = self._resume_point()
+        self.resume = self._resume_point()
         cause = type(err).__name__
         if decision.action == "repair":
             dead = sorted(r for r, died in err.failed.items() if died)
@@ -311,7 +315,7 @@ class FitController:
         snapshot = result.snapshot
         if isinstance(snapshot, Piece):  # sharded: rank 0's piece, and every other rank's in its result
             snapshot = ShardedSnapshot([snapshot, *self.results[1:]]).to_object_store()
-        self.resume, self.resume_step = snapshot, result.global_step
+        self.resume = snapshot
         self.driver_snapshot = (result.global_step, snapshot)
         self.pending_event = ("resize", f"world {old} -> {self.world}: more resources available")
         return Phase.STARTING
@@ -359,9 +363,11 @@ class FitController:
             ray.shutdown()
         self.events.emit("preemption", world_size=0, step=self.step, epoch=self.epoch,
                          cause="SIGTERM while starting Ray, before any step")
-        raise control.Preempted(
-            f"preempted (SIGTERM) while starting Ray, before any step at this call; nothing needed saving. Rerun the "
-            f"same command (with ckpt_path='last' to resume an earlier run) (exit code {control.PREEMPTED_EXIT_CODE}).")
+        message = (f"preempted (SIGTERM) while starting Ray, before any step at this call; nothing needed saving. "
+                   f"Rerun the same command (with ckpt_path='last' to resume an earlier run) (exit code "
+                   f"{control.PREEMPTED_EXIT_CODE}).")
+        log.warning("%s", message)  # no rank runs yet to say it, and SystemExit prints nothing
+        raise control.Preempted(message)
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         self.sigterm = True
@@ -394,9 +400,14 @@ class FitController:
             # A process lost with its node to a spot/preemptible reclaim (Ray: AUTOSCALER_DRAIN_PREEMPTED) is a
             # preemption, which does not count against max_failures. Only a death's own message is looked at.
             preempted = died and "preempted" in getattr(err, "traceback", "").lower()
-            if not self.start_logged:  # rank 0's own start event was lost with the group: record it here
-                self.start_logged = True
-                self.events.emit("start", world_size=self.world, step=0, epoch=0, **command_fields())
+            if self.awaiting is not None:  # rank 0's own first event was lost with the group: record it here
+                first, first_cause = self.awaiting
+                self.awaiting = None
+                if first == "start":
+                    self.events.emit("start", world_size=self.world, step=0, epoch=0, **command_fields())
+                else:
+                    self.events.emit(first, world_size=self.world, step=self.step, epoch=self.epoch,
+                                     cause=first_cause)
             self.events.emit("failure", world_size=self.world, step=self.step, epoch=self.epoch, cause=short,
                              rank=rank, node=node)
             budget = self.failures.record(Failure(time.time(), rank, node, short, self.step, preempted=preempted))
@@ -416,17 +427,18 @@ class FitController:
         self.world = decision.world
         return decision
 
-    def _resume_point(self) -> tuple[Any, int | None]:
+    def _resume_point(self) -> Any:
         """The newest snapshot any copy holds, else "last" (the newest valid checkpoint)."""
         if self.driver_snapshot is not None:
             step, state = self.driver_snapshot
             self.step, self.epoch = step, int(state.get("epoch", self.epoch))
-            return state, step
+            return state
         self.events.emit("snapshot_fallback", world_size=self.world, step=self.step, epoch=self.epoch,
                          cause="no snapshot survived; resuming from the newest valid checkpoint")
-        return "last", None
+        return "last"
 
 
+_FIRST_EVENTS = ("start", "restart", "resize")  # what a RUNNING phase records first
 _DATA_HANG_HINT = (", or waiting for a batch of the Ray Dataset: its read and map tasks need CPUs that neither the "
                    "ranks nor other actors hold")
 SETTLE_TIMEOUT_S = 5.0  # survivors of a failure must leave their collectives within this to be kept

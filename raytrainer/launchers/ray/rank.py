@@ -36,7 +36,8 @@ def rank_entry(info: Any, payload: RankPayload, fn: str, model: Any, kwargs: dic
     if bar is not None and rank0:
         bar.sink = lambda event: send_to_driver({"type": "progress", "event": event})
     session.events_forwarded = True
-    session.forward_start = bool(ctl.get("emit_start")) and rank0
+    first = ctl.get("first_event")
+    session.first_event = tuple(first) if first is not None and rank0 else None
     session.elastic = bool(ctl.get("elastic"))
     session.events = _ForwardEvents() if rank0 else None
     if fn == "fit":
@@ -45,11 +46,7 @@ def rank_entry(info: Any, payload: RankPayload, fn: str, model: Any, kwargs: dic
         every = ctl.get("snapshot_every")
         session.snapshotter = snapshots.ShardSnapshotter(every, strategy, heartbeat=beat) if sharded else \
             snapshots.Snapshotter(every, publish=_publish_snapshot if rank0 else None, heartbeat=beat)
-        resume_step = ctl.get("resume_step")
-        if resume_step is not None and rank0:
-            for lg in trainer.loggers:
-                if hasattr(lg, "resume_from_step"):
-                    lg.resume_from_step(resume_step)
+        session.continue_logging = bool(ctl.get("continue_logging")) and rank0
     status = "finished"
     try:
         out = session.run(fn, model, strategy, **kwargs)

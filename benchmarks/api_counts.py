@@ -5,7 +5,8 @@ Counts, each against the installed pytorch_lightning (2.6 in the dev extra):
 - Trainer attributes: public names on the class (properties, methods), and on a built Trainer (with the
   attributes set in ``__init__``);
 - LightningModule names: public names of Lightning's LightningModule that torch.nn.Module does not have;
-- LightningDataModule names: its public names.
+- LightningDataModule names: its public names;
+- callbacks, loggers, profilers: the names in each Lightning package's ``__all__`` that ours exports.
 Module and datamodule names are compared on instances, so attributes set in ``__init__`` count.
 
     python benchmarks/api_counts.py [--missing]
@@ -31,7 +32,7 @@ def public(obj: object) -> set[str]:
 
 
 def counts(L: object, R: object, workdir: str) -> list[tuple[str, set[str], set[str]]]:
-    """(what, Lightning's names, the names raytrainer lacks) for the four API surfaces."""
+    """(what, Lightning's names, the names raytrainer lacks) for each API surface."""
     def args(trainer_cls: type) -> set[str]:
         return {p for p in inspect.signature(trainer_cls.__init__).parameters if p not in ("self", "unknown")}
 
@@ -46,7 +47,10 @@ def counts(L: object, R: object, workdir: str) -> list[tuple[str, set[str], set[
             ("Trainer attributes (class)", lc, lc - rc),
             ("Trainer attributes (built)", lt, lt - rt),
             ("LightningModule names", lm, lm - rm),
-            ("LightningDataModule names", ld, ld - rd)]
+            ("LightningDataModule names", ld, ld - rd)] + [
+        (f"{pkg}.__all__", set(getattr(L, pkg).__all__),
+         set(getattr(L, pkg).__all__) - public(getattr(R, pkg)))
+        for pkg in ("callbacks", "loggers", "profilers")]
 
 
 def main() -> None:

@@ -54,6 +54,28 @@ def s3_server(_moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[
            "filesystem": filesystem, "client": client}
 
 
+LOCAL_CPUS = 10  # logical CPUs: the 8-rank test plus the shared 2-rank group, on any machine
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    """A local Ray instance started by ensure_ray for the module, shut down after it (a process holds one Ray
+    session at a time, so whatever session was left is shut down first)."""
+    import ray
+
+    from raytrainer.launchers.ray.group import ensure_ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    # "local": never join another program's cluster that happens to run on this machine.
+    started = ensure_ray(LOCAL_CPUS, address="local")
+    assert ray.cluster_resources().get("CPU", 0) >= LOCAL_CPUS, \
+        "connected to a Ray cluster with too few CPUs for these tests"
+    yield
+    if started:
+        ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def L():
     """pytorch_lightning, the oracle that interop tests compare against, with its console chatter off."""

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from raytrainer.callbacks.callback import Callback
+from raytrainer.callbacks.checkpoint import Checkpoint
 from raytrainer.checkpoint.host_copy import HostCopy, view_key
 from raytrainer.utilities import log
 from raytrainer.utilities.exceptions import MisconfigurationException, MisconfigurationRuntimeError
@@ -28,7 +28,7 @@ from raytrainer.utilities.exceptions import MisconfigurationException, Misconfig
 _MODES = {"min": (torch.tensor(math.inf), torch.lt), "max": (torch.tensor(-math.inf), torch.gt)}
 
 
-class ModelCheckpoint(Callback):
+class ModelCheckpoint(Checkpoint):
     """Lightning's ModelCheckpoint; writes are crash-safe and, by default, off the training thread."""
 
     CHECKPOINT_NAME_LAST = "last"

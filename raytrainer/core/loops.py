@@ -16,9 +16,10 @@ from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.utils.data import DataLoader, Sampler
 
 from raytrainer.core import step
-from raytrainer.data.samplers import data_source, skip_at_sampler
+from raytrainer.data.samplers import data_source, rebuild, skip_at_sampler
 from raytrainer.profilers import Profiler, profiled, profiled_iter
 from raytrainer.utilities.combined_loader import CombinedLoader
 
@@ -419,24 +420,55 @@ def predict_loop(session: RankSession, dataloaders: list[Any], return_prediction
     modes = _capture_modes(module)
     module.on_predict_model_eval()
     all_preds: list[list[Any]] = []
+    # BasePredictionWriter: the dataset indices of each batch, and the predictions of an epoch-interval writer
+    writers = [cb for cb in session.callbacks if hasattr(cb, "write_on_epoch_end")]
+    keep = return_predictions or any(getattr(cb, "interval", None) in ("epoch", "batch_and_epoch") for cb in writers)
+    session.predict_batch_indices = [[] for _ in dataloaders]
+    session.current_batch_indices = None
     with _no_grad(session):
         session.hooks.call("on_predict_start")
         session.hooks.call("on_predict_epoch_start")
         for dl_idx, loader in enumerate(dataloaders):
             preds: list[Any] = []
+            recorder = None
+            if writers and isinstance(loader, DataLoader) and loader.batch_sampler is not None:
+                recorder = _IndexRecorder(loader.batch_sampler)
+                loader = rebuild(loader, batch_sampler=recorder)
             for batch_idx, batch in _eval_batches(loader, counts[dl_idx], to_device, dl_idx, session.profiler,
                                                   "[_PredictionLoop].predict_next"):
+                if recorder is not None:
+                    session.current_batch_indices = recorder.seen[batch_idx]
+                    session.predict_batch_indices[dl_idx].append(recorder.seen[batch_idx])
                 extra = (dl_idx,) if len(dataloaders) > 1 else ()
                 session.hooks.call("on_predict_batch_start", batch, batch_idx, *extra)
                 with session.precision.forward_context():
                     out = step_fn(batch, batch_idx, dl_idx) if len(dataloaders) > 1 else step_fn(batch, batch_idx)
                 session.hooks.call("on_predict_batch_end", out, batch, batch_idx, *extra)
-                if return_predictions:
+                if keep:
                     preds.append(out)
             all_preds.append(preds)
+        session.predictions = all_preds[0] if len(all_preds) == 1 else all_preds
         session.hooks.call("on_predict_epoch_end")
         session.hooks.call("on_predict_end")
     _restore_modes(module, modes, None)
+    session.predictions = None  # not kept past the call (they may be large)
     if not return_predictions:
         return None
     return all_preds[0] if len(all_preds) == 1 else all_preds
+
+
+class _IndexRecorder(Sampler[list[int]]):
+    """Wraps a batch sampler and records the dataset indices of every batch it yields (for prediction writers)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.seen: list[list[int]] = []
+
+    def __iter__(self) -> Iterator[list[int]]:
+        self.seen = []
+        for indices in self.inner:
+            self.seen.append(list(indices))
+            yield indices
+
+    def __len__(self) -> int:
+        return len(self.inner)

@@ -1,10 +1,11 @@
 """Parsing configure_optimizers: every form Lightning accepts -> (optimizers, scheduler configs)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from raytrainer.utilities.types import LRSchedulerConfig
 
 ACCEPTED_FORMS = (
     "configure_optimizers must return one of: an optimizer; a list or tuple of optimizers; "
@@ -12,20 +13,6 @@ ACCEPTED_FORMS = (
     "{'scheduler': s, 'interval': 'epoch'|'step', 'frequency': n, 'monitor': name, 'strict': bool}}; "
     "or a list/tuple of such dicts; or None (no optimizer, manual optimization only)."
 )
-
-
-@dataclass
-class LRSchedulerConfig:
-    """One scheduler and when to step it."""
-
-    scheduler: Any
-    interval: str = "epoch"
-    frequency: int = 1
-    monitor: str | None = None
-    strict: bool = True
-    name: str | None = None
-    reduce_on_plateau: bool = False
-    opt_idx: int = 0
 
 
 def _is_optimizer(x: Any) -> bool:

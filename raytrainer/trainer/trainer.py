@@ -14,10 +14,11 @@ from typing import Any
 import torch
 
 from raytrainer.callbacks.callback import Callback
+from raytrainer.callbacks.checkpoint import Checkpoint
 from raytrainer.callbacks.early_stopping import EarlyStopping
 from raytrainer.callbacks.model_checkpoint import ModelCheckpoint
 from raytrainer.callbacks.model_summary import ModelSummary
-from raytrainer.callbacks.progress import TQDMProgressBar
+from raytrainer.callbacks.progress import ProgressBar, TQDMProgressBar
 from raytrainer.checkpoint.format import reached_limit
 from raytrainer.checkpoint.resolve import resolve_ckpt_path
 from raytrainer.core import control
@@ -213,10 +214,10 @@ class Trainer:
                                 f"{type(cb).__name__}. Subclass raytrainer.Callback.")
         config = self.config
         cbs = list(user)
-        if config.enable_progress_bar and not any(isinstance(c, TQDMProgressBar) for c in cbs):
+        if config.enable_progress_bar and not any(isinstance(c, ProgressBar) for c in cbs):
             cbs.append(TQDMProgressBar())
         if not config.enable_progress_bar:
-            bar = next((c for c in cbs if isinstance(c, TQDMProgressBar)), None)
+            bar = next((c for c in cbs if isinstance(c, ProgressBar)), None)
             if bar is not None:  # as Lightning: a progress bar callback contradicts enable_progress_bar=False
                 raise MisconfigurationException(
                     f"Trainer was configured with `enable_progress_bar=False`{_barebones(config)} but found "
@@ -378,11 +379,14 @@ class Trainer:
 
     @property
     def checkpoint_callback(self) -> ModelCheckpoint | None:
+        """The first ModelCheckpoint (its API resolves "last"/"best"); other Checkpoint subclasses are in
+        checkpoint_callbacks."""
         return next((c for c in self.callbacks if isinstance(c, ModelCheckpoint)), None)
 
     @property
-    def checkpoint_callbacks(self) -> list[ModelCheckpoint]:
-        return [c for c in self.callbacks if isinstance(c, ModelCheckpoint)]
+    def checkpoint_callbacks(self) -> list[Checkpoint]:
+        """Every Checkpoint callback (ModelCheckpoint, OnExceptionCheckpoint, user subclasses)."""
+        return [c for c in self.callbacks if isinstance(c, Checkpoint)]
 
     @property
     def early_stopping_callback(self) -> Any:
@@ -454,8 +458,8 @@ class Trainer:
             print(*args, **kwargs)
 
     @property
-    def progress_bar_callback(self) -> TQDMProgressBar | None:
-        return next((c for c in self.callbacks if isinstance(c, TQDMProgressBar)), None)
+    def progress_bar_callback(self) -> ProgressBar | None:
+        return next((c for c in self.callbacks if isinstance(c, ProgressBar)), None)
 
     @property
     def estimated_stepping_batches(self) -> float:
@@ -691,6 +695,9 @@ class Trainer:
             raise MisconfigurationException(f"Trainer.{fn}: pass either dataloaders or a datamodule, not both.")
 
     def _launch(self, fn: str, model: LightningModule, kwargs: dict[str, Any]) -> Any:
+        for cb in self.callbacks:  # a callback that cannot run under this plan (the tuner's) says so before any rank
+            if hasattr(cb, "check_launch"):
+                cb.check_launch(self, fn)
         self.session.fn = fn
         state = self.session.trainer_state  # the driver's, also when the ranks run on Ray
         state.status, state.stage = TrainerStatus.RUNNING, FN_STAGE[state.fn]

@@ -15,7 +15,8 @@ from collections.abc import Iterator
 import pytest
 import torch
 import yaml
-from tracking_models import KillAt, Tracked, events, lightning_twin, loader
+from signal_at import SignalAt
+from tracking_models import Tracked, events, lightning_twin, loader
 
 import raytrainer as pl
 from raytrainer.callbacks import ModelCheckpoint
@@ -182,21 +183,6 @@ def test_resume_from_step_never_logs_a_step_twice(mlflow_server):
     assert MlflowClient(mlflow_server).get_run(first.version).info.status == "FINISHED"
 
 
-@pytest.fixture(scope="module")
-def local_ray() -> Iterator[None]:
-    """A private local Ray instance for this module (as tests/launchers/ray/conftest.py starts one)."""
-    import ray
-
-    from raytrainer.launchers.ray.group import ensure_ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    started = ensure_ray(10, address="local")
-    yield
-    if started:
-        ray.shutdown()
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_ray_run_killed_rank0_keeps_one_run_with_monotonic_steps(mlflow_server, local_ray, tmp_path):
@@ -211,7 +197,8 @@ def test_ray_run_killed_rank0_keeps_one_run_with_monotonic_steps(mlflow_server, 
     # rank 0 logs train_loss_step at step 5, dies at step 7 and comes back from the step-4 snapshot: step 5 is
     # trained and logged again, and must not appear twice
     trainer = pl.Trainer(max_epochs=2, logger=lg, num_processes=2, max_failures=2, snapshot_every_n_steps=4,
-                         default_root_dir=str(tmp_path / "ft"), callbacks=[KillAt(7, str(tmp_path / "marker"))],
+                         default_root_dir=str(tmp_path / "ft"),
+                         callbacks=[SignalAt(7, str(tmp_path / "marker"), rank=0)],
                          **QUIET)
     trainer.fit(Tracked(), loader(), loader(16))
     ev = events(str(tmp_path / "ft"))

@@ -10,7 +10,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 import yaml
 from tb_models import data, kill_at, make_module, rank_touch_callback
@@ -182,17 +181,6 @@ def test_uri_save_dir_on_s3(s3_server, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ on Ray
-@pytest.fixture(scope="module")
-def ray_local():
-    from raytrainer.launchers.ray.group import ensure_ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    ensure_ray(10, address="local")
-    yield
-    ray.shutdown()
-
-
 def ray_trainer(root, **kwargs) -> rt.Trainer:
     args = dict(QUIET, num_processes=2, max_epochs=2, deterministic=True, default_root_dir=str(root),
                 ray_address="local", num_sanity_val_steps=0)
@@ -202,7 +190,7 @@ def ray_trainer(root, **kwargs) -> rt.Trainer:
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_ray_rank0_writes_and_driver_logger_reflects_the_run(ray_local, tmp_path):
+def test_ray_rank0_writes_and_driver_logger_reflects_the_run(local_ray, tmp_path):
     trainer = ray_trainer(tmp_path, callbacks=[rank_touch_callback(rt)])
     model = make_module(rt)
     trainer.fit(model, data(), data(seed=1))
@@ -225,7 +213,7 @@ def test_ray_rank0_writes_and_driver_logger_reflects_the_run(ray_local, tmp_path
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("resume_from", ["snapshot", "checkpoint"])
-def test_ray_restart_keeps_logging_to_the_same_version_with_steps_that_never_go_back(ray_local, tmp_path,
+def test_ray_restart_keeps_logging_to_the_same_version_with_steps_that_never_go_back(local_ray, tmp_path,
                                                                                      resume_from):
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 

@@ -91,21 +91,6 @@ def test_pickled_copy_resumes_the_run_and_skips_rows_it_holds(tmp_path):
     assert len(offline_run_files(str(tmp_path), first.version)) == 2  # one folder per segment of the run
 
 
-@pytest.fixture(scope="module")
-def local_ray() -> Iterator[None]:
-    """A private local Ray instance for this module (as tests/launchers/ray/conftest.py starts one)."""
-    import ray
-
-    from raytrainer.launchers.ray.group import ensure_ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    started = ensure_ray(10, address="local")
-    yield
-    if started:
-        ray.shutdown()
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_ray_run_logs_one_offline_run_like_in_process(local_ray, tmp_path):

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 
 import torch
 from torch import nn
@@ -53,18 +52,6 @@ def loader(n: int = 64, batch_size: int = 8) -> DataLoader:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, 4, generator=g)
     return DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=batch_size)
-
-
-class KillAt(pl.Callback):
-    """SIGKILLs this process on rank ``rank`` at ``step`` (once: a marker file remembers it)."""
-
-    def __init__(self, step: int, marker: str, rank: int = 0) -> None:
-        self.step, self.marker, self.rank = step, marker, rank
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_rank == self.rank and trainer.global_step == self.step and not os.path.exists(self.marker):
-            open(self.marker, "w").close()
-            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def events(root: str) -> list[dict]:

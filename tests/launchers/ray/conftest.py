@@ -1,4 +1,4 @@
-"""Ray sessions for the launcher tests: one local instance per module, or a multi-node cluster.
+"""Ray sessions for the launcher tests: a multi-node cluster (the local instance, `local_ray`, is in tests/conftest.py).
 
 A process can hold one Ray session at a time, so each fixture shuts down whatever session was
 left before it starts its own, and the multi-node cluster tests live in their own module.
@@ -10,9 +10,7 @@ from collections.abc import Callable, Iterator
 import pytest
 import ray
 
-from raytrainer.launchers.ray.group import ACTOR_NAME_PREFIX, ensure_ray
-
-LOCAL_CPUS = 10  # logical CPUs: the 8-rank test plus the shared 2-rank group, on any machine
+from raytrainer.launchers.ray.group import ACTOR_NAME_PREFIX
 
 
 def alive_rank_actors(prefix: str = ACTOR_NAME_PREFIX) -> list[str]:
@@ -23,20 +21,6 @@ def alive_rank_actors(prefix: str = ACTOR_NAME_PREFIX) -> list[str]:
     actors = ray._private.state.actors()
     return sorted(a["Name"] for a in actors.values()
                   if a.get("State") == "ALIVE" and str(a.get("Name", "")).startswith(prefix))
-
-
-@pytest.fixture(scope="module")
-def local_ray() -> Iterator[None]:
-    """A local Ray instance started by ensure_ray, shut down after the module."""
-    if ray.is_initialized():
-        ray.shutdown()
-    # "local": never join another program's cluster that happens to run on this machine.
-    started = ensure_ray(LOCAL_CPUS, address="local")
-    assert ray.cluster_resources().get("CPU", 0) >= LOCAL_CPUS, \
-        "connected to a Ray cluster with too few CPUs for these tests"
-    yield
-    if started:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")

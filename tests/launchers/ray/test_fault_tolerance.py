@@ -150,7 +150,7 @@ def test_sigterm_to_a_rank_checkpoints_and_rerun_resumes(local_ray, tmp_path):
 
 DRIVER = textwrap.dedent('''
     import sys
-    sys.path.insert(0, {root!r}); sys.path.insert(0, {here!r})
+    sys.path.insert(0, {root!r}); sys.path.insert(0, {here!r}); sys.path.insert(0, {here!r} + "/../..")
     import raytrainer as pl
     from ft_models import Regression, loader
     pl.seed_everything(0)

@@ -274,7 +274,9 @@ def test_no_cpu_left_for_ray_data_is_a_clear_error(tmp_path):
         except RuntimeError as err:
             print("ERROR:", err)
     """)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
+    here = os.path.dirname(__file__)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([here, os.path.join(here, "..", ".."),
+                                                       os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240, env=env)
     assert "ERROR: the Ray cluster has 2 logical CPU(s) and the 2 rank(s) reserve 2" in out.stdout, \
         out.stdout[-2000:] + out.stderr[-3000:]

@@ -738,6 +738,39 @@ def remove(uri: str, *, missing_ok: bool = False, filesystem: pafs.FileSystem | 
     _remove_stale_tmp(fs, path)
 
 
+_CLAIM_MARK = ".claim-"  # object stores: the marker a writer leaves in a directory it claimed
+
+
+def claim_dir(uri: str, *, filesystem: pafs.FileSystem | None = None) -> bool:
+    """Create the directory ``uri`` exclusively: True when this call made it, False when it existed or another
+    writer (another process or host) claimed it at the same moment. Local and network filesystems: ``mkdir``,
+    which is atomic. Object stores (no exclusive create in pyarrow): write a unique marker inside, then list; the
+    claim holds only when the marker is the directory's only entry. Two writers racing cannot both see only their
+    own marker (a listing made after a write completes shows it), so at most one wins; both may lose, and then
+    both try the next name."""
+    fs, path = resolve(uri, filesystem)
+    if _is_local(fs):
+        parent = os.path.dirname(path)
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            return False
+        return True
+    if fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
+        return False  # already holds something: someone else's
+    fs.create_dir(path, recursive=True)
+    marker = f"{_CLAIM_MARK}{_HOST}~{os.getpid()}~{uuid.uuid4().hex[:12]}"
+    with fs.open_output_stream(posixpath.join(path, marker)) as out:
+        out.write(b"")
+    names = [info.base_name for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))]
+    if names == [marker]:
+        return True
+    _delete_quietly(fs, posixpath.join(path, marker))
+    return False
+
+
 def makedirs(uri: str, *, filesystem: pafs.FileSystem | None = None) -> None:
     """Create the directory ``uri`` and its parents; existing directories are fine."""
     fs, path = resolve(uri, filesystem)

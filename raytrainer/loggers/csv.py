@@ -17,6 +17,7 @@ class CSVLogger(Logger):
     """Buffers metric rows in memory and rewrites the CSV every ``flush_logs_every_n_steps`` rows."""
 
     LOGGER_JOIN_CHAR = "-"
+    CLAIMS_VERSIONS = True  # resolving the version creates its directory exclusively (see claim_version)
 
     def __init__(self, save_dir: str, name: str = "lightning_logs", version: int | str | None = None,
                  prefix: str = "", flush_logs_every_n_steps: int = 100) -> None:
@@ -65,7 +66,7 @@ class CSVLogger(Logger):
         return _join(self.root_dir, v if isinstance(v, str) else f"version_{v}")
 
     def _next_version(self) -> int:
-        return next_version(self.root_dir)
+        return claim_version(self.root_dir)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         row = {"step": step, **add_prefix(metrics, self._prefix, self.LOGGER_JOIN_CHAR)}
@@ -121,6 +122,24 @@ class CSVLogger(Logger):
         # resolve the version before shipping to a worker so every process writes the same folder
         _ = self.version
         return self.__dict__.copy()
+
+
+_CLAIM_ATTEMPTS = 1000
+
+
+def claim_version(root_dir: str) -> int:
+    """The next free ``version_N`` under ``root_dir``, its directory created exclusively for the caller, so two
+    runs started at the same moment into one root never share a version (issue: both used ``version_0``)."""
+    from raytrainer.io import storage
+
+    n = next_version(root_dir)
+    for _ in range(_CLAIM_ATTEMPTS):
+        if storage.claim_dir(_join(root_dir, f"version_{n}")):
+            return n
+        n += 1
+    raise RuntimeError(f"could not claim a version directory under {root_dir} in {_CLAIM_ATTEMPTS} attempts "
+                       f"(versions {n - _CLAIM_ATTEMPTS}..{n - 1} were all taken by other runs); pass "
+                       "version=... to the logger.")
 
 
 def next_version(root_dir: str) -> int:

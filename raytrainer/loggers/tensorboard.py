@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from raytrainer.loggers.base import Logger
-from raytrainer.loggers.csv import _is_uri, _join, _yaml_safe, add_prefix, next_version
+from raytrainer.loggers.csv import _is_uri, _join, _yaml_safe, add_prefix, claim_version
 
 log = logging.getLogger("raytrainer")
 
@@ -60,6 +60,7 @@ class TensorBoardLogger(Logger):
 
     LOGGER_JOIN_CHAR = "-"
     NAME_HPARAMS_FILE = "hparams.yaml"
+    CLAIMS_VERSIONS = True  # resolving the version creates its directory exclusively (see claim_version)
 
     def __init__(self, save_dir: str | os.PathLike[str], name: str | None = "lightning_logs",
                  version: int | str | None = None, log_graph: bool = False, default_hp_metric: bool = True,
@@ -110,7 +111,7 @@ class TensorBoardLogger(Logger):
     @property
     def version(self) -> int | str:
         if self._version is None:
-            self._version = next_version(self.root_dir)
+            self._version = claim_version(self.root_dir)
         return self._version
 
     @property

@@ -111,3 +111,31 @@ def test_ray_run_logs_one_offline_run_like_in_process(local_ray, tmp_path):
     want = [(r[STEP_KEY], sorted(r)) for r in metric_rows(offline_history(str(tmp_path / "ref"), ref.version))]
     assert got == want
     assert offline_config(str(tmp_path / "ray"), run_id)["lr"] == 0.05
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_ray_killed_rank0_resumes_the_same_run_with_steps_that_never_go_back(local_ray, tmp_path):
+    """Rank 0 is SIGKILLed at step 7 and the run restarts from the step-4 snapshot: the restarted rank 0 logs to the
+    same run id (a second offline segment), and across both segments each metric's steps only go forward, each
+    step once. Rows the killed process had logged but wandb had not yet written out are lost (wandb buffers)."""
+    import os
+
+    from signal_at import SignalAt
+
+    save_dir = str(tmp_path / "ray")
+    pl.seed_everything(0)
+    lg = WandbLogger(save_dir=save_dir, offline=True, project="ft")
+    trainer = pl.Trainer(max_epochs=2, logger=lg, num_processes=2, max_failures=2, snapshot_every_n_steps=4,
+                         default_root_dir=save_dir, callbacks=[SignalAt(7, str(tmp_path / "marker"), rank=0)],
+                         **QUIET)
+    trainer.fit(Tracked(), loader(), loader(16))
+    assert os.path.exists(tmp_path / "marker"), "rank 0 was not killed"
+    run_id = trainer.logger.version
+    assert len(offline_run_files(save_dir, run_id)) == 2  # the killed segment and the resumed one
+    rows = metric_rows(offline_history(save_dir, run_id))
+    for key in ("train_loss_step", "val_loss"):
+        steps = [r[STEP_KEY] for r in rows if key in r]
+        assert steps == sorted(steps) and len(set(steps)) == len(steps), (key, steps)
+    steps = [r[STEP_KEY] for r in rows if "train_loss_step" in r]
+    assert steps[-1] >= trainer.global_step - 2  # the resumed segment logged up to the end of the run

@@ -82,6 +82,11 @@ class WandbLogger(Logger):
                             "(call wandb.finish() first for a new run)")
                 self._experiment = wandb.run
             else:
+                if self._shipped:
+                    # a Ray rank inherits the driver's WANDB_SERVICE: its runs would live in the driver's wandb
+                    # service, and a rank killed mid-run would leave its run id "in use" there, refusing the
+                    # restarted rank 0. The rank starts its own service, which dies with it.
+                    os.environ.pop("WANDB_SERVICE", None)
                 self._experiment = wandb.init(**self._wandb_init)
                 if hasattr(self._experiment, "define_metric"):
                     if self._wandb_init.get("sync_tensorboard"):

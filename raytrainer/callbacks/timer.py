@@ -1,43 +1,17 @@
 """Timer: stop fit after a wall-clock budget, counting the time of earlier (resumed) runs."""
 from __future__ import annotations
 
-import re
 import time
 from datetime import timedelta
 from typing import Any
 
 from raytrainer.callbacks.callback import Callback
 from raytrainer.utilities import log
+from raytrainer.utilities.durations import parse_duration
 from raytrainer.utilities.exceptions import MisconfigurationException
 from raytrainer.utilities.states import RunningStage
 
-_DURATION = re.compile(r"(\d+):(\d\d):(\d\d):(\d\d)")
 _INTERVALS = ("step", "epoch")
-
-
-def parse_duration(duration: str | timedelta | dict[str, int] | None) -> float | None:
-    """Seconds of a ``"DD:HH:MM:SS"`` string, a timedelta or a dict of timedelta arguments; None stays None."""
-    if duration is None:
-        return None
-    if isinstance(duration, str):
-        match = _DURATION.fullmatch(duration.strip())
-        if match is None:
-            raise MisconfigurationException(
-                f"Timer(duration={duration!r}) is not a duration: write it as DD:HH:MM:SS, e.g. '00:12:00:00' for "
-                "12 hours, or pass a datetime.timedelta or a dict such as {'hours': 12}.")
-        days, hours, minutes, seconds = (int(g) for g in match.groups())
-        duration = timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
-    elif isinstance(duration, dict):
-        try:
-            duration = timedelta(**duration)
-        except TypeError as err:
-            raise MisconfigurationException(
-                f"Timer(duration={duration!r}): the dict must hold datetime.timedelta arguments (days, hours, "
-                f"minutes, seconds, ...): {err}") from None
-    if not isinstance(duration, timedelta):
-        raise MisconfigurationException(
-            f"Timer(duration=...) takes a 'DD:HH:MM:SS' string, a timedelta or a dict; got {type(duration).__name__}.")
-    return duration.total_seconds()
 
 
 class Timer(Callback):
@@ -52,7 +26,7 @@ class Timer(Callback):
         if interval not in _INTERVALS:
             raise MisconfigurationException(
                 f"Timer(interval={interval!r}) is not supported: use one of {', '.join(_INTERVALS)}.")
-        self._duration = parse_duration(duration)
+        self._duration = parse_duration("Timer: duration", duration)
         self._interval = interval
         self._verbose = verbose
         self._start_time: dict[RunningStage, float | None] = dict.fromkeys(RunningStage)

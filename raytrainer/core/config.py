@@ -12,6 +12,7 @@ from typing import Any
 from raytrainer.plan import Plan, as_sequence
 from raytrainer.profilers import make_profiler
 from raytrainer.utilities import log
+from raytrainer.utilities.durations import parse_duration
 from raytrainer.utilities.exceptions import MisconfigurationException
 
 
@@ -209,21 +210,7 @@ def check_limit(name: str, value: Any) -> Any:
 
 def parse_max_time(value: Any) -> float | None:
     """max_time as seconds: 'DD:HH:MM:SS', a timedelta or a dict of timedelta arguments."""
-    if value is None:
-        return None
-    if isinstance(value, timedelta):
-        return value.total_seconds()
-    if isinstance(value, dict):
-        return timedelta(**value).total_seconds()
-    if isinstance(value, str):
-        parts = value.split(":")
-        if len(parts) != 4 or not all(p.isdigit() for p in parts):
-            raise MisconfigurationException(
-                f"max_time={value!r}: use 'DD:HH:MM:SS', a timedelta or a dict like {{'hours': 1}}.")
-        d, h, m, s = map(int, parts)
-        return timedelta(days=d, hours=h, minutes=m, seconds=s).total_seconds()
-    raise MisconfigurationException(
-        f"max_time={value!r}: use 'DD:HH:MM:SS', a timedelta or a dict like {{'hours': 1}}.")
+    return parse_duration("max_time", value)
 
 
 def _info_if_one(name: str, value: Any) -> None:

@@ -68,3 +68,10 @@ def overrides(obj: Any, base: type, name: str) -> bool:
     if name in getattr(obj, "__dict__", {}):
         return True
     return getattr(type(obj), name, None) is not getattr(base, name, None)
+
+
+def logs_at(trainer: Any, count: int) -> bool:
+    """Lightning's rule for a callback's step logging: ``count`` (the batch or step being counted) is a multiple
+    of ``log_every_n_steps``, or fit is stopping; never with ``log_every_n_steps=0``."""
+    every = trainer.log_every_n_steps
+    return bool(every) and (count % every == 0 or bool(trainer.should_stop))

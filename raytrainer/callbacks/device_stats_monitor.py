@@ -5,7 +5,7 @@ from typing import Any
 
 import torch
 
-from raytrainer.callbacks.callback import Callback
+from raytrainer.callbacks.callback import Callback, logs_at
 from raytrainer.utilities.exceptions import MisconfigurationException
 
 
@@ -52,12 +52,6 @@ class DeviceStatsMonitor(Callback):
                 raise ModuleNotFoundError("DeviceStatsMonitor needs `psutil` for CPU stats: pip install psutil.") \
                     from exc
 
-    def _should_log(self, trainer: Any, count: int) -> bool:
-        every = trainer.log_every_n_steps
-        if not every:
-            return False
-        return count % every == 0 or bool(trainer.should_stop)
-
     def _log(self, trainer: Any, hook: str) -> None:
         if not trainer.is_global_zero or not trainer.loggers:
             return
@@ -75,11 +69,11 @@ class DeviceStatsMonitor(Callback):
     # Lightning's step for these rows is the loggers' step before this batch's optimizer step, at both hooks.
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         self._step = trainer.session.state.batches_that_stepped
-        if self._should_log(trainer, self._step + 1):
+        if logs_at(trainer, self._step + 1):
             self._log(trainer, "on_train_batch_start")
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self._should_log(trainer, self._step + 1):
+        if logs_at(trainer, self._step + 1):
             self._log(trainer, "on_train_batch_end")
 
     def _eval_start(self, trainer: Any) -> None:
@@ -91,7 +85,7 @@ class DeviceStatsMonitor(Callback):
     def _eval_batch(self, trainer: Any, hook: str, start: bool) -> None:
         if start:
             self._eval_ready += 1
-        if self._should_log(trainer, self._eval_ready):
+        if logs_at(trainer, self._eval_ready):
             self._log(trainer, hook)
 
     def on_validation_start(self, trainer: Any, pl_module: Any) -> None:

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from raytrainer.callbacks.callback import Callback
+from raytrainer.callbacks.callback import Callback, logs_at
 from raytrainer.utilities import log
 from raytrainer.utilities.exceptions import MisconfigurationException
 
@@ -47,7 +47,7 @@ class LearningRateMonitor(Callback):
         self.last_weight_decay_values = {f"{n}-weight_decay": None for n in names}
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        if self.logging_interval == "epoch" or not _should_log(trainer):
+        if self.logging_interval == "epoch" or not logs_at(trainer, trainer.session.state.batches_that_stepped + 1):
             return
         self._log(trainer, "step" if self.logging_interval is None else "any")
 
@@ -111,8 +111,3 @@ class LearningRateMonitor(Callback):
         session.callback_metrics_store.update({k: torch.tensor(v) for k, v in stats.items()})
         session.send_to_loggers(stats, session.state.batches_that_stepped)
 
-
-def _should_log(trainer: Any) -> bool:
-    """Lightning's rule for step logging at a batch start: the coming step is a multiple of log_every_n_steps."""
-    every = trainer.log_every_n_steps
-    return bool(every) and ((trainer.session.state.batches_that_stepped + 1) % every == 0 or trainer.should_stop)

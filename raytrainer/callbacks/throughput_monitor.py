@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from raytrainer.callbacks.callback import Callback
+from raytrainer.callbacks.callback import Callback, logs_at
 from raytrainer.utilities.states import FN_STAGE, RunningStage, TrainerFn
 
 
@@ -157,8 +157,7 @@ class ThroughputMonitor(Callback):
             flops=pl_module.flops_per_batch if self._has_flops else None)
 
     def _log(self, trainer: Any, stage: str, count: int, step: int, epoch: int | None) -> None:
-        every = trainer.log_every_n_steps
-        if not every or not (count % every == 0 or trainer.should_stop):
+        if not logs_at(trainer, count):
             return
         tp = self._throughputs[stage]
         metrics = {f"{stage}{tp.separator}{k}": v for k, v in tp.compute().items()}  # counts stay ints

@@ -9,6 +9,7 @@ gradients, train/eval modes and trainer link are put back afterwards.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import gc
 from collections.abc import Iterator
@@ -16,44 +17,59 @@ from typing import Any
 
 import torch
 
+from raytrainer.plan import FSDP_STRATEGIES
 from raytrainer.utilities import log, rng_states, set_rng_states
 from raytrainer.utilities.exceptions import MisconfigurationException
 
 
+def refuse_sharded(trainer: Any, what: str) -> None:
+    """Raise, before any rank starts, for a plan whose ranks shard the module (FSDP) or run under torch_xla's
+    multi-process launcher: the learning-rate search runs on DDP ranks (and in one process) only."""
+    plan = trainer.plan
+    if plan.strategy in FSDP_STRATEGIES or (plan.launcher == "xla" and plan.world_size > 1):
+        raise MisconfigurationException(
+            f"{what} runs in one process or on DDP ranks, and this Trainer runs {plan.describe()}. Find the "
+            "learning rate with a single-process or DDP Trainer, e.g. `Tuner(Trainer(num_processes=1)).lr_find("
+            "model, ...)`, then fit with this Trainer and the value found.")
+
+
 def refuse_distributed(trainer: Any, what: str) -> None:
-    """Raise, before any rank starts, when ``trainer`` would run several processes (Lightning refuses tuning
-    under distributed strategies too): tune with one process, then fit on Ray with the value found."""
+    """Raise, before any rank starts, when ``trainer`` would run several processes: the batch-size search runs
+    in one process (Lightning refuses it under distributed strategies too)."""
     plan = trainer.plan
     if plan.world_size > 1 or plan.launcher == "ray":
         raise MisconfigurationException(
             f"{what} runs in one process only, and this Trainer runs {plan.world_size} rank(s) on Ray "
-            f"({plan.describe()}); Lightning refuses tuning under distributed strategies too. Tune with a "
-            f"single-process Trainer first, e.g. `Tuner(Trainer(num_processes=1)).lr_find(model, ...)` (or "
-            f"devices=1), set the value it finds on the model (or datamodule), then fit on Ray with "
+            f"({plan.describe()}); Lightning's batch size finder refuses distributed strategies too. Tune with a "
+            f"single-process Trainer first, e.g. `Tuner(Trainer(num_processes=1)).scale_batch_size(model, ...)` "
+            f"(or devices=1), set the value it finds on the model (or datamodule), then fit on Ray with "
             f"Trainer(num_processes={plan.world_size}, ...).")
-
-
-class _NoEvents:
-    """The events log of a trial run: it records nothing (a trial is not a run of the user's)."""
-
-    def emit(self, *args: Any, **kwargs: Any) -> None:
-        """Drop the event."""
 
 
 def trial_trainer(trainer: Any, callbacks: list[Any], counters: dict[str, int] | None = None,
                   **config_changes: Any) -> Any:
     """A throwaway Trainer of the same class and config as ``trainer`` (with ``config_changes``) that runs only
-    ``callbacks``: no loggers, checkpoints, progress bar, summary, profiler, sanity check, events or time limit."""
+    ``callbacks``: no loggers, checkpoints, progress bar, summary, profiler, sanity check, events or time limit.
+    Its plan is ``trainer``'s: for a Ray Trainer the trial is a Ray run of its own."""
     config = dataclasses.replace(
         trainer.config, num_sanity_val_steps=0, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, profiler=None, max_time_s=None, snapshot_every_n_steps=None, fast_dev_run=0,
-        **config_changes)
+        tuning_trial=True, **config_changes)
     trial = type(trainer).for_rank(config, list(callbacks), [], counters)
-    session = trial.session
-    session.events, session.events_forwarded = _NoEvents(), True  # nothing written to the log dir
-    # as Lightning's search, which runs only its own callback: configure_callbacks' are left out too
-    session._add_module_callbacks = lambda model: None
+    trial.session.events_forwarded = True  # nothing recorded, and a stop asked of a running fit is not cleared
     return trial
+
+
+def fit_trial(trial: Any, trainer: Any, model: Any, fit_kwargs: dict[str, Any], running: bool) -> None:
+    """Run the trial's fit. Inside a rank of a running multi-rank fit (a callback's search) it runs right here, on
+    a copy of the running strategy, in the process group the ranks already form (as Lightning's in-fit search
+    runs on every rank); otherwise it is a fit of its own: in this process, or on Ray ranks for a Ray Trainer."""
+    if running and trainer.world_size > 1:
+        strategy = copy.copy(trainer.strategy)  # its settings; the trial wraps the module in a DDP of its own
+        trial.session.run("fit", model, strategy, train=fit_kwargs.get("train_dataloaders"),
+                          val=fit_kwargs.get("val_dataloaders"), datamodule=fit_kwargs.get("datamodule"))
+    else:
+        trial.fit(model, **fit_kwargs)
 
 
 class ModuleSnapshot:

@@ -4,6 +4,10 @@ The search trains ``num_training`` optimizer steps in a private trial Trainer, r
 ``min_lr`` to ``max_lr`` (exponentially or linearly) and recording the smoothed loss after each step; it stops
 early when the loss diverges. The schedule, the smoothing and the suggestion follow Lightning's, so the same
 model, data and seed give the same learning rates, losses and suggestion. The module is put back as it was.
+
+On Ray it runs where Lightning runs it, on every DDP rank: the Tuner's trial is a Ray run of its own, whose rank 0
+sends its losses back with its callback state; the callback's search runs inside the running fit on each rank.
+Every rank takes rank 0's losses and early stop (as Lightning broadcasts them), so all set the same learning rate.
 """
 from __future__ import annotations
 
@@ -15,10 +19,11 @@ import torch
 
 from raytrainer.callbacks._tuning import (
     ModuleSnapshot,
+    fit_trial,
     has_attr,
     isolated_rng,
     no_lifecycle_hooks,
-    refuse_distributed,
+    refuse_sharded,
     set_attr,
     trial_trainer,
 )
@@ -37,6 +42,17 @@ class LRFinderResult:
         self.mode, self.lr_min, self.lr_max, self.num_training = mode, lr_min, lr_max, num_training
         self.results: dict[str, list[float]] = {"lr": [], "loss": []}
         self._optimal_idx: int | None = None
+        self.applied: tuple[str, float] | None = None  # (attribute, learning rate) set on the module, if any
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, "lr_min": self.lr_min, "lr_max": self.lr_max, "num_training": self.num_training,
+                "results": self.results, "applied": self.applied}
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> LRFinderResult:
+        result = cls(saved["mode"], saved["lr_min"], saved["lr_max"], saved["num_training"])
+        result.results, result.applied = saved["results"], saved.get("applied")
+        return result
 
     def suggestion(self, skip_begin: int = 10, skip_end: int = 1) -> float | None:
         """The learning rate where the smoothed loss falls fastest (the most negative gradient of loss over lr),
@@ -107,6 +123,14 @@ class _LRSearch(Callback):
         self.best_loss = 0.0
         self.diverged = False
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a Ray trial's rank 0 sends back to the driver: the recorded learning rates and losses."""
+        return {"results": self.result.results, "diverged": self.diverged}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.result.results.update(state_dict["results"])
+        self.diverged = state_dict["diverged"]
+
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         optimizers = trainer.optimizers
         if len(optimizers) != 1:
@@ -141,7 +165,10 @@ class _LRSearch(Callback):
         step = trainer.global_step
         self.avg_loss = self.beta * self.avg_loss + (1 - self.beta) * loss.item()
         smoothed = self.avg_loss / (1 - self.beta ** (step + 1))
-        if self.threshold is not None and step > 1 and smoothed > self.threshold * self.best_loss:
+        diverged = self.threshold is not None and step > 1 and smoothed > self.threshold * self.best_loss
+        if trainer.world_size > 1:  # rank 0's decision on every rank: they stop at the same step
+            diverged = trainer.strategy.broadcast(diverged)
+        if diverged:
             trainer.should_stop = self.diverged = True
         if smoothed < self.best_loss or step == 1:
             self.best_loss = smoothed
@@ -176,7 +203,7 @@ def lr_search(trainer: Any, model: Any, fit_kwargs: dict[str, Any], *, min_lr: f
         raise ValueError(f"lr_find needs 0 < min_lr < max_lr (finite); got min_lr={min_lr}, max_lr={max_lr}.")
     if int(num_training) < 1:
         raise ValueError(f"lr_find num_training={num_training}: must be at least 1.")
-    refuse_distributed(trainer, "lr_find")
+    refuse_sharded(trainer, "lr_find")
     if trainer.fast_dev_run:
         log.warning("lr_find skipped: fast_dev_run is on.")
         return None
@@ -192,11 +219,15 @@ def lr_search(trainer: Any, model: Any, fit_kwargs: dict[str, Any], *, min_lr: f
     snapshot = ModuleSnapshot(model, datamodule)
     try:
         with isolated_rng(), no_lifecycle_hooks(model, datamodule) if running else contextlib.nullcontext():
-            trial.fit(model, **fit_kwargs)
+            fit_trial(trial, trainer, model, fit_kwargs, running)
     finally:
         snapshot.restore()
+    if running and trainer.world_size > 1:
+        result.results = trainer.strategy.broadcast(result.results)  # rank 0's, as Lightning's search
     steps = trial.global_step - start
-    if search.diverged:
+    if not trainer.is_global_zero:
+        pass  # every rank found the same: rank 0 says it
+    elif search.diverged:
         log.info("lr_find stopped early after %d of %d steps: the loss diverged.", steps, num_training)
     elif steps != num_training:
         log.info("lr_find ran %d of %d steps: the Trainer's max_epochs (with limit_train_batches) ended it first.",
@@ -209,7 +240,9 @@ def lr_search(trainer: Any, model: Any, fit_kwargs: dict[str, Any], *, min_lr: f
                 for opt in trainer.optimizers:
                     for group in opt.param_groups:
                         group["lr"] = lr
-            log.info("lr_find: learning rate set to %s (%s).", lr, attr_name)
+            result.applied = (attr_name, lr)
+            if trainer.is_global_zero:
+                log.info("lr_find: learning rate set to %s (%s).", lr, attr_name)
     return result
 
 
@@ -230,7 +263,8 @@ def running_fit_data(trainer: Any) -> dict[str, Any]:
 class LearningRateFinder(Callback):
     """Runs lr_find when fit starts (Lightning's ``LearningRateFinder``); the result is ``optimal_lr`` and, with
     ``update_attr``, the suggestion is set on the module (``lr``/``learning_rate``/``attr_name``) and the
-    fit's optimizer. One process only: a Trainer running several ranks on Ray refuses it before they start."""
+    fit's optimizer. On Ray every rank searches within the fit (rank 0's losses decide), and ``optimal_lr``
+    reaches the driver's callback."""
 
     SUPPORTED_MODES = MODES
 
@@ -246,9 +280,25 @@ class LearningRateFinder(Callback):
         self.optimal_lr: LRFinderResult | None = None
 
     def check_launch(self, trainer: Any, fn: str) -> None:
-        """Refuse a several-rank plan on the driver, before any rank starts."""
+        """Refuse a sharded plan on the driver, before any rank starts."""
         if fn == "fit":
-            refuse_distributed(trainer, "LearningRateFinder")
+            refuse_sharded(trainer, "LearningRateFinder")
+
+    def state_dict(self) -> dict[str, Any]:
+        """The search's result, so the driver's callback holds it after a Ray fit (and a resumed fit too)."""
+        return {} if self.optimal_lr is None else {"optimal_lr": self.optimal_lr.to_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("optimal_lr")
+        if saved is not None:
+            self.optimal_lr = LRFinderResult.from_dict(saved)
+
+    def apply_on_driver(self, trainer: Any, model: Any) -> None:
+        """After a Ray fit: the learning rate the ranks set on their module is set on the driver's module too,
+        as Lightning's search leaves it on the module the script holds."""
+        applied = self.optimal_lr.applied if self.optimal_lr is not None else None
+        if applied is not None and has_attr(model, trainer.datamodule, applied[0]):
+            set_attr(model, trainer.datamodule, *applied)
 
     def lr_find(self, trainer: Any, pl_module: Any) -> None:
         """Search now, with the running fit's data; sets ``optimal_lr``."""

@@ -66,6 +66,9 @@ class RunConfig:
     scale_check_interval_s: float = 5.0
     ray_address: str | None = None
     spare_ranks_per_node: int = 0
+    # set by the tuner for its private trial runs (here and on Ray ranks): no configure_callbacks() callbacks,
+    # as Lightning's searches run only their own callback, and no events written to the user's log dir
+    tuning_trial: bool = False
 
     @classmethod
     def from_args(cls, plan: Plan, *, fast_dev_run: bool | int, max_epochs: int | None, min_epochs: int | None,

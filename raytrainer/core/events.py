@@ -20,6 +20,13 @@ EVENT_KINDS = ("start", "failure", "restart", "resize", "snapshot_fallback", "ch
 FILENAME = "events.jsonl"
 
 
+class NoEvents:
+    """The events log of a run that is not the user's (a tuner's trial): it records nothing."""
+
+    def emit(self, *args: Any, **kwargs: Any) -> None:
+        """Drop the event."""
+
+
 class EventLog:
     """Appends events to ``<run_dir>/events.jsonl`` and echoes each as one line."""
 

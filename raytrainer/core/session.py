@@ -318,7 +318,10 @@ class RankSession:
                 lg.resume_from_step(self.state.global_step)
 
     def _add_module_callbacks(self, model: LightningModule) -> None:
-        """configure_callbacks(): the module's callbacks replace the Trainer's of the same type."""
+        """configure_callbacks(): the module's callbacks replace the Trainer's of the same type (a tuner's trial
+        runs its own callback only)."""
+        if self.config.tuning_trial:
+            return
         extra = as_sequence(model.configure_callbacks())
         if not extra:
             return
@@ -338,7 +341,7 @@ class RankSession:
         """Run the fit loop with SIGTERM turned into a stop at the next step and a durable checkpoint."""
         state = self.state
         events = self.events
-        if events is None and self.is_global_zero:
+        if events is None and self.is_global_zero and not self.config.tuning_trial:
             events = self.events = EventLog(self.trainer.log_dir)
         if events is not None and (not self.events_forwarded or self.first_event is not None):
             # after any restore, so a resumed run's start names the step it resumes at

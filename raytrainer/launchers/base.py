@@ -108,6 +108,8 @@ class RunResult:
             lg.load_state_dict(state)  # the rows rank 0 wrote, so later runs append to them
         for cb, state in zip(trainer.callbacks, self.callback_states):
             cb.load_state_dict(state)
+            if hasattr(cb, "apply_on_driver"):  # a callback that changed the ranks' module beyond its weights
+                cb.apply_on_driver(trainer, model)
         log.debug("run finished on the ranks: step %d, epoch %d", self.global_step, self.current_epoch)
 
 

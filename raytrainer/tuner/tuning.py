@@ -3,8 +3,9 @@
 Both run their trials in private trial Trainers built from ``trainer``'s settings, so ``trainer`` itself (its
 counters, callbacks, loggers, optimizers and checkpoint files) is as before; the module's weights are put back
 bitwise, and only the value found is set (``lr``/``learning_rate``/``attr_name``, or the batch size attribute).
-Tuning runs in one process: a Trainer that runs several ranks on Ray refuses it before any rank starts; tune
-with ``Trainer(num_processes=1)`` and fit on Ray with the value found.
+Where Lightning runs them: ``lr_find`` on a Ray Trainer is a Ray run of its own on the same ranks (DDP), whose rank
+0 losses come back to the driver; ``scale_batch_size`` runs in one process only (a Ray Trainer refuses it before
+any rank starts, as Lightning refuses it under distributed strategies).
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Tuner.lr_find and the LearningRateFinder callback: the same learning rates, losses and suggestion as Lightning,
-the module and Trainer left as they were, and the one-process rule on Ray plans."""
+the module and Trainer left as they were (on Ray: test_lr_find_ray.py)."""
 from __future__ import annotations
 
 import copy
@@ -198,17 +198,3 @@ def test_learning_rate_finder_callback(tmp_path):
     plain.lr = ref.suggestion()
     trainer().fit(plain, loader())
     assert_bitwise_equal(weights(model), weights(plain))
-
-
-def test_refused_on_ray_before_any_rank_starts(tmp_path):
-    trainer = rt.Trainer(num_processes=2, default_root_dir=str(tmp_path), logger=False, **QUIET)
-    model = lr_module(rt.LightningModule)()
-    loader = DataLoader(regression_data(64), batch_size=8)
-    with pytest.raises(MisconfigurationException, match=r"Trainer\(num_processes=1\)") as err:
-        Tuner(trainer).lr_find(model, loader)
-    assert "then fit on Ray" in str(err.value)
-    trainer = rt.Trainer(num_processes=2, default_root_dir=str(tmp_path), logger=False,
-                         callbacks=[LearningRateFinder()], **QUIET)
-    with pytest.raises(MisconfigurationException, match="LearningRateFinder runs in one process only"):
-        trainer.fit(model, loader)
-    assert trainer.session.worker_group is None and trainer.last_run is None  # no rank was started

@@ -20,7 +20,7 @@ from typing import Any
 
 from raytrainer.checkpoint.shard_snapshot import Piece, ShardedSnapshot
 from raytrainer.core import control
-from raytrainer.core.events import EventLog, command_fields
+from raytrainer.core.events import EventLog, NoEvents, command_fields
 from raytrainer.data.ray_data import (
     DATA_HEADROOM_CPUS,
     check_room_for_data,
@@ -70,7 +70,8 @@ class FitController:
                  new_group: Callable[[int], Any], scaling: ScalingPolicy) -> None:
         self.plan, self.trainer, self.model, self.kwargs = plan, trainer, model, dict(kwargs)
         self.new_group, self.scaling = new_group, scaling
-        self.events = EventLog(trainer.log_dir)
+        # a tuner's trial is not a run of the user's: its events go nowhere
+        self.events: Any = NoEvents() if trainer.config.tuning_trial else EventLog(trainer.log_dir)
         self.failures = FailurePolicy(trainer.config.max_failures)
         self.phase = Phase.STARTING
         self.history: list[Phase] = []        # every phase entered, in order (tests and debugging read it)

@@ -7,9 +7,11 @@ import threading
 import time
 
 import pytest
+import torch
 from ft_models import Regression, events, kept_ids, loader
 
 import raytrainer as pl
+from raytrainer.callbacks import Timer, WeightAveraging
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
@@ -33,6 +35,19 @@ def cluster():
             except ValueError:
                 if attempt == 2:
                     raise
+
+
+class TimerAtStart(pl.Callback):
+    """Rank 0 appends the step and its Timer's training time at every train start (each world's first step)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_start(self, trainer, pl_module):
+        timer = next(c for c in trainer.callbacks if isinstance(c, Timer))  # this rank's copy
+        if trainer.global_rank == 0:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": trainer.global_step, "elapsed": timer.time_elapsed("train")}) + "\n")
 
 
 def _connect(cluster) -> None:
@@ -90,11 +105,15 @@ def test_node_removed_run_completes_and_every_sample_is_used_once_per_epoch(clus
 
 
 def test_node_added_world_grows_within_10s(cluster, tmp_path):
+    """The world grows within 10 s of a node joining, and the callbacks' state crosses the resize: the weight
+    average counts every step of the run, the Timer's training time runs on from before it."""
     cluster.add_node(num_cpus=1)
     _connect(cluster)
+    average, timer = WeightAveraging(), Timer()
+    starts = TimerAtStart(str(tmp_path / "timer_starts.jsonl"))
     trainer = pl.Trainer(num_nodes="1:2", num_processes=1, max_epochs=30, default_root_dir=str(tmp_path),
                          enable_progress_bar=False, enable_model_summary=False, scale_check_interval_s=1.0,
-                         placement_timeout_s=30)
+                         placement_timeout_s=30, callbacks=[average, timer, starts])
     thread, box = _fit_in_background(trainer, Regression(sleep_s=0.03), loader(240, batch_size=10))
     assert _wait_for(lambda: any(e["event"] == "checkpoint" for e in events(str(tmp_path))), 120)
     cluster.add_node(num_cpus=1)  # returns once the node has joined (starting its raylet takes seconds under load)
@@ -112,6 +131,16 @@ def test_node_added_world_grows_within_10s(cluster, tmp_path):
     thread.join(300)
     assert not thread.is_alive() and "error" not in box, box.get("error")
     assert trainer.world_size == 2
+    # the last checkpoint's average folded in every optimizer step, before the resize and after it
+    ckpts = [torch.load(p, weights_only=True) for p in glob.glob(str(tmp_path / "**" / "*.ckpt"), recursive=True)]
+    ckpt = max(ckpts, key=lambda c: c["global_step"])
+    assert int(ckpt["averaging_state"]["n_averaged"]) == ckpt["global_step"] == trainer.global_step
+    assert average.state_dict() == {"latest_update_step": trainer.global_step}  # rank 0's, on the driver
+    # rank 0 of the grown world started its Timer from the training time before the resize (each step sleeps 0.03 s)
+    starts = [json.loads(line) for line in open(tmp_path / "timer_starts.jsonl")]
+    assert [r["step"] for r in starts] == [0, resize["step"]]
+    assert starts[0]["elapsed"] < 1.0 and starts[1]["elapsed"] >= resize["step"] * 0.03
+    assert timer.time_elapsed("train") >= trainer.global_step * 0.03  # rank 0 trained (and slept) every step
 
 
 def test_fsdp_grows_3_to_4_and_shrinks_4_to_3_resharding_its_snapshots(cluster, tmp_path):

@@ -7,14 +7,18 @@ the next step computes, and the next optimizer step waits for that copy (``_Snap
 ``checkpoint.host_copy.HostCopy``); the ``checkpoint.writer.AsyncCheckpointWriter`` thread
 serialises, hashes and writes. ``fit`` waits for all of it before it returns. A checkpoint rotated
 out by ``save_top_k`` is deleted only once its replacement is completely on storage, so rotation
-never removes the only valid one.
+never removes the only valid one. A ``checkpoint`` event (``trainer.saved_checkpoints``, events.jsonl)
+is recorded only once its file is complete on storage, on the training thread at the next step or
+wait; a write that fails or never finishes records nothing.
 """
 from __future__ import annotations
 
+import collections
 import math
 import re
 import threading
 import time
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -98,6 +102,10 @@ class ModelCheckpoint(Checkpoint):
         self._writer: Any = None
         self._snapshot: _Snapshot | None = None
         self._sharded_pending: list[Any] = []  # FSDP: asynchronous sharded saves in flight (sharded.PendingSave)
+        self._sharded_landing: _Landing | None = None  # what the sharded saves in flight record once published
+        # (session, step, epoch, path) of files complete on storage, appended by the writer thread and recorded
+        # as checkpoint events by the training thread (_record_landed)
+        self._landed: collections.deque[tuple[Any, int, int, str]] = collections.deque()
         self._pool: dict[tuple, torch.Tensor] = {}  # host buffers reused by consecutive snapshots
 
     @property
@@ -151,7 +159,10 @@ class ModelCheckpoint(Checkpoint):
         self._last_time = time.monotonic()
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Save every ``every_n_train_steps`` optimizer steps or every ``train_time_interval``."""
+        """Record the saves that landed meanwhile; save every ``every_n_train_steps`` optimizer steps or every
+        ``train_time_interval``."""
+        self._poll_sharded()
+        self._record_landed()
         step = trainer.global_step
         if step == self._last_global_step_saved:
             return
@@ -169,6 +180,7 @@ class ModelCheckpoint(Checkpoint):
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         """Epoch-end saves (when validation does not decide them, see ``on_validation_end``)."""
+        self._record_landed()
         if self._save_on_epoch_end(trainer):
             self._save_epoch(trainer)
 
@@ -203,6 +215,7 @@ class ModelCheckpoint(Checkpoint):
                 self._writer.wait()
         except Exception as exc:
             log.warning("a background checkpoint write also failed: %s", exc)
+        self._record_landed(quiet=True)
         if not self._should_save_on_exception(trainer):
             return
         try:
@@ -226,19 +239,24 @@ class ModelCheckpoint(Checkpoint):
                 and trainer.session.module is not None and self._last_global_step_saved != trainer.global_step)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        """Finish writes and deferred deletions, and stop the writer thread."""
+        """Finish writes and deferred deletions, stop the writer thread, and record what was written."""
         try:
-            self._join_snapshot()
-            self._wait_sharded()
-            if self._writer is None and self._to_remove:
-                self._flush_removals(block=True)  # sharded: the directories they wait for are published now
-        finally:
-            if self._writer is not None:
-                try:
-                    self._flush_removals(block=True)
-                finally:
-                    self._writer.close()
-                    self._writer = None
+            try:
+                self._join_snapshot()
+                self._wait_sharded()
+                if self._writer is None and self._to_remove:
+                    self._flush_removals(block=True)  # sharded: the directories they wait for are published now
+            finally:
+                if self._writer is not None:
+                    try:
+                        self._flush_removals(block=True)
+                    finally:
+                        self._writer.close()
+                        self._writer = None
+        except BaseException:
+            self._record_landed(quiet=True)
+            raise
+        self._record_landed()
 
     # ------------------------------------------------------------------ deciding
     def _save_on_epoch_end(self, trainer: Any) -> bool:
@@ -368,6 +386,7 @@ class ModelCheckpoint(Checkpoint):
         if not trainer.is_global_zero:
             return
         self._written.update(paths)
+        landing = _Landing(trainer.session, trainer.global_step, trainer.current_epoch, self._landed)
         if self.async_save:
             self._join_snapshot()  # the previous snapshot is copied and queued (normally long done)
             if self._writer is None:
@@ -378,14 +397,14 @@ class ModelCheckpoint(Checkpoint):
             removals = self._due_removals() if idle else []  # their replacements have landed meanwhile
             lazy = _optimizer_owned(trainer) if _can_pipeline(trainer) else set()
             pool = self._pool if idle else None  # reuse the host buffers once the writer released them
-            self._snapshot = _Snapshot(ckpt, paths, lazy, pool, self._writer, removals)
+            self._snapshot = _Snapshot(ckpt, paths, lazy, pool, self._writer, removals, landing)
             if pool is not None:
                 self._pool = self._snapshot.pool
         else:
             for path in paths:
                 storage.save(ckpt, path)
-        for path in paths:
-            trainer.session.on_checkpoint_saved(path)
+                landing(path)
+            self._record_landed()
         self._notify_loggers(trainer)
 
     def _notify_loggers(self, trainer: Any) -> None:
@@ -422,18 +441,46 @@ class ModelCheckpoint(Checkpoint):
         if self._to_remove:
             self._flush_removals(block=False)  # what waited for the directory just published
         self._last_global_step_saved = trainer.global_step
+        step, epoch = trainer.global_step, trainer.current_epoch
         paths, self._sharded_pending = save_sharded(trainer.session, paths, self.save_weights_only, asynchronous)
         if trainer.is_global_zero:
             self._written.update(paths)
-            for path in paths:
-                trainer.session.on_checkpoint_saved(path)
+            landing = _Landing(trainer.session, step, epoch, self._landed, paths)
+            if self._sharded_pending:
+                self._sharded_landing = landing  # recorded once rank 0's PendingSave has published the directory
+            else:
+                landing()
+                self._record_landed()
             self._notify_loggers(trainer)
 
     def _wait_sharded(self) -> None:
-        """Wait for the sharded saves in flight (this rank's part; rank 0: published); re-raise a failed one."""
+        """Wait for the sharded saves in flight (this rank's part; rank 0: published); re-raise a failed one, which
+        then records no checkpoint event."""
         pending, self._sharded_pending = self._sharded_pending, []
+        landing, self._sharded_landing = self._sharded_landing, None
         for save in pending:
             save.wait()
+        if landing is not None:
+            landing()
+
+    def _poll_sharded(self) -> None:
+        """Queue the checkpoint events of sharded saves that were published meanwhile (a failed one waits for
+        ``_wait_sharded`` to raise its error)."""
+        if self._sharded_landing is not None and all(save.succeeded for save in self._sharded_pending):
+            landing, self._sharded_landing = self._sharded_landing, None
+            landing()
+
+    def _record_landed(self, quiet: bool = False) -> None:
+        """(training thread) Record a checkpoint event for each file that is now complete on storage; ``quiet``
+        (another error is on its way) logs a failure to record instead of raising it over that error."""
+        while self._landed:
+            session, step, epoch, path = self._landed.popleft()
+            try:
+                session.on_checkpoint_saved(path, step=step, epoch=epoch)
+            except Exception as exc:
+                if not quiet:
+                    raise
+                log.warning("could not record checkpoint %s in the events log: %s", path, exc)
 
     def _join_snapshot(self) -> None:
         """Wait until the running snapshot is copied and handed to the writer; re-raise its error."""
@@ -476,12 +523,18 @@ class ModelCheckpoint(Checkpoint):
         _remove_all(self._due_removals())
 
     def wait_for_writes(self) -> None:
-        """Block until every background write (and the deletions waiting for it) has finished."""
-        self._join_snapshot()
-        self._wait_sharded()
-        if self._writer is not None:
-            self._writer.wait()
-        self._flush_removals(block=True)
+        """Block until every background write (and the deletions waiting for it) has finished, and record a
+        checkpoint event for each file written."""
+        try:
+            self._join_snapshot()
+            self._wait_sharded()
+            if self._writer is not None:
+                self._writer.wait()
+            self._flush_removals(block=True)
+        except BaseException:
+            self._record_landed(quiet=True)  # the files that did land; the write error goes on
+            raise
+        self._record_landed()
 
     # ------------------------------------------------------------------ names
     def format_checkpoint_name(self, metrics: dict[str, Any], filename: str | None = None,
@@ -533,6 +586,8 @@ class ModelCheckpoint(Checkpoint):
         state["_writer"] = None
         state["_snapshot"] = None
         state["_sharded_pending"] = []
+        state["_sharded_landing"] = None
+        state["_landed"] = collections.deque()
         state["_pool"] = {}
         return state
 
@@ -556,6 +611,22 @@ def _optimizer_owned(trainer: Any) -> set[tuple]:
     return owned
 
 
+class _Landing:
+    """What a save records once its files are complete on storage: calling it with a path (or, for a sharded save,
+    with none: every path) queues that path's checkpoint event, with the step and epoch the files hold."""
+
+    def __init__(self, session: Any, step: int, epoch: int, landed: collections.deque,
+                 paths: Sequence[str] = ()) -> None:
+        self.session, self.step, self.epoch = session, step, epoch
+        self._landed = landed
+        self._paths = list(paths)
+
+    def __call__(self, path: str | None = None) -> None:
+        """(any thread) Queue the checkpoint event of ``path`` (None: of every path given at construction)."""
+        for p in self._paths if path is None else [path]:
+            self._landed.append((self.session, self.step, self.epoch, p))
+
+
 class _Snapshot:
     """A checkpoint's host copy, taken in two parts (CheckFreq's pipelined snapshot).
 
@@ -570,12 +641,15 @@ class _Snapshot:
     """
 
     def __init__(self, ckpt: dict[str, Any], paths: list[str], lazy: set[tuple],
-                 pool: dict[tuple, torch.Tensor] | None, writer: Any, removals: list[str]) -> None:
+                 pool: dict[tuple, torch.Tensor] | None, writer: Any, removals: list[str],
+                 on_written: _Landing | None = None) -> None:
         """Copy what cannot wait, then start the helper thread, which copies the rest, queues one write per
-        path and deletes ``removals`` (rotated-out files whose replacement is already written)."""
+        path (``on_written(path)`` runs once that file is complete) and deletes ``removals`` (rotated-out files
+        whose replacement is already written)."""
         self.paths = paths
         self.path = paths[0]
         self._removals = removals
+        self._on_written = on_written
         self._host = HostCopy(ckpt, defer=lazy, pool=pool, name="checkpoint")
         self.staged = self._host.result
         self.pool: dict[tuple, torch.Tensor] = self._host.pool
@@ -592,7 +666,8 @@ class _Snapshot:
             if self._error is None:
                 try:
                     for path in self.paths:
-                        self._writer.submit(self.staged, path, staged=True, timeout=_STAGING_TIMEOUT_S)
+                        self._writer.submit(self.staged, path, staged=True, timeout=_STAGING_TIMEOUT_S,
+                                            on_written=self._on_written)
                 except BaseException as exc:
                     self._error = exc
         finally:

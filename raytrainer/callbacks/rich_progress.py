@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -85,10 +84,6 @@ class RichProgressBar(ProgressBar):
         self._current: Any = None                  # the task that advance events move
         self._metrics_text = ""
         self._metrics_at = -math.inf
-        # Where events go: None draws here; a callable sends them elsewhere (rank 0 -> the Ray driver).
-        self.sink: Callable[[dict[str, Any]], None] | None = None
-        self._pending = 0
-        self._sent_at = -math.inf
 
     # ------------------------------------------------------------------ Lightning's attributes
     @property
@@ -98,6 +93,11 @@ class RichProgressBar(ProgressBar):
     @property
     def is_enabled(self) -> bool:
         return self._enabled and self._refresh_rate > 0
+
+    @property
+    def sink_interval_s(self) -> float:
+        """rank 0 -> Ray driver: merged advance counts at most refresh_rate (<= 10) times a second."""
+        return 1.0 / min(max(self._refresh_rate, 1), 10)
 
     @property
     def is_disabled(self) -> bool:
@@ -217,25 +217,6 @@ class RichProgressBar(ProgressBar):
         return {k: v.item() if isinstance(v, torch.Tensor) else v
                 for k, v in self.get_metrics(trainer, trainer.lightning_module).items()}
 
-    def _emit(self, event: dict[str, Any]) -> None:
-        if not self.is_enabled:
-            return
-        if self.sink is None:
-            self.handle(event)
-            return
-        if event["kind"] == "advance":  # to the driver: at most refresh_rate (<= 10) messages a second
-            self._pending += event["n"]
-            now = time.monotonic()
-            if now - self._sent_at < 1.0 / min(max(self._refresh_rate, 1), 10):
-                return
-            self._sent_at = now
-            event = {**event, "n": self._pending}
-            self._pending = 0
-        elif self._pending:  # counts not sent yet go first, so the driver's totals are exact
-            self.sink({"kind": "advance", "n": self._pending})
-            self._pending = 0
-        self.sink(event)
-
     def _train_metrics_due(self, trainer: Any) -> dict[str, Any] | None:
         """The shown metrics, read at most refresh_rate (<= 10) times a second (reading them can sync a device)."""
         now = time.monotonic()
@@ -328,5 +309,5 @@ class RichProgressBar(ProgressBar):
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        state.update(progress=None, _console=None, sink=None, _current=None, _pending=0)
+        state.update(progress=None, _console=None, _current=None)
         return state

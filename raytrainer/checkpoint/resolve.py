@@ -118,6 +118,22 @@ def newest_checkpoint(candidates: list[str]) -> tuple[str | None, list[tuple[str
     return file, skipped
 
 
+def checkpoint_step(path: str) -> int | None:
+    """The ``global_step`` a checkpoint file or sharded directory holds, read from the checkpoint itself (a local
+    file is memory-mapped, so its tensors are not read); None when it records none."""
+    from pyarrow import fs as pafs
+
+    if sharded.is_directory(path):
+        step = sharded.read_meta(path).get("global_step")
+    else:
+        fs, local = storage.resolve(path)
+        if isinstance(fs, pafs.LocalFileSystem):
+            step = torch.load(local, map_location="cpu", weights_only=True, mmap=True).get("global_step")
+        else:
+            step = storage.load(path, map_location="cpu").get("global_step")
+    return int(step) if step is not None else None
+
+
 def load_state_dict_checked(module: torch.nn.Module, state_dict: dict[str, Any], path: str, strict: bool) -> None:
     """module.load_state_dict with the checkpoint's name in the error; warns about mismatches if not strict."""
     try:

@@ -441,6 +441,11 @@ class PendingSave:
     def done(self) -> bool:
         return not self._thread.is_alive()
 
+    @property
+    def succeeded(self) -> bool:
+        """True once this rank's part is written without error (rank 0: the directory is published)."""
+        return not self._thread.is_alive() and self._error is None
+
     def wait(self, timeout: float | None = 600) -> None:
         """Block until this rank's part is written (rank 0: published); re-raise a failed write."""
         self._thread.join(timeout)

@@ -3,7 +3,8 @@
 ``submit`` copies the checkpoint's tensors to host memory on the calling thread
 (``host_copy.to_host``), so training may change them right after; serialising, hashing and the
 crash-safe write (``raytrainer.io.storage.save``: temporary file or upload, manifest) run on the
-writer thread.
+writer thread. ``submit(..., on_written=f)`` calls ``f(uri)`` on the writer thread once the file is
+complete on storage (never for a write that failed), so a caller records a checkpoint only when it exists.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import os
 import queue
 import threading
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -55,12 +57,16 @@ class AsyncCheckpointWriter:
         with self._cond:
             return self._pending
 
-    def submit(self, obj: dict, uri: str, *, staged: bool = False, timeout: float | None = 600) -> None:
-        """Queue ``obj`` to be saved at ``uri``; pass ``staged=True`` if it already is a host copy (``to_host``)."""
+    def submit(self, obj: dict, uri: str, *, staged: bool = False, timeout: float | None = 600,
+               on_written: Callable[[str], None] | None = None) -> None:
+        """Queue ``obj`` to be saved at ``uri``; pass ``staged=True`` if it already is a host copy (``to_host``).
+        ``on_written(uri)`` runs on the writer thread once the file is complete on storage, never after a failure."""
         if not isinstance(obj, dict):
             raise TypeError(f"submit() writes checkpoint dicts, got {type(obj).__name__} for {uri}")
         if not isinstance(uri, (str, os.PathLike)) or not os.fspath(uri):
             raise ValueError(f"submit() needs a checkpoint path or URI, got {uri!r}")
+        if on_written is not None and not callable(on_written):
+            raise TypeError(f"submit(on_written=...) takes a function of the written URI, got {on_written!r}")
         uri = os.fspath(uri)
         with self._cond:
             if self._closed:
@@ -85,7 +91,7 @@ class AsyncCheckpointWriter:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="raytrainer-checkpoint-writer")
             self._thread.start()
-        self._queue.put((payload, uri))
+        self._queue.put((payload, uri, on_written))
 
     def wait(self, timeout: float | None = 600) -> None:
         """Block until every submitted checkpoint is written, then re-raise the first background error."""
@@ -152,7 +158,7 @@ class AsyncCheckpointWriter:
                 continue
             if item is None:
                 return
-            payload, uri = item
+            payload, uri, on_written = item
             del item
             with self._cond:
                 self._in_flight = uri
@@ -163,6 +169,12 @@ class AsyncCheckpointWriter:
                 traceback.clear_frames(exc.__traceback__)  # keep the lines, drop the staged tensors
                 with self._cond:
                     self._errors.append((exc, uri))
+            else:
+                if on_written is not None:  # before the slot is released, so wait() returning means it ran
+                    try:
+                        on_written(uri)
+                    except Exception:  # the file is written; a failing notification must not fail the write
+                        logger.exception("the completion callback of checkpoint %s failed", uri)
             finally:
                 del payload
                 with self._cond:

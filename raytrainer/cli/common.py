@@ -135,7 +135,7 @@ class RunSummary:
     preemptions: list[dict[str, Any]]
     restarts: int
     checkpoint: str | None                      # newest checkpoint that verifies
-    checkpoint_step: int | None
+    checkpoint_step: int | None                 # the global_step the checkpoint file holds
     skipped_checkpoints: list[tuple[str, str]]  # (file, why it was not used)
     resume: list[str] | None                    # the command that resumes the run, when it is known
     metrics: list[dict[str, float]] = field(default_factory=list)
@@ -252,16 +252,18 @@ def _checkpoint_candidates(run_dir: str, events: list[dict[str, Any]]) -> list[s
     return list(dict.fromkeys(found))
 
 
-def _step_of_checkpoint(path: str, events: list[dict[str, Any]]) -> int | None:
-    """The step a checkpoint was written at: from its event, else from a ``step=N`` in its name."""
-    for event in reversed(events):
-        if event.get("path") == path and event.get("step") is not None:
-            return int(event["step"])
-    name = path.rstrip("/").rsplit("/", 1)[-1]
-    for part in name.replace(".ckpt", "").split("-"):
-        if part.startswith("step=") and part[5:].isdigit():
-            return int(part[5:])
-    return None
+def _held_step(path: str) -> int | None:
+    """The step the checkpoint at ``path`` holds, read from the file itself (an events log records when a save was
+    taken, and a run killed mid-write never wrote what an older log claimed); None if it cannot be read."""
+    from raytrainer.checkpoint.resolve import checkpoint_step
+
+    try:
+        return checkpoint_step(path)
+    except Exception as exc:  # noqa: BLE001 - verified just before: replaced or removed by a running writer since
+        from raytrainer.utilities import log
+
+        log.warning("could not read the step of checkpoint %s: %s", path, exc)
+        return None
 
 
 def _mtime(uri: str) -> float | None:
@@ -414,6 +416,6 @@ def summarize_run(path_or_uri: str, now: float | None = None) -> RunSummary:
     return RunSummary(
         run_dir=run_dir, state=state, state_detail=detail, step=step, epoch=epoch, events=events,
         world_sizes=world_sizes, failures=failures, resizes=resizes, preemptions=preemptions, restarts=restarts,
-        checkpoint=checkpoint, checkpoint_step=_step_of_checkpoint(checkpoint, events) if checkpoint else None,
+        checkpoint=checkpoint, checkpoint_step=_held_step(checkpoint) if checkpoint else None,
         skipped_checkpoints=skipped, resume=resume, metrics=metrics, last_activity=last_activity,
     )

@@ -213,6 +213,15 @@ class RankSession:
         """Values logged with prog_bar=True, the running epoch's latest step values included."""
         return {**self.progress_bar_metrics_store, **self._latest_step_floats("prog_bar")}
 
+    def _store_eval_prog_bar(self, key: str, value: float) -> None:
+        """An evaluation value for the progress bar, after the running epoch's training keys: the bar lists
+        metrics in the order they were first logged, as Lightning's (``loss`` before ``val_loss``)."""
+        store = self.progress_bar_metrics_store
+        if key not in store:
+            for name, latest in self._latest_step_floats("prog_bar").items():
+                store.setdefault(name, latest)
+        store[key] = value
+
     def _latest_step_floats(self, flag: str) -> dict[str, float]:
         """The running training epoch's latest step values logged with ``flag`` (logger or prog_bar) set."""
         train = self.results.get("train")
@@ -792,7 +801,7 @@ class RankSession:
         for key, (meta, v) in results.step_metrics(self._reduce_fn()).items():
             f = to_float(v)
             if meta.prog_bar:
-                self.progress_bar_metrics_store[key] = f
+                self._store_eval_prog_bar(key, f)
             if meta.logger:
                 logged[key] = f
         results.step_values.clear()
@@ -838,7 +847,7 @@ class RankSession:
             if key != meta.name:  # on_step and on_epoch: the plain name holds the epoch value too
                 self.callback_metrics_store[meta.name] = v
             if meta.prog_bar:
-                self.progress_bar_metrics_store[key] = to_float(v)
+                self._store_eval_prog_bar(key, to_float(v))
 
     def finish_eval_logging(self, stage: str, n_loaders: int) -> list[dict[str, float]]:
         results = self.results[stage]
@@ -853,7 +862,7 @@ class RankSession:
                 self.callback_metrics_store[meta.name] = v
             f = to_float(v)
             if meta.prog_bar:
-                self.progress_bar_metrics_store[key] = f
+                self._store_eval_prog_bar(key, f)
             if meta.logger:
                 logged[key] = f
             idx = meta.dl_idx
@@ -922,12 +931,14 @@ class RankSession:
         if pos.rng is not None:
             set_rng_states(pos.rng)
 
-    def on_checkpoint_saved(self, path: str) -> None:
-        """Record a checkpoint write in the run's events."""
-        self.saved_checkpoints.append((self.state.global_step, path))
+    def on_checkpoint_saved(self, path: str, step: int | None = None, epoch: int | None = None) -> None:
+        """Record a checkpoint that is complete on storage in the run's events; ``step``/``epoch``: what the file
+        holds (default: now), as an asynchronous save lands a few steps after it was taken."""
+        step = self.state.global_step if step is None else step
+        epoch = self.state.current_epoch if epoch is None else epoch
+        self.saved_checkpoints.append((step, path))
         if self.events is not None:
-            self.events.emit("checkpoint", world_size=self.world_size, step=self.state.global_step,
-                             epoch=self.state.current_epoch, path=path)
+            self.events.emit("checkpoint", world_size=self.world_size, step=step, epoch=epoch, path=path)
 
     # ------------------------------------------------------------------ stopping
     def stop_code(self, deadline: float | None) -> int:

@@ -2,6 +2,7 @@
 (RunResult), applying that result on the driver, and merging predictions."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -34,15 +35,31 @@ class RankPayload:
     callbacks: list[Any]
     loggers: list[Any]
     counters: dict[str, int]
+    env: dict[str, str] = field(default_factory=dict)  # the driver's FORWARDED_ENV at this call
 
     @classmethod
     def of(cls, trainer: Any) -> RankPayload:
         return cls(type(trainer), trainer.config, list(trainer.callbacks), list(trainer.loggers),
-                   trainer.session.state.counters())
+                   trainer.session.state.counters(), forwarded_env())
 
     def build(self) -> Any:
-        """This rank's Trainer (with a fresh RankSession)."""
+        """This rank's Trainer (with a fresh RankSession), in the driver's forwarded environment of this call
+        (a warm rank process may have started under an earlier call's seed)."""
+        for name in FORWARDED_ENV:
+            if name in self.env:
+                os.environ[name] = self.env[name]
+            else:
+                os.environ.pop(name, None)
         return self.trainer_cls.for_rank(self.config, self.callbacks, self.loggers, self.counters)
+
+
+FORWARDED_ENV = ("RAYTRAINER_S3_ENDPOINT", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
+                 "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "PL_GLOBAL_SEED", "PL_SEED_WORKERS")
+
+
+def forwarded_env() -> dict[str, str]:
+    """Environment the ranks need from the driver (object store endpoints and credentials, seeds)."""
+    return {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
 
 
 @dataclass

@@ -29,6 +29,7 @@ from raytrainer.data.ray_data import (
     split_ray_data,
 )
 from raytrainer.launchers.base import RankPayload, RunResult
+from raytrainer.launchers.ray import pool
 from raytrainer.launchers.ray.group import PlacementError, RankError, ensure_ray
 from raytrainer.launchers.ray.policies import (
     Failure,
@@ -193,7 +194,8 @@ class FitController:
                   Phase.RESIZING: self._resizing, Phase.STOPPING: self._stopping}
         try:
             try:
-                ensure_ray(self.plan.max_ranks + self._data_headroom(), 0, self.trainer.config.ray_address)
+                ensure_ray(self.plan.max_ranks + self._data_headroom(), 0, self.trainer.config.ray_address,
+                           num_ranks=self.plan.max_ranks + self.trainer.config.spare_ranks_per_node)
             except SystemExit as exc:  # ray.init answers SIGTERM with sys.exit(15) while it starts
                 if exc.code != signal.SIGTERM or previous is None:
                     raise
@@ -325,7 +327,8 @@ class FitController:
         """The ranks returned: the driver takes over their result; a preempted run raises Preempted."""
         result = self.result
         assert result is not None
-        self.group.shutdown()
+        group, self.group = self.group, None
+        pool.release(group, result.status == "finished")  # a finished call's ranks stay warm for the next call
         result.apply(self.trainer, self.model)
         self.trainer.session.world = self.world
         if result.status == "preempted":

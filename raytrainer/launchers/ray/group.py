@@ -64,10 +64,62 @@ class GroupTimeoutError(TimeoutError):
     """The ranks did not finish within the time the caller allowed."""
 
 
+class WorldTooLargeError(RuntimeError):
+    """A local Ray instance would start more rank processes than this machine's available memory holds."""
+
+
+# What one rank process needs, measured (Ray 2.60, torch 2.13 CPU build, a 2-rank fit of a small MLP): a rank
+# actor's own memory (USS, which a new process takes from the available memory) is about 290 MiB, its RSS about
+# 445 MiB, as it imports torch and raytrainer. The estimate adds room for the rank's model, optimizer state and
+# batches. Ray's own processes (GCS, raylet, dashboard, agents) took about 350 MiB together.
+RANK_MEMORY_ENV = "RAYTRAINER_RANK_MEMORY_MB"
+DEFAULT_RANK_MEMORY_MB = 512
+RAY_OWN_MEMORY_MB = 512
+
+
+def rank_memory_estimate_mb() -> float:
+    """MiB one rank process is expected to need: ``RAYTRAINER_RANK_MEMORY_MB`` if set, else the measured default."""
+    text = os.environ.get(RANK_MEMORY_ENV, "").strip()
+    if not text:
+        return float(DEFAULT_RANK_MEMORY_MB)
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"{RANK_MEMORY_ENV}={text!r} is not a memory size: give the MiB one rank process needs "
+                         f"(e.g. {RANK_MEMORY_ENV}=1024), or 0 to skip the memory check of local Ray runs.")
+    return value
+
+
+def check_local_memory(num_ranks: int) -> None:
+    """Refuse, before Ray or any actor starts, a local world whose rank processes cannot fit in this machine's
+    available memory (``WorldTooLargeError`` with the numbers and what to do instead)."""
+    import psutil
+
+    per_rank = rank_memory_estimate_mb()
+    if per_rank == 0 or num_ranks <= 0:
+        return
+    needed = num_ranks * per_rank + RAY_OWN_MEMORY_MB
+    available = psutil.virtual_memory().available / 2**20
+    if needed <= available:
+        return
+    source = f"from {RANK_MEMORY_ENV}" if os.environ.get(RANK_MEMORY_ENV, "").strip() else \
+        "the measured default: a rank imports torch, about 290 MiB before any training state"
+    raise WorldTooLargeError(
+        f"refusing to start a local Ray instance for {num_ranks} rank process(es): they need about "
+        f"{num_ranks} x {per_rank:g} MiB per rank ({source}) + {RAY_OWN_MEMORY_MB} MiB for Ray's own processes = "
+        f"{needed / 1024:.1f} GiB, but this machine has {available / 1024:.1f} GiB of memory available "
+        f"({os.cpu_count() or 1} CPU core(s)). Use fewer ranks (num_processes/devices), or run on a Ray cluster "
+        "(Trainer(ray_address='HOST:PORT') or `raytrainer fit --address HOST:PORT train.py`). To run it here "
+        f"anyway, set {RANK_MEMORY_ENV} to the MiB one rank really needs (0 skips this check).")
+
+
 # ------------------------------------------------------------------------------------------------
 # Ray session
 # ------------------------------------------------------------------------------------------------
-def ensure_ray(num_cpus_needed: int, num_gpus_needed: int = 0, address: str | None = None) -> bool:
+def ensure_ray(num_cpus_needed: int, num_gpus_needed: int = 0, address: str | None = None,
+               num_ranks: int | None = None) -> bool:
     """Make sure this process is connected to Ray; True if this call started a local instance.
 
     Order: an existing connection; ``address`` or ``RAY_ADDRESS``; a cluster started on this
@@ -76,12 +128,17 @@ def ensure_ray(num_cpus_needed: int, num_gpus_needed: int = 0, address: str | No
     skips the search and always starts a private instance. Only the caller that got True should
     call ``ray.shutdown()``. A local instance this function started that is too small for a later,
     bigger world is restarted larger while nothing runs on it (as Lightning would just start more
-    processes).
+    processes). Before a local instance starts, ``num_ranks`` rank processes (default: one per CPU
+    needed) must fit in the available memory (``check_local_memory``); a cluster is not checked.
     """
     global _OWN_LOCAL_GCS
+    ranks = int(math.ceil(num_cpus_needed)) if num_ranks is None else num_ranks
     if ray.is_initialized():
-        if not _regrow_own_instance(num_cpus_needed):
+        if not _own_instance_too_small(num_cpus_needed):
             return False
+        check_local_memory(ranks)  # before the instance that is there goes
+        log.info("restarting the local Ray instance with room for %d ranks", num_cpus_needed)
+        ray.shutdown()
         address = "local"
     quiet = dict(log_to_driver=True, configure_logging=True, logging_level=logging.WARNING)
     if address == "local":
@@ -92,6 +149,7 @@ def ensure_ray(num_cpus_needed: int, num_gpus_needed: int = 0, address: str | No
         log.info("connecting to the Ray cluster at %s", address)
         ray.init(address=address, **quiet)
         return False
+    check_local_memory(ranks)
     num_cpus = max(os.cpu_count() or 1, int(math.ceil(num_cpus_needed)))
     log.info("starting a local Ray instance with %d logical CPUs", num_cpus)
     # GPUs are detected by Ray; asking for more than exist would only hide the real shortage.
@@ -104,12 +162,10 @@ def ensure_ray(num_cpus_needed: int, num_gpus_needed: int = 0, address: str | No
 _OWN_LOCAL_GCS: str | None = None  # GCS address of the local instance ensure_ray started, if any
 
 
-def _regrow_own_instance(num_cpus_needed: int) -> bool:
-    """Shut down the local instance ensure_ray started if it has too few CPUs and runs no actors.
-
-    Returns True when the caller should start a bigger one. Instances that others started, or
-    that still run actors (ours or the user's), are never touched.
-    """
+def _own_instance_too_small(num_cpus_needed: int) -> bool:
+    """True when the local instance ensure_ray started has too few CPUs and runs no actors: the caller may shut it
+    down and start a bigger one. Instances that others started, or that still run actors (ours or the user's),
+    are never touched."""
     try:
         if _OWN_LOCAL_GCS is None or ray.get_runtime_context().gcs_address != _OWN_LOCAL_GCS:
             return False
@@ -123,9 +179,15 @@ def _regrow_own_instance(num_cpus_needed: int) -> bool:
     except Exception as err:  # noqa: BLE001 - if the state cannot be read, leave the session alone
         log.debug("could not check the local Ray instance's size: %s", err)
         return False
-    log.info("restarting the local Ray instance with room for %d ranks", num_cpus_needed)
-    ray.shutdown()
     return True
+
+
+def _is_own_local_instance() -> bool:
+    """Whether this process is connected to the local instance ensure_ray started (not a cluster)."""
+    try:
+        return _OWN_LOCAL_GCS is not None and ray.get_runtime_context().gcs_address == _OWN_LOCAL_GCS
+    except Exception:  # noqa: BLE001 - not connected
+        return False
 
 
 def _running_local_cluster() -> str | None:
@@ -373,7 +435,7 @@ class WorkerGroup:
         t0 = time.perf_counter()
         self.started_ray = ensure_ray(math.ceil(self.world_size * self.cpus_per_rank),
                                       math.ceil(self.world_size * self.gpus_per_rank),
-                                      self.ray_address)
+                                      self.ray_address, num_ranks=self.world_size + self.spares_per_node)
         t_ray = time.perf_counter()
         self._check_name_free()
         try:
@@ -489,6 +551,20 @@ class WorkerGroup:
         return self._new_actor(f"{self.actor_name(rank)}-r{self._spare_count}",
                                self._bundle_strategy(self._bundles[rank]))
 
+    def _slow_start_cause(self) -> str:
+        """The likely reason the rank actors did not start in time, and what to do about it."""
+        if _is_own_local_instance():
+            import psutil
+
+            available = psutil.virtual_memory().available / 2**30
+            return (f"Likely cause: too many ranks for this machine: {self.world_size} rank process(es), each "
+                    f"importing torch, on {os.cpu_count() or 1} CPU core(s) with {available:.1f} GiB of memory "
+                    "available now. Use fewer ranks (num_processes/devices), or run on a Ray cluster "
+                    "(Trainer(ray_address='HOST:PORT') or `raytrainer fit --address HOST:PORT train.py`).")
+        return (f"Likely cause: the Ray cluster has no free resources for {self.world_size} rank process(es) "
+                f"({_fmt(self._rank_resources())} each; other jobs may hold them) or its nodes start worker "
+                "processes slowly; `ray status` shows what is free. Ask for fewer ranks, or wait for the cluster.")
+
     def _check_name_free(self) -> None:
         name = self.actor_name(0)
         try:
@@ -590,8 +666,11 @@ class WorkerGroup:
         """Start one actor per rank and learn where each one really runs."""
         for rank, (bundle_index, _) in enumerate(plan):
             self._actors.append(self._new_actor(self.actor_name(rank), self._bundle_strategy(bundle_index)))
-        infos = self._gather([a.node_info.remote() for a in self._actors], self.start_timeout_s,
-                             "starting the rank actors")
+        try:
+            infos = self._gather([a.node_info.remote() for a in self._actors], self.start_timeout_s,
+                                 "starting the rank actors")
+        except GroupTimeoutError as err:
+            raise GroupTimeoutError(f"{err}\n{self._slow_start_cause()}") from None
         self.ranks = self._assign_ranks(plan, infos)
         self._bundles = [b for b, _ in plan]
 
@@ -827,6 +906,18 @@ class WorkerGroup:
                         exception=original)
         err.failed = {r: d for r, (_, d) in failures.items()}
         return err
+
+    def responsive(self, timeout_s: float = 5.0) -> bool:
+        """Whether every rank actor answers a ping within ``timeout_s`` (a group kept idle may have lost one, or
+        belong to an ended Ray session)."""
+        if not ray.is_initialized() or not self.started:
+            return False
+        try:
+            ray.get([a.ping.remote() for a in self._actors], timeout=timeout_s)
+        except Exception as err:  # noqa: BLE001 - any failure means: not usable
+            log.debug("worker group %s: not responsive (%s)", self.run_name, err)
+            return False
+        return True
 
     # -- shutdown ------------------------------------------------------------------------------
     def shutdown(self, graceful: bool = True, timeout_s: float = 10) -> None:

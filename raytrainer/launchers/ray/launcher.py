@@ -16,7 +16,8 @@ from raytrainer.data.ray_data import (
     holds_ray_data,
     split_ray_data,
 )
-from raytrainer.launchers.base import RankPayload, RunResult, merge_predictions
+from raytrainer.launchers.base import RankPayload, RunResult, forwarded_env, merge_predictions
+from raytrainer.launchers.ray import pool
 from raytrainer.launchers.ray.controller import FitController, RetryableError
 from raytrainer.launchers.ray.group import WorkerGroup, check_picklable, ensure_ray
 from raytrainer.launchers.ray.policies import ScalingPolicy
@@ -39,6 +40,8 @@ class RayLauncher:
 
     # ------------------------------------------------------------------ groups
     def _new_group(self, trainer: Any, world: int, spares: bool = False) -> Any:
+        """A group of ``world`` ranks for this call: the warm one a finished call left (pool.py) when its shape
+        matches, else a new one (not started yet)."""
         session, config = trainer.session, trainer.config
         nodes, per_node = self._scaling(trainer).layout(world) if self.plan.elastic else \
             (self.plan.num_nodes, self.plan.ranks_per_node)
@@ -46,16 +49,19 @@ class RayLauncher:
         template = self.plan.strategy_object
         backend = getattr(template, "process_group_backend", None)
         timeout_s = template.timeout_s if getattr(template, "timeout_given", False) else config.collective_timeout_s
-        group = WorkerGroup(
-            run_name=session.run_name, num_nodes=nodes,
-            ranks_per_node=per_node, cpus_per_rank=1, gpus_per_rank=1 if self.plan.accelerator == "cuda" else 0,
-            placement_timeout_s=config.placement_timeout_s, collective_timeout_s=timeout_s,
-            ray_address=config.ray_address, env=_forwarded_env(),
-            spares_per_node=config.spare_ranks_per_node if spares else 0, backend=backend,
-        )
-        atexit.register(group.shutdown)
+        args = dict(num_nodes=nodes, ranks_per_node=per_node, cpus_per_rank=1,
+                    gpus_per_rank=1 if self.plan.accelerator == "cuda" else 0,
+                    placement_timeout_s=config.placement_timeout_s, collective_timeout_s=timeout_s,
+                    ray_address=config.ray_address, env=forwarded_env(),
+                    spares_per_node=config.spare_ranks_per_node if spares else 0, backend=backend)
+        keep = not self.plan.elastic and pool.idle_seconds() > 0  # (a bad setting is refused before any rank)
+        group = pool.take(pool.group_key(args), args["spares_per_node"]) if keep else None
+        if group is None:
+            pool.shutdown()  # an idle group of another shape must not hold the resources this one needs
+            group = WorkerGroup(run_name=session.run_name, **args)
+            atexit.register(group.shutdown)
+        group.pool_args = args if keep else None
         return group
-
 
     def _scaling(self, trainer: Any) -> ScalingPolicy:
         p = self.plan
@@ -80,13 +86,15 @@ class RayLauncher:
             if isinstance(msg, dict) and msg.get("type") == "progress" and bar is not None:
                 bar.handle(msg["event"])
 
+        ok = False
         try:
             results = group.run(rank_entry, RankPayload.of(trainer), fn, model, kwargs, {"rng": rng_states()},
                                 on_message=on_message, arg_names=["trainer", "fn", "model", "kwargs", "ctl"])
+            ok = True
         finally:
             if bar is not None:
                 bar.close()
-            group.shutdown()
+            pool.release(group, ok)
             close_splits(data_splits)
         if fn == "predict":
             return merge_predictions(results)
@@ -139,12 +147,3 @@ def _check_sendable(trainer: Any, model: Any, kwargs: dict[str, Any]) -> None:
         check_picklable(RankPayload.of(trainer), "trainer")
         raise TypeError(f"the trainer, module and data cannot be pickled together for the Ray ranks: "
                         f"{type(err).__name__}: {err}") from err
-
-
-def _forwarded_env() -> dict[str, str]:
-    """Environment the ranks need from the driver (object store endpoints, seeds)."""
-    import os
-
-    keys = ("RAYTRAINER_S3_ENDPOINT", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
-            "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "PL_GLOBAL_SEED", "PL_SEED_WORKERS")
-    return {k: os.environ[k] for k in keys if k in os.environ}

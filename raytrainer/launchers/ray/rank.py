@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import torch
+
 from raytrainer.core import control
 from raytrainer.launchers.base import RankPayload, RunResult
 from raytrainer.launchers.ray import rendezvous, snapshots
@@ -20,6 +22,7 @@ def rank_entry(info: Any, payload: RankPayload, fn: str, model: Any, kwargs: dic
     """Runs on every rank: rebuild the Trainer from its payload, build the DDP strategy, run the loops,
     return this rank's share of the result."""
     ctl = ctl or {}
+    _as_fresh_process()  # a warm rank (pool.py) ran earlier calls: nothing of theirs carries over
     trainer = payload.build()
     session = trainer.session
     control.reset()
@@ -68,6 +71,13 @@ def rank_entry(info: Any, payload: RankPayload, fn: str, model: Any, kwargs: dic
     if full_weights is not None:  # the driver's module gets whole tensors, gathered from every rank's shards
         result.state_dict = full_weights
     return result
+
+
+def _as_fresh_process() -> None:
+    """Torch's process-wide switches as a new rank process has them (each call sets what its Trainer asks for)."""
+    torch.use_deterministic_algorithms(False)
+    torch.backends.cudnn.benchmark = False
+    torch.set_grad_enabled(True)
 
 
 def rank_strategy(trainer: Any, info: Any, model: Any) -> DDPStrategy:

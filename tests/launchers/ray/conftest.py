@@ -23,6 +23,23 @@ def alive_rank_actors(prefix: str = ACTOR_NAME_PREFIX) -> list[str]:
                   if a.get("State") == "ALIVE" and str(a.get("Name", "")).startswith(prefix))
 
 
+def assert_only_the_warm_group_left() -> None:
+    """After a call that ended cleanly: the rank actors still alive are exactly the warm group's (kept for the
+    next call, launchers/ray/pool.py), and raytrainer.shutdown() ends them and frees what they held."""
+    import raytrainer
+    from raytrainer.launchers.ray import pool
+
+    group = pool.held()
+    assert group is not None, "a clean call keeps its group warm"
+    states = ray._private.state.actors()
+    ranks = {states[a._actor_id.hex()]["Name"] for a in group._actors}  # a repaired rank is a former spare
+    alive = set(alive_rank_actors())
+    assert len(ranks) == group.world_size and ranks <= alive
+    assert all("-spare-" in name for name in alive - ranks), alive - ranks  # and its unused spares
+    raytrainer.shutdown()
+    assert alive_rank_actors() == []
+
+
 @pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[ray.cluster_utils.Cluster]:
     """Three Ray nodes in this machine: a head with no CPUs and two 2-CPU workers."""

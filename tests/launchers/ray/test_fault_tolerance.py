@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+from conftest import assert_only_the_warm_group_left
 from ft_models import FailingRegression, KillThenCollectiveAt, Regression, SignalAt, events, loader, params
 
 import raytrainer as pl
@@ -50,7 +51,7 @@ def test_killed_rank_recovers_bitwise(local_ray, tmp_path, alive_actors, killed)
     # the controller's phases: a repair in place goes back to RUNNING without starting a new group
     assert [p.value for p in trainer.last_run.history] == ["starting", "running", "recovering", "running",
                                                            "stopping", "finished"]
-    assert alive_actors() == []
+    assert_only_the_warm_group_left()
 
 
 def test_failure_after_an_optimizer_step_never_resumes_from_moved_on_parameters(local_ray, tmp_path):
@@ -84,6 +85,7 @@ def test_exhausted_budget_is_clear_and_releases_everything(local_ray, tmp_path, 
             time.sleep(0.1)
         return ray.available_resources().get("CPU", 0)
 
+    pl.shutdown()  # the warm group an earlier test's clean fit kept
     assert wait_all_free() == total, "an earlier test still holds CPUs"
     trainer = _trainer(tmp_path, max_failures=0, callbacks=[SignalAt(3, str(tmp_path / "marker"))])
     with pytest.raises(FailuresExhausted) as info:

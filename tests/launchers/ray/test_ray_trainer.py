@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import ray
 import torch
-from conftest import alive_rank_actors
+from conftest import alive_rank_actors, assert_only_the_warm_group_left
 from torch.utils.data import DataLoader, TensorDataset
 from trainer_models import RankProbe, Regression, WithOpenFile, WriteAudit, loader, read_probes, regression_data
 
@@ -117,7 +117,7 @@ def test_two_ranks_at_half_batch_train_like_one_rank(tmp_path):
     for r in (0, 1):  # the driver holds exactly what every rank ended with
         ranked = torch.load(tmp_path / f"params-rank-{r}.pt")
         assert_close(ranked["state_dict"], model.state_dict(), atol=0)
-    assert alive_rank_actors() == []
+    assert_only_the_warm_group_left()
 
 
 def test_eight_ranks_on_a_two_core_machine(tmp_path):
@@ -218,7 +218,7 @@ def test_validate_and_test_return_lightning_dicts_reduced_across_ranks():
     assert test[0]["test_loss"] == pytest.approx(ref_test[0]["test_loss"], abs=1e-6)
     assert test[0]["test_rank"] == pytest.approx(0.5)
     assert float(t.callback_metrics["test_loss"]) == pytest.approx(test[0]["test_loss"])
-    assert alive_rank_actors() == []
+    assert_only_the_warm_group_left()
 
 
 @pytest.mark.parametrize("n", [50, 7])

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import ray
-from conftest import alive_rank_actors
+from conftest import alive_rank_actors, assert_only_the_warm_group_left
 from trainer_models import RankProbe, Regression, loader, read_probes, regression_data
 
 import raytrainer as pl
@@ -39,7 +39,7 @@ def test_two_nodes_one_rank_each(ray_cluster, tmp_path):
     assert [(p["node_rank"], p["local_rank"]) for p in probes] == [(0, 0), (1, 0)]
     assert [p["env"]["NODE_RANK"] for p in probes] == ["0", "1"]
     assert t.world_size == 2 and t.num_nodes == 2 and t.global_step == 64 // (2 * 8)
-    assert alive_rank_actors() == []
+    assert_only_the_warm_group_left()
 
 
 def test_three_nodes_on_a_two_node_cluster_fail_within_the_bounded_wait(ray_cluster):

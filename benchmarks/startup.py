@@ -21,7 +21,12 @@ after one untimed warm-up each, and taking medians. The "cold" numbers run each 
 Python process and include ``ray.init`` (the same explicit call for both), as a user's first run on a
 laptop would.
 
-    python benchmarks/startup.py [--repeats 5] [--cold-repeats 2] [--profile]
+Warm ranks (``--warm``): after one fit, a new Trainer's fit of the same shape runs on the rank processes the
+finished call kept (raytrainer/launchers/ray/pool.py): its call-to-first-step time, then ``validate`` of one batch
+per rank after it (whole call). The comparison runs above release raytrainer's ranks after each fit, so every
+contender starts new worker processes there.
+
+    python benchmarks/startup.py [--cold | --warm] [--repeats 5] [--cold-repeats 2] [--profile]
 """
 from __future__ import annotations
 
@@ -72,7 +77,8 @@ def stamp(path: str) -> None:
 # ------------------------------------------------------------------------------------------------
 # raytrainer
 # ------------------------------------------------------------------------------------------------
-def run_raytrainer(stamp_path: str) -> dict[str, float]:
+def _raytrainer_job(stamp_path: str) -> tuple[Any, Any, Any]:
+    """(trainer, model, loader) of the shared job, with a callback that stamps rank 0's first step."""
     import torch
     from torch import nn
     from torch.utils.data import DataLoader
@@ -99,6 +105,10 @@ def run_raytrainer(stamp_path: str) -> dict[str, float]:
             x, y = batch
             return nn.functional.mse_loss(self.net(x), y)
 
+        def validation_step(self, batch: Any, batch_idx: int) -> Any:
+            x, y = batch
+            self.log("val_loss", nn.functional.mse_loss(self.net(x), y))
+
         def configure_optimizers(self) -> Any:
             return torch.optim.SGD(self.parameters(), lr=0.01)
 
@@ -107,6 +117,15 @@ def run_raytrainer(stamp_path: str) -> dict[str, float]:
     trainer = rt.Trainer(num_processes=WORLD, max_steps=STEPS, enable_progress_bar=False, logger=False,
                          enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
                          callbacks=[FirstStep(stamp_path)])
+    return trainer, model, data
+
+
+def run_raytrainer(stamp_path: str, keep_warm: bool = False) -> dict[str, float]:
+    """One fit; without ``keep_warm`` its rank processes are released afterwards, so the next fit starts a new
+    group as Ray Train's does (the comparison); with it they serve the next call (warm ranks)."""
+    import raytrainer as rt
+
+    trainer, model, data = _raytrainer_job(stamp_path)
     start = time.time()
     trainer.fit(model, data)
     end = time.time()
@@ -115,6 +134,15 @@ def run_raytrainer(stamp_path: str) -> dict[str, float]:
     group = trainer.session.worker_group
     if group is not None and getattr(group, "timings", None):
         out.update({f"group_{k}": v for k, v in group.timings.items()})
+    if keep_warm:  # then validate one batch per rank on the same (warm) ranks: the whole call
+        from torch.utils.data import DataLoader, Subset
+
+        one_batch = DataLoader(Subset(make_dataset(), range(WORLD * BATCH)), batch_size=BATCH)
+        start = time.time()
+        trainer.validate(model, one_batch, verbose=False)
+        out["validate_s"] = time.time() - start
+    else:
+        rt.shutdown()
     return out
 
 
@@ -299,10 +327,32 @@ def summarize(label: str, runs: dict[str, list[dict[str, float]]]) -> dict[str, 
     return {"first_step_ratio": ratio_first, "total_ratio": ratio_total}
 
 
+def warm_ranks(workdir: str, repeats: int) -> dict[str, float]:
+    """Warm ranks: after one fit, each new Trainer's fit runs on the kept rank processes; its call-to-first-step
+    time, then ``validate`` of one batch per rank (whole call), medians of ``repeats``."""
+    stamp_at = lambda: os.path.join(workdir, f"warm-{time.time_ns()}.stamp")  # noqa: E731
+    first = run_raytrainer(stamp_at(), keep_warm=True)  # starts the group that the repeats reuse
+    runs = [run_raytrainer(stamp_at(), keep_warm=True) for _ in range(repeats)]
+    med = {m: statistics.median(r[m] for r in runs) for m in ("first_step_s", "total_s", "validate_s")}
+    print(f"\nwarm ranks (a new Trainer's fit on the rank processes a finished call kept): medians of {repeats}")
+    print(f"  first fit (new group): first step {first['first_step_s']:.2f}s, total {first['total_s']:.2f}s")
+    print(f"  next fit: call to first step {med['first_step_s']:.3f}s (target <= 0.3), whole call "
+          f"{med['total_s']:.3f}s; runs: " + ", ".join(f"{r['first_step_s']:.3f}" for r in runs))
+    print(f"  validate of one batch per rank after fit, whole call: {med['validate_s']:.3f}s (target <= 1.0); "
+          "runs: " + ", ".join(f"{r['validate_s']:.3f}" for r in runs))
+    import raytrainer as rt
+
+    rt.shutdown()
+    return {"warm_first_step_s": med["first_step_s"], "warm_validate_s": med["validate_s"]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--repeats", type=int, default=5, help="warm runs per framework (interleaved)")
+    p.add_argument("--repeats", type=int, default=5, help="runs per framework (interleaved) with Ray running")
     p.add_argument("--cold-repeats", type=int, default=2, help="cold runs per framework (0 to skip)")
+    p.add_argument("--cold", action="store_true", help="only the cold comparison (fresh processes)")
+    p.add_argument("--warm", action="store_true", help="only warm ranks (raytrainer's reuse of a finished call's "
+                                                         "rank processes)")
     p.add_argument("--profile", action="store_true", help="print raytrainer's start-up breakdown per run")
     p.add_argument("--cold-one", nargs=2, metavar=("KIND", "WORKDIR"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -315,33 +365,39 @@ def main() -> None:
 
     import ray
 
+    ratios: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="rt-startup-") as workdir:
-        if args.cold_repeats:
+        if args.cold_repeats and not args.warm:
             cold_runs: dict[str, list[dict[str, float]]] = {k: [] for k in KINDS}
             for i in range(args.cold_repeats):
                 for kind in order(i):
                     cold_runs[kind].append(cold(kind, workdir))
-            summarize("cold (fresh process; includes ray.init)", cold_runs)
+            ratios.update({f"cold_{k}": v for k, v in
+                           summarize("cold (fresh process; includes ray.init)", cold_runs).items()})
             print("  ray.init: " + ", ".join(f"{k} {r['ray_init_s']:.2f}s" for k, v in cold_runs.items() for r in v))
-
-        init_ray()
-        runs: dict[str, list[dict[str, float]]] = {k: [] for k in KINDS}
-        for kind in KINDS:  # one untimed warm-up each: driver-side imports, Ray's first worker processes
-            measure(kind, workdir)
-        for i in range(args.repeats):
-            for kind in order(i):
-                runs[kind].append(measure(kind, workdir))
-        ratios = summarize("warm (Ray already running; fit only)", runs)
-        if args.profile:
-            print("\n  raytrainer start-up breakdown (WorkerGroup.timings, then the rest until rank 0's first step):")
-            for r in runs["raytrainer"]:
-                start = r.get("group_start_s", float("nan"))
-                print(f"    placement {r.get('group_placement_s', float('nan')):.2f}s, actors+imports "
-                      f"{r.get('group_actors_s', float('nan')):.2f}s, rendezvous "
-                      f"{r.get('group_rendezvous_s', float('nan')):.2f}s, group start {start:.2f}s; "
-                      f"then setup+first step {r['first_step_s'] - start:.2f}s; "
-                      f"after first step {r['total_s'] - r['first_step_s']:.2f}s")
-        ray.shutdown()
+        if not args.cold:
+            init_ray()
+        if not args.cold and not args.warm:
+            runs: dict[str, list[dict[str, float]]] = {k: [] for k in KINDS}
+            for kind in KINDS:  # one untimed warm-up each: driver-side imports, Ray's first worker processes
+                measure(kind, workdir)
+            for i in range(args.repeats):
+                for kind in order(i):
+                    runs[kind].append(measure(kind, workdir))
+            ratios.update(summarize("Ray already running; fit only, a new group each time", runs))
+            if args.profile:
+                print("\n  raytrainer start-up breakdown (WorkerGroup.timings, then the rest until rank 0's first "
+                      "step):")
+                for r in runs["raytrainer"]:
+                    start = r.get("group_start_s", float("nan"))
+                    print(f"    placement {r.get('group_placement_s', float('nan')):.2f}s, actors+imports "
+                          f"{r.get('group_actors_s', float('nan')):.2f}s, rendezvous "
+                          f"{r.get('group_rendezvous_s', float('nan')):.2f}s, group start {start:.2f}s; "
+                          f"then setup+first step {r['first_step_s'] - start:.2f}s; "
+                          f"after first step {r['total_s'] - r['first_step_s']:.2f}s")
+        if not args.cold:
+            ratios.update(warm_ranks(workdir, args.repeats))
+            ray.shutdown()
     print(f"\nload average after: {os.getloadavg()}")
     print("RATIOS " + json.dumps(ratios))
 

@@ -3,6 +3,12 @@ from __future__ import annotations
 
 import csv
 import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -94,3 +100,34 @@ def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs (max abs diff {(a[k] - b[k]).abs().max().item():.3g})"
+
+
+def temp_files(directory: str) -> list[str]:
+    """The temporary files of checkpoint writes in flight (or left by a killed writer) in ``directory``."""
+    return [n for n in os.listdir(directory) if n.startswith(".") and ".tmp-" in n]
+
+
+def kill_during_a_write(script: str, arg: str, directory: str, ready: Callable[[], bool] = lambda: True,
+                        timeout: float = 120.0) -> list[str]:
+    """Run ``python -c script arg``, wait for ``directory/last.ckpt`` and then for ``ready()``, SIGKILL it while a
+    later checkpoint is being written; returns the temporary files the kill left (proof that it hit a write)."""
+    proc = subprocess.Popen([sys.executable, "-c", script, arg], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + timeout
+        last = os.path.join(directory, "last.ckpt")
+        for what, done, pause in (("a checkpoint was written", lambda: os.path.exists(last), 0.01),
+                                  ("the test's condition held", ready, 0.01),
+                                  ("a further checkpoint write started", lambda: temp_files(directory), 0.001)):
+            while not done():
+                assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+                assert time.monotonic() < deadline, f"not in time: {what}"
+                time.sleep(pause)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    return temp_files(directory)

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 from typing import Any
 
 import pytest
 import torch
+from ckpt_models import kill_during_a_write
 from torch.utils.data import DataLoader, TensorDataset
 
 import raytrainer as rt
@@ -135,39 +133,12 @@ def test_a_save_that_fails_records_no_event(tmp_path):
     _check_events_hold(trainer.log_dir, final=True)
 
 
-def _temp_files(directory: str) -> list[str]:
-    return [n for n in os.listdir(directory) if n.startswith(".") and ".tmp-" in n]
-
-
-def _kill_during_a_write(root: str, timeout: float = 120.0) -> tuple[str, list[str]]:
-    """Start training, wait for a complete checkpoint, SIGKILL while a later one is being written. Returns the
-    checkpoint directory and the temporary files the kill left there (proof that it hit a write)."""
+def _kill_during_a_write(root: str) -> tuple[str, list[str]]:
+    """Start training, wait for a complete checkpoint and a recorded event, SIGKILL while a later checkpoint is
+    being written. Returns the checkpoint directory and the temporary files the kill left there."""
     directory = os.path.join(root, "lightning_logs", "version_0", "checkpoints")
-    proc = subprocess.Popen([sys.executable, "-c", _TRAIN, root], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + timeout
-        while not os.path.exists(os.path.join(directory, "last.ckpt")):
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "no checkpoint was written in time"
-            time.sleep(0.01)
-        while not _checkpoint_events(os.path.dirname(directory)):  # some saves land, and are recorded
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "no checkpoint event was recorded in time"
-            time.sleep(0.01)
-        while not _temp_files(directory):  # a write is in flight from now on
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "no further checkpoint write started in time"
-            time.sleep(0.001)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
-    return directory, _temp_files(directory)
+    ready = lambda: bool(_checkpoint_events(os.path.dirname(directory)))  # noqa: E731 - some saves landed
+    return directory, kill_during_a_write(_TRAIN, root, directory, ready)
 
 
 @pytest.mark.slow

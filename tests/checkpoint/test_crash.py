@@ -2,13 +2,10 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
+from ckpt_models import kill_during_a_write, temp_files
 
 import raytrainer as rt
 from raytrainer.io import storage
@@ -39,37 +36,9 @@ trainer.fit(Big(), data)
 """
 
 
-def _temp_files(directory: str) -> list[str]:
-    return [n for n in os.listdir(directory) if n.startswith(".") and ".tmp-" in n]
-
-
-def _kill_during_a_write(directory: str, timeout: float = 120.0) -> list[str]:
-    """Start training, wait for one complete checkpoint, SIGKILL while the next one is being written.
-
-    Returns the temporary files the kill left behind (proof that it hit a write).
-    """
-    os.makedirs(directory, exist_ok=True)
-    proc = subprocess.Popen([sys.executable, "-c", _TRAIN, directory], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + timeout
-        while not os.path.exists(os.path.join(directory, "last.ckpt")):
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "no checkpoint was written in time"
-            time.sleep(0.01)
-        while not _temp_files(directory):  # a write is in flight from now on
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "no further checkpoint write started in time"
-            time.sleep(0.001)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
-    return _temp_files(directory)
+def _kill_during_a_write(directory: str) -> list[str]:
+    """Start training, wait for one complete checkpoint, SIGKILL while the next one is being written."""
+    return kill_during_a_write(_TRAIN, directory, directory)
 
 
 @pytest.mark.slow
@@ -110,5 +79,5 @@ def test_sigkill_in_the_middle_of_a_save_keeps_the_previous_checkpoint(tmp_path)
                    enable_model_summary=False)
     t.fit(Big(), data, ckpt_path="last")
     assert starts == [step] and t.global_step == step + 1
-    assert not [n for n in _temp_files(directory) if n.startswith(".last.ckpt")]  # swept by the next write
+    assert not [n for n in temp_files(directory) if n.startswith(".last.ckpt")]  # swept by the next write
     assert all(not os.path.basename(p).startswith(".") for p in storage.listdir(directory))

@@ -38,6 +38,8 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from raytrainer.utilities.console import without_log_messages, without_warnings
+
 __all__ = ["ExportError", "to_torchscript", "to_onnx", "verify_export"]
 
 _TORCHSCRIPT_METHODS = ("script", "trace")
@@ -495,6 +497,16 @@ def _legacy_names(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, An
     kw["dynamic_axes"] = {name: {0: "batch"} for name in [*kw["input_names"], *kw["output_names"]]}
 
 
+@contextlib.contextmanager
+def _quiet_onnx_exporter() -> Iterator[None]:
+    """What torch's dynamo exporter says that concerns torch, not the user, left out while it runs: that torchvision's
+    detection ops (nms, roi_align, ...) get no ONNX translation without torchvision (a model that uses them needs
+    torchvision installed anyway), and torch.export's own use of a pytree API it deprecated."""
+    with without_log_messages("torch.onnx._internal.exporter._registration", "torchvision is not installed"), \
+            without_warnings((r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)):
+        yield
+
+
 def to_onnx(
     module: nn.Module,
     file_path: str | os.PathLike[str],
@@ -535,7 +547,7 @@ def to_onnx(
 
     with _eval_mode(module), _scripting_flag(module), _writable(file_path) as local:
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _quiet_onnx_exporter():
                 # The legacy exporter's deprecation warning is expected when dynamo=False was asked for.
                 warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
                 # Inputs sharing our one "batch" dim make torch say it keeps just one of the names.

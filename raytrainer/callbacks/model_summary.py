@@ -55,5 +55,10 @@ class ModelSummary(Callback):
         self._summarize_kwargs = summarize_kwargs  # as Lightning: options for a subclass's table (RichModelSummary)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        if trainer.is_global_zero and self.max_depth != 0:
+        if self._should_print(trainer):
             print(summarize(pl_module, self.max_depth), flush=True)
+
+    def _should_print(self, trainer: Any) -> bool:
+        """Global rank 0, once per fit: not again when Ray restarts or resizes the ranks of the same fit."""
+        return trainer.is_global_zero and self.max_depth != 0 and \
+            not getattr(getattr(trainer, "session", None), "restarted", False)

@@ -45,7 +45,7 @@ class RichModelSummary(ModelSummary):
         return table, grid
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        if not trainer.is_global_zero or self.max_depth == 0:
+        if not self._should_print(trainer):
             return
         from rich.console import Console
 

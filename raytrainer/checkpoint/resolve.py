@@ -67,8 +67,6 @@ def resolve_ckpt_path(ckpt_path: str, checkpoint_callback: Any, trainer: Any) ->
 def last_candidates(trainer: Any, dirpath: str | None, dirpath_given: bool,
                     extension: str = CHECKPOINT_EXTENSION) -> list[str]:
     """Checkpoints a rerun may resume from: the given dirpath, else every logger version's checkpoints."""
-    from pyarrow import fs as pafs
-
     dirs = []
     if dirpath_given and dirpath is not None:
         dirs.append(dirpath)
@@ -76,10 +74,7 @@ def last_candidates(trainer: Any, dirpath: str | None, dirpath_given: bool,
         lg = trainer.logger
         root = getattr(lg, "root_dir", None) if lg is not None else None
         if root:
-            fs, path = storage.resolve(root)
-            for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
-                if info.type == pafs.FileType.Directory:
-                    dirs.append(storage.join(root, info.base_name, "checkpoints"))
+            dirs += version_checkpoint_dirs(root)
         else:
             dirs.append(storage.join(trainer.default_root_dir, "checkpoints"))
         if dirpath is not None:
@@ -90,6 +85,16 @@ def last_candidates(trainer: Any, dirpath: str | None, dirpath_given: bool,
         files += [f for f in storage.listdir(d, missing_ok=True) if f.endswith(extension)]
         files += sharded.list_sharded(d, extension)
     return files
+
+
+def version_checkpoint_dirs(root: str) -> list[str]:
+    """The ``checkpoints`` folder of every version under a logger's root_dir: where "last" looks across versions."""
+    from pyarrow import fs as pafs
+
+    fs, path = storage.resolve(root)
+    return [storage.join(root, info.base_name, "checkpoints")
+            for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+            if info.type == pafs.FileType.Directory]
 
 
 def newest_checkpoint(candidates: list[str]) -> tuple[str | None, list[tuple[str, str]]]:

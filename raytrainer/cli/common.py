@@ -1,7 +1,8 @@
 """What several raytrainer commands share: the user-facing error, storage access, and reading a run.
 
 ``status`` and ``report`` both read a run directory (path or URI) into a RunSummary: its events,
-metrics, world-size history, the newest checkpoint that verifies and the command that resumes it.
+metrics, world-size history, the newest checkpoint that verifies and the command that resumes it. A run
+resumed into a new log version is one run: the summary follows it back through the versions it came from.
 """
 from __future__ import annotations
 
@@ -140,6 +141,10 @@ class RunSummary:
     resume: list[str] | None                    # the command that resumes the run, when it is known
     metrics: list[dict[str, float]] = field(default_factory=list)
     last_activity: float | None = None          # unix time of the newest event, metrics write or checkpoint
+    # the log versions the run went through, oldest first, each resumed from a checkpoint of the one before:
+    # {run_dir, resumed_from, first_step, last_step, state, events (how many of RunSummary.events it holds)};
+    # one entry for a run that never moved to a new log version
+    versions: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """The summary as plain JSON (metrics rows left out: they are in metrics.csv)."""
@@ -234,22 +239,71 @@ def _tensorboard_rows(run_dir: str) -> list[dict[str, float]]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def _checkpoint_candidates(run_dir: str, events: list[dict[str, Any]]) -> list[str]:
-    """Checkpoints in <run>/checkpoints (files, and sharded directories of FSDP runs) plus every path a checkpoint
-    or preemption event names."""
+def _checkpoint_candidates(run_dirs: list[str], events: list[dict[str, Any]]) -> list[str]:
+    """What ckpt_path="last" chooses among for these run directories: each one's checkpoints (files, and sharded
+    directories of FSDP runs), every version's under the same logger root, and every path a checkpoint or
+    preemption event names."""
     from raytrainer.checkpoint import sharded
+    from raytrainer.checkpoint.resolve import version_checkpoint_dirs
 
     storage = _storage()
-    directory = storage.join(run_dir, "checkpoints")
+    directories = [storage.join(d, "checkpoints") for d in run_dirs]
+    root = _logger_root(run_dirs[-1])
+    found: list[str] = []
     try:
-        found = storage.listdir(directory, missing_ok=True)
+        if root is not None:
+            directories += version_checkpoint_dirs(root)
+        for directory in dict.fromkeys(directories):
+            found += storage.listdir(directory, missing_ok=True)
+            found += sharded.list_sharded(directory, ".ckpt")
     except (OSError, NotADirectoryError) as exc:
-        raise CLIError(f"cannot list the checkpoints of {run_dir}: {exc}") from exc
-    found += sharded.list_sharded(directory, ".ckpt")
+        raise CLIError(f"cannot list the checkpoints of {run_dirs[-1]}: {exc}") from exc
     for event in events:
         if event.get("event") in ("checkpoint", "preemption") and event.get("path"):
             found.append(str(event["path"]))
     return list(dict.fromkeys(found))
+
+
+def _logger_root(run_dir: str) -> str | None:
+    """The logger root_dir a ``version_N`` run directory lies in (where "last" looks in every version), else None."""
+    parent, _, name = run_dir.rstrip("/").rpartition("/")
+    return parent if parent and name.startswith("version_") and name[8:].isdigit() else None
+
+
+def _run_dir_of(checkpoint: str) -> str | None:
+    """The run directory a checkpoint belongs to: the nearest folder above it with an events log, if any."""
+    import pyarrow.fs as pafs
+
+    folder = checkpoint.rstrip("/")
+    for _ in range(3):  # <run>/checkpoints/<file>, or a sharded checkpoint's directory
+        folder = folder.rpartition("/")[0]
+        if not folder or folder.endswith(":/"):
+            return None
+        try:
+            if _file_info(_storage().join(folder, "events.jsonl")).type == pafs.FileType.File:
+                return folder
+        except CLIError:
+            return None
+    return None
+
+
+def _resumed_chain(run_dir: str, events: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """(run directory, events) of each log version the run went through, oldest first: a version whose start event
+    names the checkpoint it resumed from (``resumed_from``) continues the run that wrote that checkpoint."""
+    chain = [(run_dir, events)]
+    while True:
+        start = next((e for e in chain[0][1] if e["event"] == "start"), None)
+        source = start.get("resumed_from") if start is not None else None
+        earlier = _run_dir_of(str(source)) if source else None
+        if earlier is None or earlier in (d for d, _ in chain):
+            return chain
+        try:
+            chain.insert(0, (earlier, _read_events(earlier)))
+        except CLIError as exc:  # an unreadable earlier log does not hide the run that is readable
+            from raytrainer.utilities import log
+
+            log.warning("not following the run back into %s: %s", earlier, exc)
+            return chain
 
 
 def _held_step(path: str) -> int | None:
@@ -363,11 +417,20 @@ def _recorded_command(events: list[dict[str, Any]]) -> list[str] | None:
 
 
 def summarize_run(path_or_uri: str, now: float | None = None) -> RunSummary:
-    """Read a run directory (path or URI) into a RunSummary: events, metrics and the checkpoint to resume from."""
+    """Read a run directory (path or URI) into a RunSummary: events, metrics and the checkpoint to resume from, over
+    every log version the run resumed through (oldest first)."""
     storage = _storage()
     run_dir = resolve_run_dir(path_or_uri)
-    events = _read_events(run_dir)
-    metrics = read_metrics(run_dir)
+    chain = _resumed_chain(run_dir, _read_events(run_dir))
+    events, metrics = [], []
+    for i, (directory, version_events) in enumerate(chain):
+        events += version_events
+        rows = read_metrics(directory)
+        if i + 1 < len(chain):  # what this version logged past the step the next one resumed at was trained again
+            resumed_at = _first_step(chain[i + 1][1])
+            rows = [r for r in rows if resumed_at is None or r.get("step", -math.inf) <= resumed_at]
+        metrics += rows
+    now = time.time() if now is None else now
 
     world_sizes: list[dict[str, Any]] = []
     resizes, failures, preemptions = [], [], []
@@ -387,7 +450,7 @@ def summarize_run(path_or_uri: str, now: float | None = None) -> RunSummary:
         elif kind == "restart":
             restarts += 1
 
-    candidates = _checkpoint_candidates(run_dir, events)
+    candidates = _checkpoint_candidates([d for d, _ in chain], events)
     from raytrainer.checkpoint.resolve import newest_checkpoint
 
     try:
@@ -400,7 +463,7 @@ def summarize_run(path_or_uri: str, now: float | None = None) -> RunSummary:
     times += [t for t in (_mtime(storage.join(run_dir, "metrics.csv")), _mtime(checkpoint) if checkpoint else None)
               if t is not None]
     last_activity = max(times) if times else None
-    state, detail = _guess_state(events, last_activity, time.time() if now is None else now)
+    state, detail = _guess_state(events, last_activity, now)
 
     step = epoch = None
     if events:
@@ -418,4 +481,20 @@ def summarize_run(path_or_uri: str, now: float | None = None) -> RunSummary:
         world_sizes=world_sizes, failures=failures, resizes=resizes, preemptions=preemptions, restarts=restarts,
         checkpoint=checkpoint, checkpoint_step=_held_step(checkpoint) if checkpoint else None,
         skipped_checkpoints=skipped, resume=resume, metrics=metrics, last_activity=last_activity,
+        versions=[_version(d, e, (state if i == len(chain) - 1 else _guess_state(e, None, now)[0]))
+                  for i, (d, e) in enumerate(chain)],
     )
+
+
+def _first_step(events: list[dict[str, Any]]) -> int | None:
+    """The step a log version started at (its start event's: where a resumed version took over)."""
+    start = next((e for e in events if e["event"] == "start"), events[0] if events else None)
+    return start.get("step") if start is not None else None
+
+
+def _version(run_dir: str, events: list[dict[str, Any]], state: str) -> dict[str, Any]:
+    """One entry of RunSummary.versions."""
+    start = next((e for e in events if e["event"] == "start"), None)
+    return {"run_dir": run_dir, "resumed_from": start.get("resumed_from") if start is not None else None,
+            "first_step": _first_step(events), "last_step": events[-1].get("step") if events else None,
+            "state": state, "events": len(events)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import sys
 import threading
@@ -11,6 +12,7 @@ import time
 from typing import Any, TextIO
 
 from raytrainer.cli.common import CLIError
+from raytrainer.utilities.console import debug_enabled, quiet_loggers
 
 __all__ = ["COMMAND_ENV", "DEFAULT_CONNECT_TIMEOUT_S", "DEFAULT_START_TIMEOUT_S", "Spinner", "cmd_fit"]
 
@@ -236,7 +238,7 @@ def _fit_remote(address: str, script_rel: str, working_dir: str, args_for_script
     client = JobSubmissionClient(address)
     entrypoint = shlex.join(["python", script_rel, *args_for_script])
     runtime_env = {"working_dir": working_dir, "env_vars": {COMMAND_ENV: json.dumps(command)}}
-    with Spinner(f"uploading {working_dir} and submitting `{entrypoint}`"):
+    with Spinner(f"uploading {working_dir} and submitting `{entrypoint}`"), quiet_loggers(RAY_CLIENT_LOGGERS):
         job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
     print(f"raytrainer fit: submitted job {job_id} to {address}", file=sys.stderr, flush=True)
     follow = f"{env_prefix}ray job logs --follow {job_id} --address {address}"
@@ -256,7 +258,8 @@ def _fit_remote(address: str, script_rel: str, working_dir: str, args_for_script
             time.sleep(1.0)
 
     try:
-        _stream_logs(client, job_id, timeout_s, stop)
+        with quiet_loggers(RAY_CLIENT_LOGGERS):
+            _stream_logs(client, job_id, timeout_s, stop)
     except KeyboardInterrupt:
         print(f"\nraytrainer fit: stopped following; the job keeps running.\n  follow: {follow}\n"
               f"  stop:   {stop}", file=sys.stderr)
@@ -277,13 +280,18 @@ def _fit_remote(address: str, script_rel: str, working_dir: str, args_for_script
 
 
 def _stream_logs(client: Any, job_id: str, timeout_s: float | None, stop: str) -> None:
-    """Print the job's logs as they arrive until the job ends (or --timeout passes)."""
+    """Print the job's logs as they arrive until the job ends (or --timeout passes), without the lines Ray's job
+    manager adds about its own set-up (``JobLogFilter``)."""
     import asyncio
+
+    lines = JobLogFilter()
 
     async def tail() -> None:
         async for chunk in client.tail_job_logs(job_id):
-            sys.stdout.write(chunk)
+            sys.stdout.write(lines.feed(chunk))
             sys.stdout.flush()
+        sys.stdout.write(lines.feed("", end=True))
+        sys.stdout.flush()
 
     async def bounded() -> None:
         await asyncio.wait_for(tail(), timeout=timeout_s)
@@ -295,6 +303,33 @@ def _stream_logs(client: Any, job_id: str, timeout_s: float | None, stop: str) -
                        f"(stop it with `{stop}`)", code=1) from exc
     except RuntimeError as exc:  # the log socket closed early: the final status tells the outcome
         print(f"raytrainer fit: log stream ended early ({exc}); reading the job status", file=sys.stderr)
+
+
+# Ray's client modules that log each step of a job submission at INFO (the package upload, the log socket closing):
+# shown only with RAYTRAINER_LOG=debug. Their warnings and errors still show.
+RAY_CLIENT_LOGGERS = ("ray._private.runtime_env.packaging", "ray.dashboard.modules.dashboard_sdk",
+                      "ray.dashboard.modules.job.sdk")
+# Lines Ray's job manager writes into every job's log about its own set-up: "<time>\tINFO job_manager.py:581 --
+# Runtime env is setting up." and "Running entrypoint for job <id>: <the entrypoint we submitted>".
+_RAY_JOB_SETUP_LINE = re.compile(r"^(\d{4}-\d\d-\d\d [\d:,.]+\s+INFO job_manager\.py:\d+ -- Runtime env is setting up\."
+                                 r"|Running entrypoint for job \S+: .*)$")
+
+
+class JobLogFilter:
+    """Splits a job's log stream into lines and leaves out Ray's own set-up lines (all shown with
+    ``RAYTRAINER_LOG=debug``); the script's lines pass unchanged, a partial line waits for its end."""
+
+    def __init__(self) -> None:
+        self.partial = ""
+        self.keep_all = debug_enabled()
+
+    def feed(self, chunk: str, end: bool = False) -> str:
+        """The text of ``chunk`` to print now (``end``: the stream is over, so a partial last line goes too)."""
+        text = self.partial + chunk
+        cut = len(text) if end else text.rfind("\n") + 1
+        self.partial = text[cut:]
+        return "".join(line for line in text[:cut].splitlines(keepends=True)
+                       if self.keep_all or not _RAY_JOB_SETUP_LINE.match(line.rstrip("\r\n")))
 
 
 def cmd_fit(args: argparse.Namespace, script_args: list[str], argv: list[str]) -> int:

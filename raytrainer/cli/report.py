@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import os
 
 from raytrainer.cli.common import CLIError, RunSummary, _storage, summarize_run
@@ -19,6 +20,13 @@ _EVENT_STYLE = {  # event -> (marker, colour, label); colours kept apart from th
     "start": (">", "#444444", "start"),
     "finish": ("*", "#000000", "finish"),
 }
+
+
+_RESUMED_COLOUR = "#708090"  # where a run resumed into a new log version, and the time it was stopped before
+
+
+def _version_name(v: dict) -> str:
+    return os.path.basename(v["run_dir"].rstrip("/"))
 
 
 def draw_report(s: RunSummary, output: str) -> int:
@@ -38,6 +46,8 @@ def draw_report(s: RunSummary, output: str) -> int:
         shown = os.path.relpath(shown)  # the run as the user named it from here
     title = f"{shown}\n{s.state}" + (f", step {s.step}" if s.step is not None else "") + \
             (f", epoch {s.epoch}" if s.epoch is not None else "")
+    if len(s.versions) > 1:
+        title += f"; one run over {' -> '.join(_version_name(v) for v in s.versions)}"
     fig.suptitle(title, fontsize=10)
 
     loss_columns = sorted({k for row in s.metrics for k in row if "loss" in k.lower()})
@@ -53,14 +63,21 @@ def draw_report(s: RunSummary, output: str) -> int:
                      marker=None if per_step or len(xs) > 60 else "o", markersize=4)
     for event in s.failures + s.preemptions:
         if event.get("step") is not None:
-            ax_loss.axvline(event["step"], color=_EVENT_STYLE[event["event"]][1], linestyle="--", linewidth=1)
+            ax_loss.axvline(event["step"], color=_EVENT_STYLE[event["event"]][1], linestyle="--", linewidth=1,
+                            zorder=3)
+    for v in s.versions[1:]:  # where each resumed log version took over (under a preemption's line at that step)
+        if v["first_step"] is not None:
+            ax_loss.axvline(v["first_step"], color=_RESUMED_COLOUR, linestyle=":", linewidth=1, zorder=1)
+            ax_loss.annotate(_version_name(v), (v["first_step"], 1), xycoords=("data", "axes fraction"),
+                             xytext=(3, -12), textcoords="offset points", fontsize=7, color=_RESUMED_COLOUR)
     if loss_columns:
         ax_loss.legend(loc="upper right", fontsize=8)
     else:
         ax_loss.text(0.5, 0.5, "no loss columns in metrics.csv", ha="center", va="center", transform=ax_loss.transAxes)
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("loss")
-    ax_loss.set_title("training and validation loss (dashed: failures and preemptions)", fontsize=10)
+    ax_loss.set_title("training and validation loss (dashed: failures and preemptions"
+                      + ("; dotted: resumed into a new log version)" if len(s.versions) > 1 else ")"), fontsize=10)
     ax_loss.grid(alpha=0.3)
 
     if s.events:
@@ -72,7 +89,16 @@ def draw_report(s: RunSummary, output: str) -> int:
         for e in s.events:
             current = e.get("world_size", current)
             sizes.append(current if current is not None else 0)
-        ax_ws.step(xs, sizes, where="post", color="#555555", linewidth=2, label="world size", zorder=1)
+        starts = list(itertools.accumulate(v["events"] for v in s.versions[:-1]))  # where later versions begin
+        starts = [i for i in starts if 0 < i < len(s.events)]
+        line_x, line_size = [], []
+        for i, (x, size) in enumerate(zip(xs, sizes)):
+            if i in starts:  # no ranks between one log version's end and the next one's start
+                line_x.append(xs[i - 1])
+                line_size.append(0)
+            line_x.append(x)
+            line_size.append(size)
+        ax_ws.step(line_x, line_size, where="post", color="#555555", linewidth=2, label="world size", zorder=1)
         for i, e in enumerate(s.events):  # shade each recovery: from a failure to the next (re)start
             if e["event"] == "failure":
                 back = next((x for x, later in zip(xs[i + 1:], s.events[i + 1:])
@@ -80,6 +106,10 @@ def draw_report(s: RunSummary, output: str) -> int:
                 ax_ws.axvspan(xs[i], back, color=_EVENT_STYLE["failure"][1], alpha=0.08, zorder=0,
                               label=None if "recovering" in seen_spans else "recovering")
                 seen_spans.add("recovering")
+        for i in starts:  # a gap between log versions: nothing ran
+            ax_ws.axvspan(xs[i - 1], xs[i], color=_RESUMED_COLOUR, alpha=0.12, zorder=0,
+                          label=None if "stopped" in seen_spans else "stopped (until resumed)")
+            seen_spans.add("stopped")
         seen: set[str] = set()
         for x, size, e in zip(xs, sizes, s.events):
             marker, colour, label = _EVENT_STYLE.get(e["event"], ("o", "grey", e["event"]))
@@ -119,6 +149,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     """`raytrainer report`: summarize a run and draw it into the PNG at --output."""
     summary = summarize_run(args.run)
     curves = draw_report(summary, args.output)
+    versions = f" ({len(summary.versions)} log versions of one run)" if len(summary.versions) > 1 else ""
     print(f"wrote {args.output}: {curves} loss curve(s) and {len(summary.events)} event(s) of "
-          f"{summary.run_dir}")
+          f"{summary.run_dir}{versions}")
     return 0

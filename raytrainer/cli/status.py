@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 
 from raytrainer.cli.common import RunSummary, _clock, _duration, _where, summarize_run
@@ -13,6 +14,9 @@ __all__ = ["cmd_status", "format_status"]
 def format_status(s: RunSummary) -> str:
     """The human summary ``raytrainer status`` prints."""
     lines = [f"run         {s.run_dir}", f"state       {s.state}: {s.state_detail}"]
+    if len(s.versions) > 1:
+        lines.append(f"versions    {len(s.versions)} log versions of one run, each resumed from the one before:")
+        lines += [f"  - {_version_line(v, s.run_dir)}" for v in s.versions]
     progress = [f"step {s.step}" if s.step is not None else None, f"epoch {s.epoch}" if s.epoch is not None else None]
     lines.append("progress    " + (", ".join(p for p in progress if p) or "no steps recorded"))
     if s.world_sizes:
@@ -47,6 +51,17 @@ def format_status(s: RunSummary) -> str:
         lines.append("resume      rerun the command that started this run with --ckpt_path last "
                      "(Trainer.fit(..., ckpt_path='last')); the run did not record its command")
     return "\n".join(lines)
+
+
+def _version_line(v: dict, run_dir: str) -> str:
+    """One log version of a resumed run: its folder, steps, end and the checkpoint it resumed from."""
+    root = os.path.dirname(run_dir.rstrip("/"))
+    name = os.path.relpath(v["run_dir"], root) if v["run_dir"].startswith(root + "/") else v["run_dir"]
+    line = f"{name}: step {v['first_step']} -> {v['last_step']}, {v['state']}"
+    source = v.get("resumed_from")
+    if source:
+        line += f"; resumed from {os.path.relpath(source, root) if source.startswith(root + '/') else source}"
+    return line
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -3,12 +3,14 @@
 Each event has ``time`` (unix seconds), ``event`` (start, failure, restart, resize,
 snapshot_fallback, checkpoint, preemption, finish), ``world_size``, ``step``, ``epoch`` and
 ``cause``; failures add ``rank`` and ``node``, checkpoints ``path``. The driver prints a one-line
-summary of each as it happens. Works on local paths and on any pyarrow filesystem URI (the file is
-rewritten whole on object stores, which cannot append; a run has few events).
+summary of each that changes the run (``ECHOED``) as it happens, the others only with ``RAYTRAINER_LOG=debug``.
+Works on local paths and on any pyarrow filesystem URI (the file is rewritten whole on object stores, which cannot
+append; a run has few events).
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -17,6 +19,8 @@ from typing import Any
 from raytrainer.utilities import log
 
 EVENT_KINDS = ("start", "failure", "restart", "resize", "snapshot_fallback", "checkpoint", "preemption", "finish")
+# the events whose line the console shows; checkpoints and snapshot fallbacks are in the file (and at debug level)
+ECHOED = ("start", "failure", "restart", "resize", "preemption", "finish")
 FILENAME = "events.jsonl"
 
 
@@ -28,7 +32,7 @@ class NoEvents:
 
 
 class EventLog:
-    """Appends events to ``<run_dir>/events.jsonl`` and echoes each as one line."""
+    """Appends events to ``<run_dir>/events.jsonl`` and echoes each as one line (INFO for ``ECHOED``, else DEBUG)."""
 
     def __init__(self, run_dir: str, echo: bool = True) -> None:
         self.run_dir = run_dir
@@ -51,7 +55,7 @@ class EventLog:
         self.events.append(record)
         self._write(record)
         if self.echo:
-            log.info("%s", summarize(record))
+            log.log(logging.INFO if event in ECHOED else logging.DEBUG, "%s", summarize(record))
         return record
 
     def _write(self, record: dict[str, Any]) -> None:

@@ -124,10 +124,14 @@ class RankSession:
         # (event, cause) for rank 0 to report once it restored
         self.first_event: tuple[str, str | None] | None = None
         self.continue_logging = False      # a restart or resize on Ray: the loggers go on in the same version
+        self.restarted = False             # (every rank) a restart or resize on Ray: what fit prints once, it did
         self.world: int | None = None      # the driver's view of the last run's world size
         self.run_name = uuid.uuid4().hex[:8]  # names this trainer's Ray actors across calls
         self.worker_group: Any = None      # the Ray launcher's group of the running (or last) call
         self.saved_checkpoints: list[tuple[int, str]] = []
+        # the checkpoint file this call restored from, named in the run's start event so that `raytrainer status`
+        # follows a run resumed into a new log version back to the one it came from
+        self.resumed_from: str | None = None
 
     # ------------------------------------------------------------------ ranks
     @property
@@ -285,6 +289,7 @@ class RankSession:
                 self.to_device = _converting(self.precision.convert_input, self.to_device)
             if fn == "fit":
                 self._setup_optimizers(model)
+            self.resumed_from = None
             if ckpt_path is not None:
                 self.restore_from(ckpt_path, fn, weights_only)
                 if self.continue_logging and fn == "fit":
@@ -355,7 +360,7 @@ class RankSession:
         if events is not None and (not self.events_forwarded or self.first_event is not None):
             # after any restore, so a resumed run's start names the step it resumes at
             kind, cause = self.first_event or ("start", None)
-            extra = command_fields() if kind == "start" else {"cause": cause}
+            extra = {**command_fields(), "resumed_from": self.resumed_from} if kind == "start" else {"cause": cause}
             events.emit(kind, world_size=self.world_size, step=state.global_step, epoch=state.current_epoch,
                         **extra)
         if not self.events_forwarded:
@@ -926,6 +931,7 @@ class RankSession:
         if path is None:
             return
         bridge.restore(self, path, full=fn == "fit", weights_only=weights_only)
+        self.resumed_from = path if "://" in path else os.path.abspath(path)
 
     def restore_rng(self, pos: ResumePosition) -> None:
         if pos.rng is not None:

@@ -1,7 +1,6 @@
 """Small helpers shared across the package: seeding, hparams containers, logging."""
 from __future__ import annotations
 
-import logging
 import os
 import random
 import sys
@@ -12,14 +11,7 @@ import numpy as np
 import torch
 
 from raytrainer.utilities.combined_loader import CombinedLoader  # noqa: F401  (Lightning exports it here)
-
-log = logging.getLogger("raytrainer")
-if not log.handlers:
-    _h = logging.StreamHandler()
-    _h.setFormatter(logging.Formatter("[raytrainer] %(message)s"))
-    log.addHandler(_h)
-    log.setLevel(logging.INFO)
-    log.propagate = False
+from raytrainer.utilities.console import log  # noqa: F401  (the "raytrainer" logger, at RAYTRAINER_LOG's level)
 
 
 class AttributeDict(dict):

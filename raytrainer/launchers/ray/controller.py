@@ -30,7 +30,9 @@ from raytrainer.data.ray_data import (
 )
 from raytrainer.launchers.base import RankPayload, RunResult
 from raytrainer.launchers.ray import pool
+from raytrainer.launchers.ray.console import driver_tty, relay, without_worker_death_notes
 from raytrainer.launchers.ray.group import PlacementError, RankError, ensure_ray
+from raytrainer.launchers.ray.metrics import RunMetrics
 from raytrainer.launchers.ray.policies import (
     Failure,
     FailurePolicy,
@@ -47,6 +49,7 @@ from raytrainer.launchers.ray.rank import (
     queued_messages,
     rank_entry,
     request_stop,
+    training_loss,
 )
 from raytrainer.launchers.ray.snapshots import choose_pieces
 from raytrainer.plan import FSDP_STRATEGIES, Plan
@@ -73,6 +76,8 @@ class FitController:
         self.new_group, self.scaling = new_group, scaling
         # a tuner's trial is not a run of the user's: its events go nowhere
         self.events: Any = NoEvents() if trainer.config.tuning_trial else EventLog(trainer.log_dir)
+        # the live figures as Ray metrics (Prometheus, Grafana), tagged with the run name the actors carry
+        self.metrics = RunMetrics(trainer.session.run_name, trainer.log_dir, enabled=not trainer.config.tuning_trial)
         self.failures = FailurePolicy(trainer.config.max_failures)
         self.phase = Phase.STARTING
         self.history: list[Phase] = []        # every phase entered, in order (tests and debugging read it)
@@ -103,13 +108,14 @@ class FitController:
 
     # ------------------------------------------------------------------ messages from rank 0, ticks
     def on_message(self, rank: int, msg: Any) -> None:
-        if not isinstance(msg, dict):
+        if not isinstance(msg, dict) or relay(msg):  # rank 0's prints and log lines: on the driver's console
             return
         kind = msg.get("type")
         if kind == "progress" and self.bar is not None:
             self.bar.handle(msg["event"])
         elif kind == "heartbeat":
             self.step, self.epoch, self.last_beat = msg["step"], msg["epoch"], time.monotonic()
+            self.metrics.heartbeat(self.step, self.epoch, msg.get("loss"))
         elif kind == "snapshot":
             import ray
 
@@ -126,10 +132,13 @@ class FitController:
                 if msg["event"] == "start":
                     fields.update(command_fields())  # the driver's command line, not the rank actor's
             self.events.emit(msg["event"], **fields)
+            if msg["event"] == "checkpoint":
+                self.metrics.checkpoint()
 
     def on_tick(self) -> None:
         """Called by the group's wait loop every poll interval: preemption, heartbeat, growth."""
         now = time.monotonic()
+        self.metrics.tick(now)
         if self.sigterm and (not self.stop_sent or self.awaiting is not None):
             self._request_stop("preempt")  # again until rank 0 has started: a starting rank clears old requests
         hb_timeout = self.trainer.config.heartbeat_timeout_s
@@ -203,9 +212,10 @@ class FitController:
             if previous is not None and signal.getsignal(signal.SIGTERM) != self._on_sigterm:
                 signal.signal(signal.SIGTERM, self._on_sigterm)  # in case starting Ray replaced it
             self.world = self._initial_world()
-            while self.phase is not Phase.FINISHED:
-                self.history.append(self.phase)
-                self.phase = phases[self.phase]()
+            with without_worker_death_notes():  # a rank's death is this run's failure line, not Ray's note too
+                while self.phase is not Phase.FINISHED:
+                    self.history.append(self.phase)
+                    self.phase = phases[self.phase]()
             self.history.append(self.phase)
         finally:
             control.restore_sigterm_handler(previous)
@@ -235,8 +245,10 @@ class FitController:
         if self.awaiting is None:
             self.events.emit(kind, world_size=self.world, step=self.step, epoch=self.epoch, cause=cause)
         ctl = {"rng": self.rng, "snapshot_every": self.trainer.config.snapshot_every_n_steps,
-               "continue_logging": kind != "start", "elastic": self.plan.elastic, "first_event": self.awaiting,
+               "continue_logging": kind != "start", "restarted": kind != "start", "tty": driver_tty(),
+               "elastic": self.plan.elastic, "first_event": self.awaiting,
                "stop": "preempt" if self.sigterm else None}  # a SIGTERM that came while Ray or the group started
+        self.metrics.world(self.world)
         self.stop_sent, self.resize_to, self.last_beat = False, None, time.monotonic()
         kwargs = self._split_data(dict(self.kwargs, ckpt_path=self.resume))
         try:
@@ -331,6 +343,7 @@ class FitController:
         pool.release(group, result.status == "finished")  # a finished call's ranks stay warm for the next call
         result.apply(self.trainer, self.model)
         self.trainer.session.world = self.world
+        self.metrics.heartbeat(self.step, self.epoch, training_loss(self.trainer))  # where the ranks ended
         if result.status == "preempted":
             self.events.emit("preemption", world_size=self.world, step=self.step, epoch=self.epoch,
                              cause="SIGTERM", path=result.output)
@@ -352,7 +365,7 @@ class FitController:
         retry = isinstance(err, RankError) and _retryable(err, err.died)
         if retry:
             self._collect_survivor_pieces()  # first: a rank that cannot leave a sharded group exits in settle
-        ok = retry and self.group.settle(err.failed, timeout_s=SETTLE_TIMEOUT_S)
+        ok = retry and self.group.settle(err.failed, timeout_s=SETTLE_TIMEOUT_S, on_message=self.on_message)
         self._collect_survivor_snapshots(err)
         if not ok:
             self.group.shutdown(graceful=False)
@@ -414,6 +427,7 @@ class FitController:
                                      cause=first_cause)
             self.events.emit("failure", world_size=self.world, step=self.step, epoch=self.epoch, cause=short,
                              rank=rank, node=node)
+            self.metrics.failure()
             budget = self.failures.record(Failure(time.time(), rank, node, short, self.step, preempted=preempted))
         new_world = self.world
         if retryable and budget == "retry" and self.plan.elastic:

@@ -30,6 +30,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raytrainer.launchers.ray import rendezvous
 from raytrainer.launchers.ray.worker import RankInfo, RankOutcome, RankWorker
+from raytrainer.utilities.console import without_log_messages
 
 log = logging.getLogger(__name__)
 
@@ -137,29 +138,42 @@ def ensure_ray(num_cpus_needed: int, num_gpus_needed: int = 0, address: str | No
         if not _own_instance_too_small(num_cpus_needed):
             return False
         check_local_memory(ranks)  # before the instance that is there goes
-        log.info("restarting the local Ray instance with room for %d ranks", num_cpus_needed)
+        log.debug("restarting the local Ray instance with room for %d ranks", num_cpus_needed)
         ray.shutdown()
         address = "local"
     quiet = dict(log_to_driver=True, configure_logging=True, logging_level=logging.WARNING)
+    _plain_worker_prefixes()
     if address == "local":
         address = None
     else:
         address = address or os.environ.get("RAY_ADDRESS") or _running_local_cluster()
     if address is not None:
-        log.info("connecting to the Ray cluster at %s", address)
+        log.debug("connecting to the Ray cluster at %s", address)
         ray.init(address=address, **quiet)
         return False
     check_local_memory(ranks)
     num_cpus = max(os.cpu_count() or 1, int(math.ceil(num_cpus_needed)))
-    log.info("starting a local Ray instance with %d logical CPUs", num_cpus)
+    log.debug("starting a local Ray instance with %d logical CPUs", num_cpus)
     # GPUs are detected by Ray; asking for more than exist would only hide the real shortage.
     # "local" so Ray itself never swaps in an address from RAY_ADDRESS or a leftover address file.
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **quiet)
+    # Ray turns token authentication on for every new local instance and warns that it did: this private instance
+    # is ours, so the warning asks nothing of the user (a cluster's own auth messages are left alone).
+    with without_log_messages(TOKEN_SETUP_LOGGER, "Token authentication is enabled for this Ray cluster."):
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **quiet)
     _OWN_LOCAL_GCS = ray.get_runtime_context().gcs_address
     return True
 
 
 _OWN_LOCAL_GCS: str | None = None  # GCS address of the local instance ensure_ray started, if any
+TOKEN_SETUP_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def _plain_worker_prefixes() -> None:
+    """Ray colours the ``(rank-1 pid=...)`` prefix of the lines it relays from rank processes: not when this driver
+    writes to a file or a pipe, where the codes would be noise (``RAY_COLOR_PREFIX`` set by the user wins)."""
+    if "RAY_COLOR_PREFIX" not in os.environ and not all(
+            getattr(stream, "isatty", lambda: False)() for stream in (sys.stdout, sys.stderr)):
+        os.environ["RAY_COLOR_PREFIX"] = "0"
 
 
 def _own_instance_too_small(num_cpus_needed: int) -> bool:
@@ -451,8 +465,7 @@ class WorkerGroup:
         self.timings = {"ray_init_s": t_ray - t0, "placement_s": t_pg - t_ray,
                         "actors_s": t_actors - t_pg, "rendezvous_s": t_end - t_actors,
                         "start_s": t_end - t0}
-        log.info("worker group %s: %d ranks ready in %.2fs", self.run_name, self.world_size,
-                 t_end - t0)
+        log.debug("worker group %s: %d ranks ready in %.2fs", self.run_name, self.world_size, t_end - t0)
         for node_id in dict.fromkeys(r.node_id for r in self.ranks):
             self._add_spares(node_id)
         return self.ranks
@@ -467,19 +480,22 @@ class WorkerGroup:
             self._spare_count += 1
             try:
                 actor = self._new_actor(f"{self._name_prefix()}-spare-{self._spare_count}",
-                                        NodeAffinitySchedulingStrategy(node_id, soft=False), reserve=False)
+                                        NodeAffinitySchedulingStrategy(node_id, soft=False), reserve=False,
+                                        label="spare")
                 actor.warm.remote()  # imports what a rank needs while training goes on
             except Exception as err:  # noqa: BLE001 - a run without a spare still recovers, only slower
                 log.warning("could not start a spare rank actor on node %s: %s", node_id[:12], err)
                 return
             spares.append(actor)
 
-    def settle(self, failed: dict[int, bool], timeout_s: float = 5.0) -> bool:
+    def settle(self, failed: dict[int, bool], timeout_s: float = 5.0,
+               on_message: MessageHandler | None = None) -> bool:
         """After a ``keep_on_failure`` RankError: stop the failed ranks and wait for the others' calls to end.
 
         Ranks that raised leave the process group, so peers blocked in a collective with them get an
         error instead of waiting for the collective timeout. True when every surviving rank's call ended
         within ``timeout_s`` (they can then re-form the group); False means the group should be shut down.
+        The messages those calls had not handed over yet go to ``on_message``.
         """
         alive = [r for r, died in failed.items() if not died]
         if alive:
@@ -492,14 +508,16 @@ class WorkerGroup:
         if inflight:
             done, _ = ray.wait(list(inflight.values()), num_returns=len(inflight), timeout=timeout_s)
             if len(done) < len(inflight):
-                log.info("rank(s) %s did not stop within %gs of the failure", sorted(
+                log.debug("rank(s) %s did not stop within %gs of the failure", sorted(
                     r for r, ref in inflight.items() if ref not in done), timeout_s)
                 return False
             for rank, ref in inflight.items():
                 try:
-                    ray.get(ref, timeout=1)
+                    outcome = ray.get(ref, timeout=1)
                 except (RayActorError, GetTimeoutError, RayError):
                     failed[rank] = True  # died too, after the first failure
+                    continue
+                _hand_over(outcome, rank, on_message)
         for rank, died in failed.items():
             if died:
                 _quietly(ray.kill, self._actors[rank], no_restart=True)
@@ -527,13 +545,13 @@ class WorkerGroup:
             self._gather(refs, timeout_s, "leaving the failed process group")
             self._form_process_group()
         except (RankError, GroupTimeoutError, RayError, GetTimeoutError) as err:
-            log.info("could not re-form run %r in place: %s", self.run_name, str(err).splitlines()[0])
+            log.debug("could not re-form run %r in place: %s", self.run_name, str(err).splitlines()[0])
             return False
         for node_id in {self.ranks[r].node_id for r in dead}:
             self._add_spares(node_id)
         self.timings = {"reform_s": time.perf_counter() - started}
-        log.info("worker group %s: rank(s) %s replaced, %d ranks re-formed in %.2fs", self.run_name, dead,
-                 self.world_size, self.timings["reform_s"])
+        log.debug("worker group %s: rank(s) %s replaced, %d ranks re-formed in %.2fs", self.run_name, dead,
+                  self.world_size, self.timings["reform_s"])
         return True
 
     def _replacement(self, node_id: str, rank: int) -> Any:
@@ -545,11 +563,11 @@ class WorkerGroup:
                 ray.get(spare.ping.remote(), timeout=self.start_timeout_s)
                 return spare
             except (RayError, GetTimeoutError) as err:
-                log.info("spare actor on node %s is unusable: %s", node_id[:12], err)
+                log.debug("spare actor on node %s is unusable: %s", node_id[:12], err)
                 _quietly(ray.kill, spare, no_restart=True)
         self._spare_count += 1
         return self._new_actor(f"{self.actor_name(rank)}-r{self._spare_count}",
-                               self._bundle_strategy(self._bundles[rank]))
+                               self._bundle_strategy(self._bundles[rank]), label=f"rank-{rank}")
 
     def _slow_start_cause(self) -> str:
         """The likely reason the rank actors did not start in time, and what to do about it."""
@@ -644,8 +662,9 @@ class WorkerGroup:
                 "Fix: ask for fewer nodes or devices, lower the CPUs/GPUs per rank, add nodes, "
                 "or raise the placement timeout if the cluster is still scaling up.")
 
-    def _new_actor(self, name: str, strategy: Any, reserve: bool = True) -> Any:
-        """Start one rank actor process (``reserve=False``: a spare that holds no CPU or GPU)."""
+    def _new_actor(self, name: str, strategy: Any, reserve: bool = True, label: str = "") -> Any:
+        """Start one rank actor process (``reserve=False``: a spare that holds no CPU or GPU); ``label`` (rank-N)
+        prefixes the lines Ray relays from it."""
         per_rank = self._rank_resources() if reserve else {}
         # The environment goes to the actor's constructor rather than a Ray runtime_env: a
         # runtime_env forces a fresh worker process set up by the runtime-env agent (about a
@@ -654,7 +673,7 @@ class WorkerGroup:
             return _RemoteRankWorker.options(
                 name=name, scheduling_strategy=strategy, num_cpus=per_rank.get("CPU", 0),
                 num_gpus=per_rank.get("GPU", 0), max_concurrency=8, max_restarts=0,
-            ).remote(self.run_name, [p for p in sys.path if p], dict(self.env))
+            ).remote(self.run_name, [p for p in sys.path if p], dict(self.env), label)
         except ValueError as err:
             raise RuntimeError(self._clash_message(name) + f" ({err})") from err
 
@@ -665,7 +684,8 @@ class WorkerGroup:
     def _start_actors(self, plan: list[tuple[int, str | None]]) -> None:
         """Start one actor per rank and learn where each one really runs."""
         for rank, (bundle_index, _) in enumerate(plan):
-            self._actors.append(self._new_actor(self.actor_name(rank), self._bundle_strategy(bundle_index)))
+            self._actors.append(self._new_actor(self.actor_name(rank), self._bundle_strategy(bundle_index),
+                                                label=f"rank-{rank}"))
         try:
             infos = self._gather([a.node_info.remote() for a in self._actors], self.start_timeout_s,
                                  "starting the rank actors")
@@ -845,11 +865,15 @@ class WorkerGroup:
             if on_message is not None and poll_ref is None and refs[0] in pending:
                 poll_ref = self._actors[0].poll.remote()
         if failures:
+            if poll_ref is not None:  # the messages rank 0 handed to the poll in flight come first (or are lost)
+                self._deliver_poll(poll_ref, on_message)
             # Give the other ranks a moment to report, so a death is blamed, not its echo.
             if pending:
                 more, _ = ray.wait(list(pending), num_returns=len(pending), timeout=FAILURE_GRACE_S)
                 for ref in more:
                     self._collect(ref, pending.pop(ref), results, failures)
+            for rank in sorted(results):  # what the ranks that returned had not handed over yet
+                _hand_over(results[rank], rank, on_message)
             self._inflight = {rank: ref for ref, rank in pending.items()}
             raise self._rank_error(failures, results, what, stopped=not keep)
         return [results[r] for r in range(len(refs))]
@@ -959,6 +983,14 @@ class WorkerGroup:
 
     def __exit__(self, *exc: Any) -> None:
         self.shutdown(graceful=exc[0] is None)
+
+
+def _hand_over(outcome: Any, rank: int, on_message: MessageHandler | None) -> None:
+    """Give the messages a rank's returned call carried (``RankOutcome.messages``) to ``on_message``, once."""
+    if on_message is not None and isinstance(outcome, RankOutcome):
+        messages, outcome.messages = outcome.messages, []
+        for msg in messages:
+            on_message(rank, msg)
 
 
 def _quietly(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

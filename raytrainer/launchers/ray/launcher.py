@@ -18,6 +18,7 @@ from raytrainer.data.ray_data import (
 )
 from raytrainer.launchers.base import RankPayload, RunResult, forwarded_env, merge_predictions
 from raytrainer.launchers.ray import pool
+from raytrainer.launchers.ray.console import driver_tty, relay
 from raytrainer.launchers.ray.controller import FitController, RetryableError
 from raytrainer.launchers.ray.group import WorkerGroup, check_picklable, ensure_ray
 from raytrainer.launchers.ray.policies import ScalingPolicy
@@ -83,12 +84,15 @@ class RayLauncher:
         bar = trainer.progress_bar_callback
 
         def on_message(rank: int, msg: Any) -> None:
+            if relay(msg):  # rank 0's prints and log lines: on the driver's console
+                return
             if isinstance(msg, dict) and msg.get("type") == "progress" and bar is not None:
                 bar.handle(msg["event"])
 
         ok = False
         try:
-            results = group.run(rank_entry, RankPayload.of(trainer), fn, model, kwargs, {"rng": rng_states()},
+            ctl = {"rng": rng_states(), "tty": driver_tty()}
+            results = group.run(rank_entry, RankPayload.of(trainer), fn, model, kwargs, ctl,
                                 on_message=on_message, arg_names=["trainer", "fn", "model", "kwargs", "ctl"])
             ok = True
         finally:

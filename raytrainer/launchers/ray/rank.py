@@ -10,6 +10,7 @@ import torch
 from raytrainer.core import control
 from raytrainer.launchers.base import RankPayload, RunResult
 from raytrainer.launchers.ray import rendezvous, snapshots
+from raytrainer.launchers.ray.console import rank_console
 from raytrainer.launchers.ray.messages import drain_messages, send_to_driver
 from raytrainer.plan import FSDP_STRATEGIES
 from raytrainer.strategies.ddp import DDPStrategy
@@ -24,6 +25,11 @@ def rank_entry(info: Any, payload: RankPayload, fn: str, model: Any, kwargs: dic
     ctl = ctl or {}
     _as_fresh_process()  # a warm rank (pool.py) ran earlier calls: nothing of theirs carries over
     trainer = payload.build()
+    with rank_console(info.global_rank == 0, ctl.get("tty")):  # rank 0 prints on the driver's console
+        return _run_rank(info, trainer, fn, model, kwargs, ctl)
+
+
+def _run_rank(info: Any, trainer: Any, fn: str, model: Any, kwargs: dict[str, Any], ctl: dict[str, Any]) -> Any:
     session = trainer.session
     control.reset()
     if ctl.get("stop"):
@@ -42,10 +48,11 @@ def rank_entry(info: Any, payload: RankPayload, fn: str, model: Any, kwargs: dic
     first = ctl.get("first_event")
     session.first_event = tuple(first) if first is not None and rank0 else None
     session.elastic = bool(ctl.get("elastic"))
+    session.restarted = bool(ctl.get("restarted"))  # the fit goes on after a failure or resize: no second summary
     session.events = _ForwardEvents() if rank0 else None
     if fn == "fit":
-        beat = (lambda step, epoch: send_to_driver({"type": "heartbeat", "step": step, "epoch": epoch})) \
-            if rank0 else None
+        beat = (lambda step, epoch: send_to_driver({"type": "heartbeat", "step": step, "epoch": epoch,
+                                                    "loss": training_loss(trainer)})) if rank0 else None
         every = ctl.get("snapshot_every")
         session.snapshotter = snapshots.ShardSnapshotter(every, strategy, heartbeat=beat) if sharded else \
             snapshots.Snapshotter(every, publish=_publish_snapshot if rank0 else None, heartbeat=beat)
@@ -103,6 +110,26 @@ def rank_strategy(trainer: Any, info: Any, model: Any) -> DDPStrategy:
     if not model.automatic_optimization and "find_unused_parameters" not in strategy._ddp_kwargs:
         strategy.find_unused_parameters = True
     return strategy
+
+
+LOSS_NAMES = ("train_loss_step", "train_loss", "loss")  # what the live loss is called, in the order looked for
+
+
+def training_loss(trainer: Any) -> tuple[str, float] | None:
+    """(name, value) of the training loss the progress bar shows now: one of ``LOSS_NAMES``, else the first
+    progress-bar value with "loss" in its name that is not a validation or test value; None if none is logged."""
+    try:
+        metrics = trainer.progress_bar_metrics
+    except Exception:  # noqa: BLE001 - a heartbeat never fails for want of a loss
+        return None
+    named = [k for k in LOSS_NAMES if k in metrics] + [
+        k for k in metrics if "loss" in k and not k.startswith(("val", "test"))]
+    for key in named:
+        try:
+            return key, float(metrics[key])
+        except (TypeError, ValueError):
+            continue
+    return None
 
 
 class _ForwardEvents:

@@ -67,8 +67,8 @@ def latest() -> tuple[int, dict[str, Any]] | None:
         state = light.refs.copy(light.state)  # a write that begins during the copy is caught too
         if state is not None:
             return light.step, state
-        log.info("the snapshot of step %d is stale (training moved on before the failure); using the last full "
-                 "copy%s", light.step, f" (step {full[0]})" if full else " (none)")
+        log.debug("the snapshot of step %d is stale (training moved on before the failure); using the last full "
+                  "copy%s", light.step, f" (step {full[0]})" if full else " (none)")
     return full
 
 

@@ -71,7 +71,8 @@ class RankWorker:
     """One rank. ``WorkerGroup`` creates it as a Ray actor and calls these methods in order:
     ``node_info`` -> (rank 0) ``open_rendezvous`` -> ``setup`` -> ``run``... -> ``teardown``."""
 
-    def __init__(self, run_name: str, driver_sys_path: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(self, run_name: str, driver_sys_path: list[str], env: dict[str, str] | None = None,
+                 label: str = "") -> None:
         # The driver's forwarded variables (object store credentials, seeds), set before anything reads them.
         os.environ.update(env or {})
         # Let the worker import what the driver can (test modules, scripts next to the driver)
@@ -80,6 +81,7 @@ class RankWorker:
             if path and path not in sys.path and os.path.isdir(path):
                 sys.path.append(path)
         self.run_name = run_name
+        self.label = label  # "rank-1": what Ray's relayed log lines of this process start with
         self._master_store = None
         self._info: RankInfo | None = None
         messages.open_buffer()
@@ -88,9 +90,10 @@ class RankWorker:
         control.install_sigterm_handler()
 
     def __repr__(self) -> str:
-        # Ray prefixes worker log lines with this, so each line names its rank.
-        info = self._info
-        return f"rank-{info.global_rank}" if info is not None else f"RankWorker({self.run_name})"
+        # Ray prefixes worker log lines with this (read once, after __init__), so each line names its rank.
+        info = getattr(self, "_info", None)
+        return f"rank-{info.global_rank}" if info is not None else getattr(self, "label", "") or \
+            f"RankWorker({self.run_name})"
 
     def node_info(self) -> dict[str, Any]:
         """Where this actor landed: node id and IP, pid and the GPUs Ray gave it."""

@@ -200,7 +200,7 @@ def test_sigterm_while_ray_starts_exits_as_preempted(tmp_path):
 
     script = tmp_path / "driver.py"
     script.write_text(DRIVER.format(root=ROOT, here=os.path.dirname(__file__), out=str(tmp_path / "run")))
-    env = dict(os.environ, RAY_ADDRESS="local")
+    env = dict(os.environ, RAY_ADDRESS="local", RAYTRAINER_LOG="debug")  # debug: the line that says Ray is starting
     proc = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     seen = []

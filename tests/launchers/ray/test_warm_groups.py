@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import alive_rank_actors
-from trainer_models import RankProbe, Regression, loader, read_probes, regression_data
+from trainer_models import Boom, RankProbe, Regression, loader, read_probes, regression_data
 
 import raytrainer as pl
 from raytrainer.launchers.ray import pool
@@ -34,13 +34,6 @@ def _fit(seed: int = 0, **kwargs: Any) -> tuple[pl.Trainer, Regression]:
 
 def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
-
-
-class Boom(Regression):
-    def training_step(self, batch, batch_idx):
-        if self.global_step == 3 and self.trainer.global_rank == 1:
-            raise RuntimeError("boom at step 3")
-        return super().training_step(batch, batch_idx)
 
 
 def test_consecutive_calls_share_one_group_and_match_fresh_processes(local_ray, tmp_path):

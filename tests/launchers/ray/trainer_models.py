@@ -182,3 +182,13 @@ def read_probes(out_dir: str | os.PathLike[str], stage: str) -> list[dict[str, A
     """The RankProbe records of one stage, by rank."""
     files = sorted(Path(out_dir).glob(f"{stage}-rank-*.json"), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
     return [json.loads(p.read_text()) for p in files]
+
+
+class Boom(Regression):
+    """Rank 1 raises at step 3 (a plain error in user code: not retried). Lives here, not in a test module, so
+    the ranks unpickle it without importing the test module (and its ``conftest`` import)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        if self.global_step == 3 and self.trainer.global_rank == 1:
+            raise RuntimeError("boom at step 3")
+        return super().training_step(batch, batch_idx)

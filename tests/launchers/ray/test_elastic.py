@@ -184,7 +184,7 @@ def test_parquet_shrink_then_grow_trains_every_row_once_per_epoch(cluster, tmp_p
     n = parquet_writer(tmp_path / "data", n=1200, files=3, row_group=100)
     nodes = [cluster.add_node(num_cpus=1), cluster.add_node(num_cpus=1)]
     _connect(cluster)
-    epochs = 6
+    epochs = 10  # long enough at world 1 for the joining node's ranks to start (5-15 s on a loaded 2-core machine)
     trainer = pl.Trainer(num_nodes="1:2", num_processes=1, max_epochs=epochs, max_failures=2,
                          default_root_dir=str(tmp_path), enable_progress_bar=False, enable_model_summary=False,
                          scale_check_interval_s=1.0, placement_timeout_s=30, snapshot_every_n_steps=1)

@@ -14,6 +14,21 @@ from raytrainer.utilities.combined_loader import CombinedLoader  # noqa: F401  (
 from raytrainer.utilities.console import log  # noqa: F401  (the "raytrainer" logger, at RAYTRAINER_LOG's level)
 
 
+def env_number(name: str, default: float, meaning: str) -> float:
+    """The finite number >= 0 in environment variable ``name`` (``default`` when unset or empty); anything else is a
+    ValueError that names the variable, its value and ``meaning`` (what to put there)."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return float(default)
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (value >= 0 and np.isfinite(value)):
+        raise ValueError(f"{name}={text!r} is not {meaning}")
+    return value
+
+
 class AttributeDict(dict):
     """A dict whose keys are also attributes (``self.hparams.lr``)."""
 

@@ -30,6 +30,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raytrainer.launchers.ray import rendezvous
 from raytrainer.launchers.ray.worker import RankInfo, RankOutcome, RankWorker
+from raytrainer.utilities import env_number
 from raytrainer.utilities.console import without_log_messages
 
 log = logging.getLogger(__name__)
@@ -80,17 +81,9 @@ RAY_OWN_MEMORY_MB = 512
 
 def rank_memory_estimate_mb() -> float:
     """MiB one rank process is expected to need: ``RAYTRAINER_RANK_MEMORY_MB`` if set, else the measured default."""
-    text = os.environ.get(RANK_MEMORY_ENV, "").strip()
-    if not text:
-        return float(DEFAULT_RANK_MEMORY_MB)
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not (value >= 0 and math.isfinite(value)):
-        raise ValueError(f"{RANK_MEMORY_ENV}={text!r} is not a memory size: give the MiB one rank process needs "
-                         f"(e.g. {RANK_MEMORY_ENV}=1024), or 0 to skip the memory check of local Ray runs.")
-    return value
+    return env_number(RANK_MEMORY_ENV, DEFAULT_RANK_MEMORY_MB,
+                      f"a memory size: give the MiB one rank process needs (e.g. {RANK_MEMORY_ENV}=1024), or 0 to "
+                      "skip the memory check of local Ray runs.")
 
 
 def check_local_memory(num_ranks: int) -> None:

@@ -62,9 +62,10 @@ class RunMetrics:
         self._values[(name, tuple(sorted(tags.items())))] = float(value)
         self._record(name, float(value), tags)
 
-    def _record(self, name: str, value: float, tags: dict[str, str]) -> None:
+    def _record(self, name: str, value: float, tags: dict[str, str], method: str = "set") -> None:
+        """``metric.set`` (a gauge) or ``metric.inc`` (a counter) with the run's tags; skipped if Ray refuses."""
         try:
-            _metric(name).set(value, tags={**self.tags, **tags})
+            getattr(_metric(name), method)(value, tags={**self.tags, **tags})
         except Exception as err:  # noqa: BLE001 - metrics never stop a run
             log.debug("could not record the Ray metric %s: %s", name, err)
 
@@ -86,12 +87,8 @@ class RunMetrics:
         self._last_beat = None  # the step rate starts again with the new ranks
 
     def failure(self) -> None:
-        if not self.enabled:
-            return
-        try:
-            _metric("raytrainer_failures").inc(1, tags=self.tags)
-        except Exception as err:  # noqa: BLE001 - metrics never stop a run
-            log.debug("could not record the Ray metric raytrainer_failures: %s", err)
+        if self.enabled:
+            self._record("raytrainer_failures", 1, {}, method="inc")
 
     def checkpoint(self) -> None:
         """A checkpoint file is complete on storage."""

@@ -14,12 +14,11 @@ returns its group here.
 """
 from __future__ import annotations
 
-import os
 import sys
 import threading
 from typing import Any
 
-from raytrainer.utilities import log
+from raytrainer.utilities import env_number, log
 
 DEFAULT_IDLE_S = 120.0
 
@@ -29,17 +28,8 @@ _idle: tuple[tuple[Any, ...], Any, threading.Timer | None] | None = None  # (key
 
 def idle_seconds() -> float:
     """How long an idle group is kept: ``RAYTRAINER_WARM_IDLE_S`` (seconds; 0 turns warm groups off)."""
-    raw = os.environ.get("RAYTRAINER_WARM_IDLE_S", "")
-    if not raw:
-        return DEFAULT_IDLE_S
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"RAYTRAINER_WARM_IDLE_S={raw!r}: use a number of seconds (0 keeps no warm group)") \
-            from None
-    if value < 0:
-        raise ValueError(f"RAYTRAINER_WARM_IDLE_S={raw!r}: use a number of seconds >= 0 (0 keeps no warm group)")
-    return value
+    return env_number("RAYTRAINER_WARM_IDLE_S", DEFAULT_IDLE_S,
+                      "a number of seconds >= 0 (0 keeps no warm group)")
 
 
 def group_key(args: dict[str, Any]) -> tuple[Any, ...]:

@@ -12,6 +12,7 @@ from typing import Any
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later" - rerun the same command to resume
 
 _reason: str | None = None
+_addressed_to: str | None = None  # the run a driver's request names: it outlives the reset at that run's start
 _lock = threading.Lock()
 
 
@@ -27,22 +28,28 @@ class Preempted(SystemExit):
         return self.message
 
 
-def request_stop(reason: str) -> None:
-    """Ask this process's training loop to stop at the next agreed step ("preempt" or "resize")."""
-    global _reason
+def request_stop(reason: str, run: str | None = None) -> None:
+    """Ask this process's training loop to stop at the next agreed step ("preempt" or "resize"). A request
+    naming its ``run`` may come before that run's rank has started (and reset) and still counts."""
+    global _reason, _addressed_to
     with _lock:
         if _reason != "preempt":  # a preemption is never downgraded to a resize
             _reason = reason
+        if run is not None:
+            _addressed_to = run
 
 
 def stop_reason() -> str | None:
     return _reason
 
 
-def reset() -> None:
-    global _reason
+def reset(run: str | None = None) -> None:
+    """Forget stop requests of earlier runs in this process; one addressed to ``run`` (the run starting now) stays."""
+    global _reason, _addressed_to
     with _lock:
-        _reason = None
+        if run is None or _addressed_to != run:
+            _reason = None
+        _addressed_to = None
 
 
 def install_sigterm_handler() -> Any:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 import signal
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -91,6 +92,7 @@ class FitController:
         self.resize_to: int | None = None
         self.sigterm = False
         self.stop_sent = False
+        self.run_id: str | None = None
         self.rng = rng_states()
         self.bar = trainer.progress_bar_callback
         # the first event of a RUNNING phase when only rank 0 knows its step (the first start, a restart from "last"):
@@ -155,9 +157,15 @@ class FitController:
                 self.resize_to = target
                 self._request_stop("resize")
 
+    def _new_run_id(self) -> str:
+        """A name for this start of the ranks: stop requests carry it, so one that reaches a rank before the
+        rank's run has begun is not cleared as a leftover of an earlier run."""
+        self.run_id = uuid.uuid4().hex
+        return self.run_id
+
     def _request_stop(self, reason: str) -> None:
         self.stop_sent = True
-        _call_ranks(self.group, request_stop, reason)
+        _call_ranks(self.group, request_stop, reason, self.run_id)
 
     def _collect_survivor_snapshots(self, err: BaseException) -> None:
         """Before the group is torn down: deliver what ranks still had queued for the driver (events,
@@ -247,7 +255,8 @@ class FitController:
         ctl = {"rng": self.rng, "snapshot_every": self.trainer.config.snapshot_every_n_steps,
                "continue_logging": kind != "start", "restarted": kind != "start", "tty": driver_tty(),
                "elastic": self.plan.elastic, "first_event": self.awaiting,
-               "stop": "preempt" if self.sigterm else None}  # a SIGTERM that came while Ray or the group started
+               "stop": "preempt" if self.sigterm else None,  # a SIGTERM that came while Ray or the group started
+               "run": self._new_run_id()}
         self.metrics.world(self.world)
         self.stop_sent, self.resize_to, self.last_beat = False, None, time.monotonic()
         kwargs = self._split_data(dict(self.kwargs, ckpt_path=self.resume))

@@ -31,7 +31,7 @@ def rank_entry(info: Any, payload: RankPayload, fn: str, model: Any, kwargs: dic
 
 def _run_rank(info: Any, trainer: Any, fn: str, model: Any, kwargs: dict[str, Any], ctl: dict[str, Any]) -> Any:
     session = trainer.session
-    control.reset()
+    control.reset(ctl.get("run"))  # a request the driver sent this run while the rank was starting stays
     if ctl.get("stop"):
         control.request_stop(ctl["stop"])
     snapshots.clear()
@@ -166,7 +166,7 @@ def queued_messages(info: Any) -> list[Any]:
     return drain_messages()
 
 
-def request_stop(info: Any, reason: str) -> int:
-    """(any rank) Stop at the next agreed step boundary, for "preempt" or "resize"."""
-    control.request_stop(reason)
+def request_stop(info: Any, reason: str, run: str | None = None) -> int:
+    """(any rank) Stop at the next agreed step boundary, for "preempt" or "resize", in the driver's ``run``."""
+    control.request_stop(reason, run)
     return info.global_rank

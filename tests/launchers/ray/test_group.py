@@ -392,3 +392,57 @@ def test_bad_arguments_are_rejected():
 def test_ensure_ray_reuses_the_running_session(local_ray):
     assert ensure_ray(1) is False
     assert ray.is_initialized()
+
+
+_EXIT_SCRIPT = """
+import json, os, sys
+import ray
+from raytrainer.launchers.ray.group import ensure_ray, stop_own_local_instance
+
+if sys.argv[1] == "own":
+    assert ensure_ray(1, address="local") is True
+else:
+    ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level="warning")
+
+@ray.remote(num_cpus=1)
+class Worker:
+    def pid(self):
+        return os.getpid()
+
+actor = Worker.remote()
+node = ray._private.worker._global_node
+pids = [info.process.pid for infos in node.all_processes.values() for info in infos] + [ray.get(actor.pid.remote())]
+if sys.argv[1] == "other":
+    stop_own_local_instance()  # not raytrainer's instance: left alone, still usable
+    assert ray.is_initialized() and ray.get(actor.pid.remote()) == pids[-1]
+print(json.dumps(pids), flush=True)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("whose", ["own", "other"])
+def test_a_script_exit_stops_every_process_of_its_local_instance(tmp_path, whose):
+    """At exit, the local instance ensure_ray started is stopped all at once (stop_own_local_instance); an instance
+    the script started itself is left to Ray's own exit hook. Either way nothing of it outlives the script."""
+    import json
+    import subprocess
+    import sys
+
+    script = tmp_path / "exit.py"
+    script.write_text(_EXIT_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, str(script), whose], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pids = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(pids) >= 4  # gcs, raylet, ..., the actor's worker
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in pids if _alive(p)]

@@ -9,7 +9,11 @@ REPORT_EVERY steps, FailureConfig(max_failures=1)); raytrainer resumes from its 
 snapshot. Also measured: raytrainer's steady-state throughput with snapshots (default, automatic
 interval) against snapshot_every_n_steps=0 (no snapshots).
 
-    python benchmarks/recovery.py [--repeats 3]
+    python benchmarks/recovery.py [--repeats 3] [--no-throughput | --only-throughput]
+
+For raytrainer it also prints where the recovery time goes, stage by stage: the driver marks its phases
+(controller.marks: death noticed, survivors settled, rank replaced, old group left, new group formed, ranks
+called) and rank 0 records when training starts again (after the snapshot is restored) and its first step.
 """
 from __future__ import annotations
 
@@ -73,7 +77,35 @@ def analyse(out: str) -> dict[str, float]:
     after = [r for r in rows if r["t"] > kill["t"] and r["attempt"] != rows[0]["attempt"]]
     first_after = min(after, key=lambda r: r["t"])
     resumed_from = first_after["step"] - 1
-    return {"recovery_s": first_after["t"] - kill["t"], "steps_lost": kill["step"] - resumed_from}
+    result = {"recovery_s": first_after["t"] - kill["t"], "steps_lost": kill["step"] - resumed_from}
+    if os.path.exists(os.path.join(out, "marks.json")):  # raytrainer: where the time went
+        result["breakdown"] = breakdown(out, kill["t"], first_after["t"])
+    return result
+
+
+# The steps of a recovery in place, as the driver marks them (controller.marks) and rank 0 records them.
+STAGES = (("recovering", "death noticed by the driver"), ("settled", "survivors settled"),
+          ("starting", "(no repair in place) new group started"),
+          ("replaced", "spare activated / rank replaced"), ("left the old group", "old process group left"),
+          ("rendezvous", "new process group formed"), ("running", "ranks called"),
+          ("train start", "snapshot handed out and restored"), ("first step", "first step done"))
+
+
+def breakdown(out: str, kill_t: float, first_step_t: float) -> dict[str, float]:
+    """Seconds each stage of the recovery took, from the kill to the next completed step."""
+    marks = [(what, t) for what, t in json.load(open(os.path.join(out, "marks.json"))) if t > kill_t]
+    starts = [json.loads(line)["t"] for line in open(os.path.join(out, "train_start.0"))]
+    times = {}
+    for what, t in marks:
+        times.setdefault(what, t)  # the first of each after the kill
+    times["train start"] = min((t for t in starts if t > kill_t), default=float("nan"))
+    times["first step"] = first_step_t
+    stages, last = {}, kill_t
+    for key, label in STAGES:
+        if key in times:
+            stages[label] = times[key] - last
+            last = times[key]
+    return stages
 
 
 def wait_quiet(timeout_s: float = 30.0) -> None:
@@ -98,8 +130,11 @@ def run_raytrainer(out: str, kill: bool, snapshot_every: int | None = None, step
     import raytrainer as rt
 
     class Recorder(rt.Callback):
-        def on_train_start(self, trainer, pl_module):
+        def on_train_start(self, trainer, pl_module):  # after the restore: the snapshot was handed out and loaded
             self.attempt = uuid.uuid4().hex
+            if trainer.global_rank == 0:
+                with open(os.path.join(out, "train_start.0"), "a") as f:
+                    f.write(json.dumps({"t": time.time()}) + "\n")
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             _record(out, trainer.global_rank, trainer.global_step, self.attempt)
@@ -126,6 +161,8 @@ def run_raytrainer(out: str, kill: bool, snapshot_every: int | None = None, step
                          default_root_dir=out, enable_progress_bar=False, enable_model_summary=False,
                          enable_checkpointing=False, logger=False, snapshot_every_n_steps=snapshot_every)
     trainer.fit(Model(), DataLoader(data(), batch_size=BATCH, shuffle=True))
+    with open(os.path.join(out, "marks.json"), "w") as f:  # the driver's phase marks (controller.marks)
+        json.dump(trainer.last_run.marks, f)
 
 
 # ------------------------------------------------------------------------------------------- Ray Train
@@ -179,6 +216,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--only-throughput", action="store_true", help="skip the recovery runs")
+    p.add_argument("--no-throughput", action="store_true", help="skip the throughput runs")
     args = p.parse_args()
     import logging
     import warnings
@@ -204,7 +242,8 @@ def main() -> None:
                 print(f"run {i + 1} {name:<10} recovery {r['recovery_s']:.2f} s, steps lost {r['steps_lost']}",
                       flush=True)
             pairs = (("snapshots on", None), ("snapshots off", 0))
-            for label, every in pairs if i % 2 == 0 else pairs[::-1]:  # alternate the order against drift
+            pairs = () if args.no_throughput else pairs if i % 2 == 0 else pairs[::-1]  # alternate against drift
+            for label, every in pairs:
                 out = os.path.join(root, f"tput-{label.replace(' ', '')}-{i}")
                 os.makedirs(out)
                 wait_quiet()
@@ -220,10 +259,12 @@ def main() -> None:
     finally:
         shutil.rmtree(root, ignore_errors=True)
         ray.shutdown()
-    on, off = statistics.median(tput["snapshots on"]), statistics.median(tput["snapshots off"])
-    paired = statistics.median(a / b for a, b in zip(tput["snapshots on"], tput["snapshots off"]))
-    line = (f"\nsteady-state throughput: snapshots on {on:.1f} steps/s, off {off:.1f} steps/s; median of the "
-            f"per-repeat ratios on/off {paired:.3f}")
+    line = ""
+    if not args.no_throughput:
+        on, off = statistics.median(tput["snapshots on"]), statistics.median(tput["snapshots off"])
+        paired = statistics.median(a / b for a, b in zip(tput["snapshots on"], tput["snapshots off"]))
+        line = (f"\nsteady-state throughput: snapshots on {on:.1f} steps/s, off {off:.1f} steps/s; median of the "
+                f"per-repeat ratios on/off {paired:.3f}")
     if args.only_throughput:
         print(line)
         return
@@ -238,6 +279,13 @@ def main() -> None:
     print(f"| raytrainer | {rt_rec:.2f} | {rt_lost:g} |")
     print(f"| Ray Train TorchTrainer | {ray_rec:.2f} | {ray_lost:g} |")
     print(f"| ratio raytrainer / Ray Train | {rt_rec / ray_rec:.3f} | |")
+    stages = [r["breakdown"] for r in results["raytrainer"] if "breakdown" in r]
+    if stages:
+        print("\nraytrainer's recovery, stage by stage (median seconds from the previous stage's end):")
+        for _, label in STAGES:
+            vals = [b[label] for b in stages if label in b]
+            if vals:
+                print(f"  {label:<34} {statistics.median(vals):.3f}   runs: " + ", ".join(f"{v:.3f}" for v in vals))
     print(line)
 
 

@@ -11,7 +11,7 @@ every step, so the ranks' own CPU does not swamp the machine. One fit per size m
    are reported beside it. The fit runs with ``max_failures=1``, so (as for any user) one warm spare rank process
    per node starts after the group formed;
 2. driver CPU per 100 steady-state steps: ``time.process_time()`` of the driver (all its threads: the fit, Ray's
-   own) between the first and the last step of a 300-step window, read by a background thread when rank 0's mark
+   own) between the first and the last step of a 500-step window, read by a background thread when rank 0's mark
    files appear. The window starts once the spares finished importing torch, and never crosses an epoch's end.
    The CPU the benchmark's own counting and watching took is subtracted;
 3. traffic per step: the messages ``FitController.on_message`` receives from the ranks (heartbeats, progress
@@ -58,7 +58,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _scale_models and recovery, here and on the ranks
 
 SLEEP_S = 0.02            # each training step sleeps this long
-WINDOW = 300              # steady-state steps between the two CPU readings
+WINDOW = 500              # steady-state steps between the two CPU readings
 EPOCH_STEPS = 2000        # batches per rank per epoch (the window never crosses an epoch's end)
 STOP_AFTER = 30           # steps trained after the recovery (or resize) before the run stops
 MAX_STEPS = 100_000       # a cap only: the Probe stops each run

@@ -292,6 +292,48 @@ def cold(kind: str, workdir: str) -> dict[str, float]:
     return json.loads(line[len("RESULT "):])
 
 
+WHOLE_KINDS = ("raytrainer", "ray_train")
+
+
+def whole(kind: str, workdir: str) -> dict[str, float]:
+    """One user's script, timed from the interpreter's start to its exit: each framework with its defaults (its
+    fit starts Ray itself, and the process stops it at exit)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    start = time.time()
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--whole-one", kind, workdir], env=env,
+                          capture_output=True, text=True, timeout=600)
+    end = time.time()
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None or proc.returncode != 0:
+        raise RuntimeError(f"whole-process {kind} run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    r = json.loads(line[len("RESULT "):])
+    r["whole_s"] = end - start
+    return r
+
+
+def summarize_whole(runs: dict[str, list[dict[str, float]]]) -> dict[str, float]:
+    med = {k: {m: statistics.median(r[m] for r in v) for m in ("whole_s", "total_s", "first_step_s")}
+           for k, v in runs.items()}
+    print(f"\nwhole process (interpreter start to exit; each with its defaults: fit starts Ray): medians of "
+          f"{len(runs['raytrainer'])} runs each")
+    print(f"  {'':<12}{'process':>10}{'fit()':>9}{'1st step':>10}   runs (process/fit)")
+    for k in WHOLE_KINDS:
+        runs_text = ", ".join(f"{r['whole_s']:.2f}/{r['total_s']:.2f}" for r in runs[k])
+        print(f"  {k:<12}{med[k]['whole_s']:>9.2f}s{med[k]['total_s']:>8.2f}s{med[k]['first_step_s']:>9.2f}s   "
+              f"{runs_text}")
+    rt, rtrain = med["raytrainer"], med["ray_train"]
+    ratio, fit_ratio = rt["whole_s"] / rtrain["whole_s"], rt["total_s"] / rtrain["total_s"]
+    print(f"  raytrainer / Ray Train: whole process {ratio:.3f} (target <= 0.25), fit() call to return {fit_ratio:.3f}")
+    return {"whole_process_ratio": ratio, "whole_fit_ratio": fit_ratio}
+
+
+def whole_one(kind: str, workdir: str) -> None:
+    """(in the fresh interpreter) the framework's own imports and fit, Ray started by the fit."""
+    r = measure(kind, workdir, attempts=1)
+    print("RESULT " + json.dumps(r), flush=True)
+
+
 def cold_one(kind: str, workdir: str) -> None:
     """(in the fresh interpreter) ray.init + fit, both timed: the first run of a session."""
     t0 = time.time()
@@ -355,11 +397,15 @@ def main() -> None:
                                                          "rank processes)")
     p.add_argument("--profile", action="store_true", help="print raytrainer's start-up breakdown per run")
     p.add_argument("--cold-one", nargs=2, metavar=("KIND", "WORKDIR"), help=argparse.SUPPRESS)
+    p.add_argument("--whole-one", nargs=2, metavar=("KIND", "WORKDIR"), help=argparse.SUPPRESS)
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if args.cold_one:
         cold_one(*args.cold_one)
+        return
+    if args.whole_one:
+        whole_one(*args.whole_one)
         return
     print(f"load average before: {os.getloadavg()}  cores: {os.cpu_count()}")
 
@@ -375,6 +421,11 @@ def main() -> None:
             ratios.update({f"cold_{k}": v for k, v in
                            summarize("cold (fresh process; includes ray.init)", cold_runs).items()})
             print("  ray.init: " + ", ".join(f"{k} {r['ray_init_s']:.2f}s" for k, v in cold_runs.items() for r in v))
+            whole_runs: dict[str, list[dict[str, float]]] = {k: [] for k in WHOLE_KINDS}
+            for i in range(args.cold_repeats):
+                for kind in (WHOLE_KINDS if i % 2 == 0 else WHOLE_KINDS[::-1]):
+                    whole_runs[kind].append(whole(kind, workdir))
+            ratios.update(summarize_whole(whole_runs))
         if not args.cold:
             init_ray()
         if not args.cold and not args.warm:

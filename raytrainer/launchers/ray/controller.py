@@ -82,6 +82,8 @@ class FitController:
         self.failures = FailurePolicy(trainer.config.max_failures)
         self.phase = Phase.STARTING
         self.history: list[Phase] = []        # every phase entered, in order (tests and debugging read it)
+        # (what, time.time()) at each phase's entry and the steps of a recovery: benchmarks/recovery.py's breakdown
+        self.marks: list[tuple[str, float]] = []
         self.step = 0
         self.epoch = 0
         self.driver_snapshot: tuple[int, dict[str, Any]] | None = None
@@ -223,6 +225,7 @@ class FitController:
             with without_worker_death_notes():  # a rank's death is this run's failure line, not Ray's note too
                 while self.phase is not Phase.FINISHED:
                     self.history.append(self.phase)
+                    self.marks.append((self.phase.value, time.time()))
                     self.phase = phases[self.phase]()
             self.history.append(self.phase)
         finally:
@@ -313,13 +316,14 @@ class FitController:
         err = self.error
         assert err is not None
         kept = self._settle(err)
+        self.marks.append(("settled", time.time()))
         world_before = self.world
         decision = self._decide(err, kept)
         self.resume = self._resume_point()
         cause = type(err).__name__
         if decision.action == "repair":
             dead = sorted(r for r, died in err.failed.items() if died)
-            if self.group.reform(dead):
+            if self.group.reform(dead, marks=self.marks):
                 cause += f": rank(s) {dead} replaced, survivors kept" if dead else ": ranks kept"
                 self.pending_event = ("restart", cause)
                 return Phase.RUNNING

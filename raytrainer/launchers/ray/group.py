@@ -560,11 +560,13 @@ class WorkerGroup:
                 _quietly(ray.kill, self._actors[rank], no_restart=True)
         return True
 
-    def reform(self, dead: list[int], timeout_s: float = 30.0) -> bool:
+    def reform(self, dead: list[int], timeout_s: float = 30.0, marks: list[tuple[str, float]] | None = None) -> bool:
         """Replace dead ranks (a warm spare on the same node, else a new actor in the rank's reserved
         bundle), then re-form the process group with the survivors. False if that cannot be done here
-        (the node is gone, an actor did not answer): shut the group down and start a new one instead."""
+        (the node is gone, an actor did not answer): shut the group down and start a new one instead.
+        ``marks`` gets (step, time.time()) after the replacements, the teardown and the rendezvous."""
         started = time.perf_counter()
+        mark = (lambda what: marks.append((what, time.time()))) if marks is not None else (lambda what: None)
         try:
             alive_nodes = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
             if any(self.ranks[r].node_id not in alive_nodes for r in dead):
@@ -578,9 +580,12 @@ class WorkerGroup:
                     return False
                 self._actors[rank] = actor
                 self.ranks[rank] = replace(old, pid=info["pid"], gpu_ids=tuple(info["gpu_ids"]))
+            mark("replaced")
             refs = [a.teardown.remote() for a in self._actors]
             self._gather(refs, timeout_s, "leaving the failed process group")
+            mark("left the old group")
             self._form_process_group()
+            mark("rendezvous")
         except (RankError, GroupTimeoutError, RayError, GetTimeoutError) as err:
             log.debug("could not re-form run %r in place: %s", self.run_name, str(err).splitlines()[0])
             return False

@@ -176,8 +176,13 @@ class RankWorker:
 
     def warm(self) -> int:
         """(a spare) Import what a rank runs, so taking over a dead rank costs no import time; returns the pid."""
+        import torch
+
         import raytrainer.launchers.ray.rank  # noqa: F401 - rank_entry, snapshots, control
         import raytrainer.strategies.ddp  # noqa: F401
+
+        # the first optimizer a process builds imports torch._dynamo (0.6-1 s of a 1 s recovery on a 2-core machine)
+        torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
         return os.getpid()
 
     def leave(self) -> bool | str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -49,8 +50,7 @@ def resolve_ckpt_path(ckpt_path: str, checkpoint_callback: Any, trainer: Any) ->
                              "first, or pass a file path.")
         return best
     if ckpt_path == "last":
-        candidates = cb.find_last_candidates(trainer) if cb is not None else last_candidates(trainer, None, False)
-        path, bad = newest_checkpoint(candidates)
+        path, bad = _newest_for_last(cb, trainer)
         for file, why in bad:
             log.warning("ckpt_path=\"last\": skipping %s, which cannot be used: %s", file, why)
         if path is None:
@@ -62,6 +62,32 @@ def resolve_ckpt_path(ckpt_path: str, checkpoint_callback: Any, trainer: Any) ->
         raise FileNotFoundError(f"ckpt_path={ckpt_path!r} does not exist. Pass an existing checkpoint file, "
                                 '"last" (resume from the newest one if any) or "best".')
     return ckpt_path
+
+
+def _newest_for_last(checkpoint_callback: Any, trainer: Any) -> tuple[str | None, list[tuple[str, str]]]:
+    """(the file ckpt_path="last" loads or None, the (file, why) it skips)."""
+    cb = checkpoint_callback
+    candidates = cb.find_last_candidates(trainer) if cb is not None else last_candidates(trainer, None, False)
+    return newest_checkpoint(candidates)
+
+
+def checkpoint_source(path: str) -> str:
+    """A checkpoint's location as events name it (``resumed_from``): absolute for a local path, a URI as given."""
+    return path if "://" in path else os.path.abspath(path)
+
+
+def resume_source(ckpt_path: Any, checkpoint_callback: Any, trainer: Any) -> str | None:
+    """The checkpoint a fit given ``ckpt_path`` resumes from, found quietly (no log lines, no errors), or None:
+    for the driver of a Ray run when rank 0 was lost before it said which file it loaded."""
+    if not isinstance(ckpt_path, str):
+        return None  # an in-memory snapshot (a restart), or no resume at all
+    if ckpt_path == "last":
+        path = _newest_for_last(checkpoint_callback, trainer)[0]
+    elif ckpt_path == "best":
+        path = getattr(checkpoint_callback, "best_model_path", "") or None
+    else:
+        path = ckpt_path
+    return None if path is None else checkpoint_source(path)
 
 
 def last_candidates(trainer: Any, dirpath: str | None, dirpath_given: bool,

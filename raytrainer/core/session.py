@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from raytrainer.checkpoint import bridge
-from raytrainer.checkpoint.resolve import resolve_ckpt_path
+from raytrainer.checkpoint.resolve import checkpoint_source, resolve_ckpt_path
 from raytrainer.core import control, loops, step
 from raytrainer.core.config import RunConfig
 from raytrainer.core.events import EventLog, command_fields
@@ -931,7 +931,7 @@ class RankSession:
         if path is None:
             return
         bridge.restore(self, path, full=fn == "fit", weights_only=weights_only)
-        self.resumed_from = path if "://" in path else os.path.abspath(path)
+        self.resumed_from = checkpoint_source(path)
 
     def restore_rng(self, pos: ResumePosition) -> None:
         if pos.rng is not None:

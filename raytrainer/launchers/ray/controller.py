@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from raytrainer.checkpoint.resolve import resume_source
 from raytrainer.checkpoint.shard_snapshot import Piece, ShardedSnapshot
 from raytrainer.core import control
 from raytrainer.core.events import EventLog, NoEvents, command_fields
@@ -434,7 +435,10 @@ class FitController:
                 first, first_cause = self.awaiting
                 self.awaiting = None
                 if first == "start":
-                    self.events.emit("start", world_size=self.world, step=0, epoch=0, **command_fields())
+                    source = resume_source(self.kwargs.get("ckpt_path"), self.trainer.checkpoint_callback,
+                                           self.trainer)
+                    self.events.emit("start", world_size=self.world, step=0, epoch=0, **command_fields(),
+                                     resumed_from=source)
                 else:
                     self.events.emit(first, world_size=self.world, step=self.step, epoch=self.epoch,
                                      cause=first_cause)

@@ -98,3 +98,15 @@ class KillThenCollectiveAt(pl.Callback):
         import torch.distributed as dist
 
         dist.all_reduce(torch.zeros(1))
+
+
+class KillRank0InSetup(pl.Callback):
+    """Rank 0 dies in ``setup`` of the first attempt: before it restored a checkpoint or recorded its start."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def setup(self, trainer, pl_module, stage):
+        if trainer.global_rank == 0 and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)

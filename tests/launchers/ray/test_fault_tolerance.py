@@ -11,7 +11,16 @@ import time
 import pytest
 import torch
 from conftest import assert_only_the_warm_group_left
-from ft_models import FailingRegression, KillThenCollectiveAt, Regression, SignalAt, events, loader, params
+from ft_models import (
+    FailingRegression,
+    KillRank0InSetup,
+    KillThenCollectiveAt,
+    Regression,
+    SignalAt,
+    events,
+    loader,
+    params,
+)
 
 import raytrainer as pl
 from raytrainer.core.control import PREEMPTED_EXIT_CODE, Preempted
@@ -129,6 +138,23 @@ def test_a_raise_is_recorded_at_the_step_it_happened(local_ray, tmp_path):
         trainer.fit(BrokenAt5(), loader())
     finish = [e for e in events(str(tmp_path)) if e["event"] == "finish"]
     assert finish and finish[-1]["step"] == 5 and "bug at step 5" in finish[-1]["cause"], finish
+
+
+def test_start_recorded_by_the_driver_names_the_checkpoint_resumed_from(local_ray, tmp_path):
+    """Issue 19: when rank 0 dies before it records the start of a resumed run, the driver records it, naming the
+    checkpoint ckpt_path="last" resumes from (as rank 0 would), so status and report follow the run back."""
+    pl.Trainer(max_epochs=1, default_root_dir=str(tmp_path), callbacks=[pl.ModelCheckpoint(save_last=True)],
+               enable_progress_bar=False, enable_model_summary=False).fit(Regression(), loader())
+    last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    assert last.exists()
+    trainer = _trainer(tmp_path, max_failures=1, callbacks=[KillRank0InSetup(str(tmp_path / "killed"))])
+    trainer.fit(Regression(), loader(), ckpt_path="last")
+    assert (tmp_path / "killed").exists()
+    ev = [e for e in events(str(tmp_path / "lightning_logs" / "version_1"))]
+    kinds = [e["event"] for e in ev]
+    assert kinds[:2] == ["start", "failure"] and kinds[-1] == "finish", kinds
+    assert ev[0]["resumed_from"] == str(last), ev[0]
+    assert ev[0]["argv"], ev[0]  # the driver's command line
 
 
 def test_sigterm_to_a_rank_checkpoints_and_rerun_resumes(local_ray, tmp_path):

@@ -51,6 +51,7 @@ from raytrainer.launchers.ray.rank import (
     queued_messages,
     rank_entry,
     request_stop,
+    snapshot_step,
     training_loss,
 )
 from raytrainer.launchers.ray.snapshots import choose_pieces
@@ -176,9 +177,15 @@ class FitController:
         for rank, queued in enumerate(_call_ranks(self.group, queued_messages)):
             for msg in queued or []:
                 self.on_message(rank, msg)
-        for outcome in _call_ranks(self.group, latest_snapshot):
-            if outcome is not None and (self.driver_snapshot is None or outcome[0] > self.driver_snapshot[0]):
-                self.driver_snapshot = outcome
+        # Ask every rank for its snapshot's step, then fetch one snapshot, from the first rank holding the newest
+        # (DDP ranks hold the same state: N copies would cost N times the transfer for nothing).
+        have = -1 if self.driver_snapshot is None else self.driver_snapshot[0]
+        steps = _call_ranks(self.group, snapshot_step)
+        for _, rank in sorted((-step, rank) for rank, step in enumerate(steps) if step is not None and step > have):
+            outcome = _call_ranks(self.group, latest_snapshot, ranks=[rank])
+            if outcome and outcome[0] is not None and outcome[0][0] > have:
+                self.driver_snapshot = outcome[0]
+                break
         self._collect_survivor_pieces()
 
     def _collect_survivor_pieces(self) -> None:
@@ -379,7 +386,8 @@ class FitController:
         retry = isinstance(err, RankError) and _retryable(err, err.died)
         if retry:
             self._collect_survivor_pieces()  # first: a rank that cannot leave a sharded group exits in settle
-        ok = retry and self.group.settle(err.failed, timeout_s=SETTLE_TIMEOUT_S, on_message=self.on_message)
+        ok = retry and self.group.settle(err.failed, timeout_s=SETTLE_TIMEOUT_S, on_message=self.on_message,
+                                         before_exits=lambda: self._collect_survivor_snapshots(err))
         self._collect_survivor_snapshots(err)
         if not ok:
             self.group.shutdown(graceful=False)
@@ -511,9 +519,10 @@ class RetryableError(RuntimeError):
     retryable = True
 
 
-def _call_ranks(group: Any, fn: Any, *args: Any, timeout_s: float = 5.0) -> list[Any]:
-    """Call ``fn(rank_info, *args)`` on every live rank beside its running call; None for ranks that fail."""
-    return group.call(fn, *args, timeout_s=timeout_s) if getattr(group, "started", False) else []
+def _call_ranks(group: Any, fn: Any, *args: Any, timeout_s: float = 5.0, ranks: list[int] | None = None) -> list[Any]:
+    """Call ``fn(rank_info, *args)`` on every live rank (or ``ranks``) beside its running call; None for ranks that
+    fail."""
+    return group.call(fn, *args, timeout_s=timeout_s, ranks=ranks) if getattr(group, "started", False) else []
 
 
 def _free_slots(plan: Plan, capacity: bool = False) -> list[int]:

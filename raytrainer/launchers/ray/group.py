@@ -42,6 +42,9 @@ MessageHandler = Callable[[int, Any], None]
 # After the first failure, wait this long for other ranks' failures so the root cause (a rank
 # that died) is reported rather than a peer's "connection closed" that followed from it.
 FAILURE_GRACE_S = 0.5
+# After a failure, how long peers may stay blocked in a collective before ranks that cannot close their connections
+# (see WorkerGroup.settle) exit to release them.
+HELD_GROUP_WAIT_S = 0.3
 ACTOR_NAME_PREFIX = "raytrainer-"
 
 
@@ -526,24 +529,44 @@ class WorkerGroup:
             spares.append(actor)
 
     def settle(self, failed: dict[int, bool], timeout_s: float = 5.0,
-               on_message: MessageHandler | None = None) -> bool:
+               on_message: MessageHandler | None = None, before_exits: Callable[[], None] | None = None) -> bool:
         """After a ``keep_on_failure`` RankError: stop the failed ranks and wait for the others' calls to end.
 
         Ranks that raised leave the process group, so peers blocked in a collective with them get an
-        error instead of waiting for the collective timeout. True when every surviving rank's call ended
-        within ``timeout_s`` (they can then re-form the group); False means the group should be shut down.
-        The messages those calls had not handed over yet go to ``on_message``.
+        error instead of waiting for the collective timeout. A rank whose group something still holds (DDP's
+        reducer keeps it, and its connections, open) cannot: when peers are still blocked after
+        ``HELD_GROUP_WAIT_S``, ``before_exits`` runs (the driver takes the survivors' snapshots) and those ranks
+        exit, closing their connections; they are replaced as dead. (With 2 ranks nobody is left blocked, so
+        nobody exits.) True when every surviving rank's call ended within ``timeout_s`` (they can then re-form
+        the group); False means the group should be shut down. The messages those calls had not handed over yet
+        go to ``on_message``.
         """
+        deadline = time.monotonic() + timeout_s
         alive = [r for r, died in failed.items() if not died]
+        held = []
         if alive:
             refs = [self._actors[r].leave.remote() for r in alive]
             ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
             for rank, ref in zip(alive, refs):
-                if ref in ready and _quietly(ray.get, ref, timeout=1) == "exiting":
+                answer = _quietly(ray.get, ref, timeout=1) if ref in ready else None
+                if answer == "exiting":
                     failed[rank] = True  # could not close its connections, so it exits: replaced as dead
+                elif answer == "held":
+                    held.append(rank)
         inflight, self._inflight = self._inflight, {}
         if inflight:
-            done, _ = ray.wait(list(inflight.values()), num_returns=len(inflight), timeout=timeout_s)
+            done, _ = ray.wait(list(inflight.values()), num_returns=len(inflight),
+                               timeout=min(HELD_GROUP_WAIT_S, timeout_s) if held else timeout_s)
+            if len(done) < len(inflight) and held:
+                if before_exits is not None:
+                    before_exits()
+                for rank in held:
+                    _quietly(ray.get, self._actors[rank].exit_soon.remote(), timeout=1)
+                    failed[rank] = True
+                log.debug("rank(s) %s exit to release peers %s blocked in a collective", held,
+                          sorted(r for r, ref in inflight.items() if ref not in done))
+                done, _ = ray.wait(list(inflight.values()), num_returns=len(inflight),
+                                   timeout=max(0.0, deadline - time.monotonic()))
             if len(done) < len(inflight):
                 log.debug("rank(s) %s did not stop within %gs of the failure", sorted(
                     r for r, ref in inflight.items() if ref not in done), timeout_s)
@@ -842,18 +865,20 @@ class WorkerGroup:
             raise TypeError(f"the function and its arguments cannot be pickled together: "
                             f"{type(err).__name__}: {err}") from err
 
-    def call(self, fn: Callable[..., Any], *args: Any, timeout_s: float = 5.0) -> list[Any]:
-        """Call ``fn(rank_info, *args)`` on every rank beside a running ``run()`` (e.g. to ask
+    def call(self, fn: Callable[..., Any], *args: Any, timeout_s: float = 5.0,
+             ranks: Sequence[int] | None = None) -> list[Any]:
+        """Call ``fn(rank_info, *args)`` on every rank (or on ``ranks``) beside a running ``run()`` (e.g. to ask
         for a snapshot or set a stop flag); by rank, None where a rank raised, died or did not
         answer within ``timeout_s``. Unlike a second ``run()``, it leaves queued messages alone."""
         actors = list(self._actors)
         if not actors:
             return []
+        ranks = list(range(len(actors))) if ranks is None else list(ranks)
         payload = ray.put(self._pickle_call(fn, args, None))
-        refs = [a.call.remote(payload) for a in actors]
+        refs = [actors[r].call.remote(payload) for r in ranks]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
         out: list[Any] = []
-        for rank, ref in enumerate(refs):
+        for rank, ref in zip(ranks, refs):
             value = None
             if ref in ready:
                 try:

@@ -151,6 +151,11 @@ def latest_snapshot(info: Any) -> tuple[int, dict[str, Any]] | None:
     return snapshots.latest()
 
 
+def snapshot_step(info: Any) -> int | None:
+    """(any rank, while another call may be stuck in a collective) The step of this rank's newest snapshot."""
+    return snapshots.latest_step()
+
+
 def held_pieces(info: Any) -> dict[int, list[int]] | None:
     """(any rank of a sharded run) The steps of the snapshot pieces this rank holds, by owner."""
     return snapshots.held_pieces()

@@ -193,9 +193,15 @@ class RankWorker:
         close, and the driver replaces it as a dead rank."""
         released = rendezvous.release_process_group()
         if released is False and rendezvous.SHARDED_MODULE_HOLDS_GROUP:
-            threading.Timer(0.2, os._exit, args=(1,)).start()
+            self.exit_soon()
             return "exiting"
-        return released is not None
+        return "held" if released is False else released is not None
+
+    def exit_soon(self) -> str:
+        """End this process just after answering: its process group's connections close with it, which is how peers
+        blocked in a collective with it get an error when something (DDP's reducer) still holds the group."""
+        threading.Timer(0.2, os._exit, args=(1,)).start()
+        return "exiting"
 
     def teardown(self) -> bool:
         """Leave the process group and close the store; True if a process group was destroyed."""

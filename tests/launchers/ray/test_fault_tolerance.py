@@ -70,6 +70,22 @@ def test_killed_rank_recovers_bitwise(local_ray, tmp_path, alive_actors, world, 
     assert equal, "recovery changed the result"
 
 
+def test_snapshots_every_n_steps_lose_at_most_n_steps(local_ray, tmp_path):
+    """With snapshots 4 steps apart, a rank killed at step 11 resumes from step 8's snapshot (a full copy kept at
+    each snapshot), not from rank 0's copy published at its first snapshot; the result stays bitwise equal."""
+    pl.seed_everything(0)
+    ref_model = Regression()
+    _trainer(tmp_path / "ref").fit(ref_model, loader())
+    pl.seed_everything(0)
+    model = Regression()
+    trainer = _trainer(tmp_path / "ft", max_failures=1, snapshot_every_n_steps=4,
+                       callbacks=[SignalAt(11, str(tmp_path / "marker"), rank=1)])
+    trainer.fit(model, loader())
+    restart = next(e for e in events(str(tmp_path / "ft")) if e["event"] == "restart")
+    assert restart["step"] == 8, restart
+    assert torch.equal(params(model), params(ref_model)), "recovery changed the result"
+
+
 def test_failure_after_an_optimizer_step_never_resumes_from_moved_on_parameters(local_ray, tmp_path):
     # Rank 0 fails in a collective after step 11's optimizer step but before step 11's snapshot: its live
     # parameters are newer than its last snapshot (step 10), so that snapshot must not be used with them.

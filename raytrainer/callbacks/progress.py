@@ -250,6 +250,13 @@ class _Bar(tqdm):
         self.reset()  # draws the empty bar on a terminal
         self._restarted()
 
+    def start_at(self, n: int) -> None:
+        """Count from ``n`` (an epoch resumed mid-way: the batches it already trained), as Lightning's bar shows the
+        batch index; a log file's 25/50/75 % lines already passed are not written."""
+        self.n = self.drawn_n = n
+        while self.total and self.quarter < 4 and 4 * n >= self.quarter * self.total:
+            self.quarter += 1
+
     def set_metrics(self, metrics: Metrics) -> None:
         values = _resolve(metrics)
         if values is not None:
@@ -369,6 +376,8 @@ class TQDMProgressBar(ProgressBar):
             self._open(event["stage"], event["desc"], event.get("total"), event.get("in_fit", False))
             if self._bar is not None:
                 self._bar.origin = t
+                if event.get("initial"):
+                    self._bar.start_at(event["initial"])
         elif kind == "close":
             self._close_stage(event["stage"], event.get("metrics"), t)
         else:
@@ -435,11 +444,19 @@ class TQDMProgressBar(ProgressBar):
     def _metrics(self, trainer: Any) -> Callable[[], dict[str, Any]]:
         return lambda: self.get_metrics(trainer, trainer.lightning_module)
 
+    @staticmethod
+    def _resumed_batches(trainer: Any) -> int:
+        """Batches of this epoch a mid-epoch resume already trained (the bar counts on from there, as Lightning's
+        does); 0 for an elastic run, whose sampler re-splits what is left of the epoch."""
+        session = trainer.session
+        return 0 if session.elastic else session.state.resume_batch_idx(trainer.current_epoch)
+
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         if self.is_enabled:
             total = self.total_train_batches
             self._emit({"kind": "open", "stage": "train", "desc": f"Epoch {trainer.current_epoch}",
-                        "total": None if not total or math.isinf(total) else int(total)})
+                        "total": None if not total or math.isinf(total) else int(total),
+                        "initial": self._resumed_batches(trainer)})
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.is_enabled:

@@ -83,6 +83,11 @@ class LoopState:
                                      data=state.get("data"))
         self.resuming = True
 
+    def resume_batch_idx(self, epoch: int) -> int:
+        """Batches of ``epoch`` a pending resume has already trained (0 when none): the progress bar starts there."""
+        pos = self.resume
+        return pos.batch_idx if pos is not None and pos.epoch == epoch else 0
+
     def take_resume(self, epoch: int) -> ResumePosition | None:
         """The restored position if it belongs to ``epoch`` (used once)."""
         pos = self.resume

@@ -429,7 +429,9 @@ class FitController:
         if isinstance(raised_at, int):
             self.step = raised_at  # the step the rank raised at (heartbeats may be a second old)
         if retryable and self.driver_snapshot is not None and self.driver_snapshot[0] > self.step:
-            self.step = self.driver_snapshot[0]
+            self.step, snapshot = self.driver_snapshot
+            if isinstance(snapshot, dict) and isinstance(snapshot.get("epoch"), int):
+                self.epoch = snapshot["epoch"]  # heartbeats come once a second: the snapshot's epoch is newer
         short = _short_cause(err)
         budget = None
         if retryable:

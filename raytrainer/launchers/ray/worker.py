@@ -60,6 +60,7 @@ class RankOutcome:
 
 # Per-process state: one rank actor per process.
 _CURRENT: RankInfo | None = None
+_WARMING = threading.Lock()  # held by a spare's warm() while it imports what a rank needs
 
 
 def current_rank() -> RankInfo | None:
@@ -150,6 +151,8 @@ class RankWorker:
 
     def _execute(self, payload: bytes, drain: bool) -> RankOutcome:
         start = time.perf_counter()
+        with _WARMING:  # a spare still importing in warm(): torch._dynamo and torch._inductor imported from two
+            pass        # threads at once fail with a circular ImportError
         try:
             if self._info is None:
                 raise RuntimeError("run() called before setup(); the worker group did not start")
@@ -178,11 +181,13 @@ class RankWorker:
         """(a spare) Import what a rank runs, so taking over a dead rank costs no import time; returns the pid."""
         import torch
 
-        import raytrainer.launchers.ray.rank  # noqa: F401 - rank_entry, snapshots, control
-        import raytrainer.strategies.ddp  # noqa: F401
+        with _WARMING:  # a run that takes this spare over waits for these imports rather than racing them
+            import raytrainer.launchers.ray.rank  # noqa: F401 - rank_entry, snapshots, control
+            import raytrainer.strategies.ddp  # noqa: F401
 
-        # the first optimizer a process builds imports torch._dynamo (0.6-1 s of a 1 s recovery on a 2-core machine)
-        torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+            # the first optimizer a process builds imports torch._dynamo (0.6-1 s of a 1 s recovery on a 2-core
+            # machine)
+            torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
         return os.getpid()
 
     def leave(self) -> bool | str:

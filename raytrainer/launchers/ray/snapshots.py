@@ -82,6 +82,16 @@ def latest_step() -> int | None:
     return None if full is None else full[0]
 
 
+def _keep_full(light: Any) -> dict[str, Any] | None:
+    """A full copy of ``light``'s state, kept as this process's last full copy; None when training moved on."""
+    global _FULL
+    state = light.refs.copy(light.state)
+    if state is not None:
+        with _LOCK:
+            _FULL = (light.step, state)
+    return state
+
+
 def clear() -> None:
     global _LIGHT, _FULL
     with _LOCK:
@@ -181,15 +191,11 @@ class Snapshotter:
         automatic interval), each one also keeps a full copy, so a failure between two snapshots resumes from the
         last one (at most ``every`` steps lost) rather than from the driver's copy of up to 10 s ago. Its cost counts
         in the automatic interval."""
-        global _FULL
         snap = self._take_light(session)
         if self.publish is not None:
             self._maybe_publish(snap)
         if self.every > 1 and (_FULL is None or _FULL[0] != snap.step):
-            state = snap.refs.copy(snap.state)
-            if state is not None:
-                with _LOCK:
-                    _FULL = (snap.step, state)
+            _keep_full(snap)
 
     def _agree(self, every: int) -> int:
         """The automatic interval to use next (ranks of a sharded run agree on one; here: this rank's own)."""
@@ -221,28 +227,22 @@ class Snapshotter:
 
     def take(self, session: Any) -> dict[str, Any]:
         """A full, detached copy of the training state now (at a step boundary), kept as the last full copy."""
-        global _FULL
         snap = self._take_light(session)
-        state = snap.refs.copy(snap.state)
+        state = _keep_full(snap)
         assert state is not None, "the state changed while the training thread was copying it"
-        with _LOCK:
-            _FULL = (snap.step, state)
         return state
 
     def _maybe_publish(self, light: _Light) -> None:
         """(rank 0, at the boundary ``light`` was taken) Every publish interval, a full copy of it goes to the
         driver from a background thread."""
-        global _FULL
         interval = max(self.publish_every_s, self.full_cost_s / FULL_COPY_MAX_OVERHEAD)
         if time.monotonic() - self._last_publish < interval or \
                 (self._publisher is not None and self._publisher.is_alive()):
             return
         started = time.perf_counter()
-        state = light.refs.copy(light.state)
+        state = _keep_full(light)
         if state is None:
             return
-        with _LOCK:
-            _FULL = (light.step, state)
         self.full_cost_s = time.perf_counter() - started
         self._last_publish = time.monotonic()
         self._publisher = threading.Thread(target=self._publish, args=(light.step, state), daemon=True,

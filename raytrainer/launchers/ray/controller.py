@@ -31,7 +31,7 @@ from raytrainer.data.ray_data import (
     split_ray_data,
 )
 from raytrainer.launchers.base import RankPayload, RunResult
-from raytrainer.launchers.ray import pool
+from raytrainer.launchers.ray import hangs, pool
 from raytrainer.launchers.ray.console import driver_tty, relay, without_worker_death_notes
 from raytrainer.launchers.ray.group import PlacementError, RankError, ensure_ray
 from raytrainer.launchers.ray.metrics import RunMetrics
@@ -106,6 +106,7 @@ class FitController:
         self.resume: Any = self.kwargs.get("ckpt_path")
         self.pending_event: tuple[str, str | None] = ("start", None)
         self.error: BaseException | None = None
+        self.hang: _Hung | None = None  # the hung rank(s) named for the current failure, when it was a hang
         self.result: RunResult | None = None
         self.results: list[Any] = []
         # Ray Data input: the driver gives every start of the ranks a fresh streaming split of each Ray Dataset
@@ -149,8 +150,8 @@ class FitController:
             self._request_stop("preempt")  # again until rank 0 has started: a starting rank clears old requests
         hb_timeout = self.trainer.config.heartbeat_timeout_s
         if now - self.last_beat > hb_timeout:
-            raise _Hung(f"no progress from rank 0 for {hb_timeout:.0f} s (stuck in a collective or a step"
-                        f"{_DATA_HANG_HINT if self.ray_data else ''})")
+            raise self._name_hung(f"rank 0 sent no heartbeat for {hb_timeout:.0f} s (Trainer(heartbeat_timeout_s="
+                                  f"{hb_timeout:g}))")
         if self.plan.elastic and not self.stop_sent and now - self.last_scale_check >= \
                 self.trainer.config.scale_check_interval_s:
             self.last_scale_check = now
@@ -160,6 +161,26 @@ class FitController:
             if target is not None and target > self.world:
                 self.resize_to = target
                 self._request_stop("resize")
+
+    def _name_hung(self, trigger: str) -> _Hung:
+        """Ask every rank where it is (beside its running call) and name the rank(s) that stopped: a rank that
+        waits in a collective is a victim, not the cause."""
+        found = hangs.find_hung(_call_ranks(self.group, hangs.report, timeout_s=HANG_REPORT_TIMEOUT_S), trigger)
+        self.hang = _Hung(found, self.ray_data)
+        log.warning("%s", self.hang)  # at once, with the stacks: the restart or the final error comes later
+        return self.hang
+
+    def _explain_timeout(self, err: BaseException) -> None:
+        """A collective timed out on a rank: that rank waited for another one. Name the one that stopped."""
+        if self.hang is None and isinstance(err, RankError) and not err.died and _timed_out(err):
+            first = str(getattr(err, "exception", None) or err).strip().splitlines()[0][:200]
+            self._name_hung(f"rank {err.rank} timed out in a collective ({first})")
+
+    def _before_shutdown(self, err: BaseException) -> None:
+        """A failure the group will not survive: name a hung rank while the ranks still answer, then keep the
+        newest snapshot the survivors hold."""
+        self._explain_timeout(err)
+        self._collect_survivor_snapshots(err)
 
     def _new_run_id(self) -> str:
         """A name for this start of the ranks: stop requests carry it, so one that reaches a rank before the
@@ -269,17 +290,18 @@ class FitController:
                "stop": "preempt" if self.sigterm else None,  # a SIGTERM that came while Ray or the group started
                "run": self._new_run_id()}
         self.metrics.world(self.world)
-        self.stop_sent, self.resize_to, self.last_beat = False, None, time.monotonic()
+        self.stop_sent, self.resize_to, self.last_beat, self.hang = False, None, time.monotonic(), None
         kwargs = self._split_data(dict(self.kwargs, ckpt_path=self.resume))
         try:
             results = self.group.run(
                 rank_entry, RankPayload.of(self.trainer), "fit", self.model, kwargs,
                 ctl, on_message=self.on_message, on_tick=self.on_tick,
-                before_shutdown=self._collect_survivor_snapshots,
+                before_shutdown=self._before_shutdown,
                 arg_names=["trainer", "fn", "model", "kwargs", "ctl"],
                 keep_on_failure=self.trainer.config.max_failures > 0)
         except (RankError, _Hung) as err:
-            self.error = err
+            self._explain_timeout(err)  # (the group was kept for a repair) a timeout names the rank that hung
+            self.error = self.hang or err
             return Phase.RECOVERING
         finally:
             if self.bar is not None:
@@ -328,7 +350,7 @@ class FitController:
         world_before = self.world
         decision = self._decide(err, kept)
         self.resume = self._resume_point()
-        cause = type(err).__name__
+        cause = _restart_cause(err)
         if decision.action == "repair":
             dead = sorted(r for r, died in err.failed.items() if died)
             if self.group.reform(dead, marks=self.marks):
@@ -425,7 +447,7 @@ class FitController:
     def _decide(self, err: BaseException, survivors_kept: bool) -> RecoveryDecision:
         """Record the failure and let the policies decide; raises when the run ends here."""
         retryable = _retryable(err, getattr(err, "died", False))
-        raised_at = getattr(getattr(err, "exception", None), "raytrainer_step", None)
+        raised_at = getattr(getattr(err, "exception", None), "raytrainer_step", getattr(err, "step", None))
         if isinstance(raised_at, int):
             self.step = raised_at  # the step the rank raised at (heartbeats may be a second old)
         if retryable and self.driver_snapshot is not None and self.driver_snapshot[0] > self.step:
@@ -484,14 +506,41 @@ class FitController:
 
 
 _FIRST_EVENTS = ("start", "restart", "resize")  # what a RUNNING phase records first
-_DATA_HANG_HINT = (", or waiting for a batch of the Ray Dataset: its read and map tasks need CPUs that neither the "
-                   "ranks nor other actors hold")
+_DATA_HANG_HINT = "; ranks may be waiting for a batch of the Ray Dataset, whose tasks need CPUs no actor holds"
 SETTLE_TIMEOUT_S = 5.0  # survivors of a failure must leave their collectives within this to be kept
 PIECE_FETCH_TIMEOUT_S = 60.0  # survivors hand their snapshot pieces (shards) to the driver within this
+HANG_REPORT_TIMEOUT_S = 5.0  # each rank answers "where are you" within this, or is named as not answering
 
 
 class _Hung(RuntimeError):
-    """Rank 0 stopped sending heartbeats: a collective or a step is stuck."""
+    """A rank stopped making progress (found when rank 0's heartbeats stopped or a collective timed out); names
+    the rank(s) that stopped, where, and their stacks."""
+
+    def __init__(self, found: hangs.HangReport, ray_data: bool = False) -> None:
+        hint = _DATA_HANG_HINT if ray_data else ""
+        super().__init__(f"{found.summary}{hint}\n{found.details}")
+        first = found.first
+        self.report = found
+        self.rank = found.hung[0] if found.hung else None
+        self.node_ip = first.node_ip if first is not None else None
+        self.step = first.step if first is not None else None
+
+
+def _timed_out(err: RankError) -> bool:
+    """A rank's collective gave up waiting (gloo/NCCL: "Timed out waiting 300000ms")."""
+    return "timed out" in str(getattr(err, "exception", None) or err).lower()
+
+
+def _restart_cause(err: BaseException) -> str:
+    """Why the ranks restart, in words: "rank 1 died", "rank 0 raised ValueError", "rank 1 hung"."""
+    rank = getattr(err, "rank", None)
+    who = "a rank" if rank is None else f"rank {rank}"
+    if isinstance(err, _Hung):
+        return f"{who} hung"
+    if getattr(err, "died", False):
+        return f"{who} died"
+    original = getattr(err, "exception", None)
+    return f"{who} raised {type(original).__name__}" if original is not None else f"{who} failed"
 
 
 def _short_cause(err: BaseException) -> str:

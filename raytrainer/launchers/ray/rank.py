@@ -9,7 +9,7 @@ import torch
 
 from raytrainer.core import control
 from raytrainer.launchers.base import RankPayload, RunResult
-from raytrainer.launchers.ray import rendezvous, snapshots
+from raytrainer.launchers.ray import hangs, rendezvous, snapshots
 from raytrainer.launchers.ray.console import rank_console
 from raytrainer.launchers.ray.messages import drain_messages, send_to_driver
 from raytrainer.plan import FSDP_STRATEGIES
@@ -58,6 +58,7 @@ def _run_rank(info: Any, trainer: Any, fn: str, model: Any, kwargs: dict[str, An
             snapshots.Snapshotter(every, publish=_publish_snapshot if rank0 else None, heartbeat=beat)
         session.continue_logging = bool(ctl.get("continue_logging")) and rank0
     status = "finished"
+    hangs.watch(session)  # where this fit is, for the driver's question when it suspects a hang
     try:
         out = session.run(fn, model, strategy, **kwargs)
     except control.Preempted as exc:
@@ -65,6 +66,8 @@ def _run_rank(info: Any, trainer: Any, fn: str, model: Any, kwargs: dict[str, An
     except Exception as exc:
         exc.raytrainer_step = session.state.global_step  # the driver records the failure at this step
         raise
+    finally:
+        hangs.unwatch()
     if fn == "predict":  # every rank returns its contiguous shard; the driver concatenates in rank order
         return len(session.val_dataloaders), out
     snapshot = None

@@ -110,3 +110,18 @@ class KillRank0InSetup(pl.Callback):
         if trainer.global_rank == 0 and not os.path.exists(self.marker):
             open(self.marker, "w").close()
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class HangOnRank1(Regression):
+    """Rank 1 sleeps in training_step at ``hang_step`` (the first time only: a marker file says it happened), so
+    rank 0 waits for it in DDP's all-reduce; a restarted run trains on."""
+
+    def __init__(self, hang_step: int, marker: str) -> None:
+        super().__init__()
+        self.hang_step, self.marker = hang_step, marker
+
+    def training_step(self, batch, batch_idx):
+        if self.global_rank == 1 and self.global_step == self.hang_step and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            time.sleep(3600)  # the hang the driver must name
+        return super().training_step(batch, batch_idx)

@@ -55,15 +55,22 @@ _FULL: tuple[int, dict[str, Any]] | None = None
 _LOCK = threading.Lock()
 
 
+def _candidates() -> tuple[Any, tuple[int, dict[str, Any]] | None]:
+    """(the light snapshot if it is newer than the last full copy, else None; the last full copy): the one
+    choice ``latest`` and ``latest_step`` both make."""
+    with _LOCK:
+        light, full = _LIGHT, _FULL
+    return (light if light is not None and (full is None or light.step > full[0]) else None), full
+
+
 def latest() -> tuple[int, dict[str, Any]] | None:
     """This process's newest consistent snapshot as (step, detached CPU state), or None.
 
     Safe to call from another thread while training is stuck or stopped: the live tensors are only
     used when their version counters show they still hold the boundary's values.
     """
-    with _LOCK:
-        light, full = _LIGHT, _FULL
-    if light is not None and (full is None or light.step > full[0]):
+    light, full = _candidates()
+    if light is not None:
         state = light.refs.copy(light.state)  # a write that begins during the copy is caught too
         if state is not None:
             return light.step, state
@@ -75,9 +82,8 @@ def latest() -> tuple[int, dict[str, Any]] | None:
 def latest_step() -> int | None:
     """The step ``latest()`` would return a snapshot of, without copying anything (the driver asks every rank for
     this, then fetches the snapshot itself from one rank only)."""
-    with _LOCK:
-        light, full = _LIGHT, _FULL
-    if light is not None and (full is None or light.step > full[0]) and light.refs.unchanged():
+    light, full = _candidates()
+    if light is not None and light.refs.unchanged():
         return light.step
     return None if full is None else full[0]
 

@@ -7,8 +7,11 @@ rank then sets the torchrun environment variables and joins the process group th
 from __future__ import annotations
 
 import os
+import sys
+import types
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch.distributed as dist
 
@@ -93,8 +96,59 @@ def init_process_group(ctx: RankContext, rdzv: Rendezvous, backend: str, timeout
         import torch
 
         kwargs["device_id"] = torch.device("cuda", device_id)
+    before = _open_sockets()
     dist.init_process_group(backend=backend, store=store, rank=ctx.global_rank,
                             world_size=ctx.world_size, timeout=timeout, **kwargs)
+    _GROUP_SOCKETS.clear()  # gloo connects to every peer while the group is made (TORCH_GLOO_LAZY_INIT unset)
+    _GROUP_SOCKETS.update((fd, link) for fd, link in _open_sockets().items() if before.get(fd) != link)
+
+
+# The sockets this process opened while joining its process group: gloo's connections to its peers, by file
+# descriptor, with the socket each descriptor named then (a descriptor closed and reused names another one).
+_GROUP_SOCKETS: dict[int, str] = {}
+
+
+def _open_sockets() -> dict[int, str]:
+    """This process's socket descriptors -> "socket:[inode]" (Linux /proc; empty elsewhere)."""
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return {}
+    found = {}
+    for name in names:
+        try:
+            link = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue
+        if link.startswith("socket:"):
+            found[int(name)] = link
+    return found
+
+
+def cut_group_connections() -> int:
+    """Shut down (not close) the connections this process's process group opened to its peers; how many.
+
+    After a failure the group is abandoned, but destroying it waits for its queued collectives, which wait for peers
+    that wait for this rank in turn: in an 8-rank ring that held ranks in their all-reduce until the collective
+    timeout. Shut down, the sockets fail every pending read and write here and on the peers at once; the
+    descriptors stay gloo's to close."""
+    import socket
+
+    cut = 0
+    for fd, link in list(_GROUP_SOCKETS.items()):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") != link:
+                continue  # closed since, and the number reused for something else
+            with socket.socket(fileno=os.dup(fd)) as sock:
+                if sock.family not in (socket.AF_INET, socket.AF_INET6):
+                    continue  # gloo's connections are TCP
+                sock.getpeername()  # a connection, not gloo's listener (shut down, its accept() aborts the process)
+                sock.shutdown(socket.SHUT_RDWR)
+            cut += 1
+        except OSError:
+            continue  # already closed or not connected
+    _GROUP_SOCKETS.clear()
+    return cut
 
 
 def destroy_process_group() -> bool:
@@ -116,7 +170,26 @@ def release_process_group() -> bool | None:
     import gc
     import weakref
 
-    held = weakref.ref(dist.distributed_c10d._get_default_group())
+    group = dist.distributed_c10d._get_default_group()
+    held = weakref.ref(group)
     dist.destroy_process_group()
+    _forget_default_arguments(group)
+    del group
     gc.collect()
     return held() is None
+
+
+def _forget_default_arguments(group: Any) -> None:
+    """Replace ``group`` by None (the default group) in the default arguments of torch.distributed's functions.
+
+    ``torch.distributed.nn.functional`` binds ``group=group.WORLD`` when it is imported (DDP imports it), so its
+    functions keep the first process group alive, and with it the group's open connections, after it is destroyed:
+    a rank that raised then left its peers blocked in their collective until the timeout. A warm rank reused by the
+    next run kept the old group's connections too."""
+    for name, module in list(sys.modules.items()):
+        if module is None or not name.startswith("torch.distributed"):
+            continue
+        for value in list(vars(module).values()):
+            defaults = value.__defaults__ if type(value) is types.FunctionType else None
+            if defaults and any(d is group for d in defaults):
+                value.__defaults__ = tuple(None if d is group else d for d in defaults)

@@ -120,6 +120,23 @@ _FRESH_KEYS = frozenset({"epoch", "global_step", "pytorch-lightning_version", "l
                          "hyper_parameters", "hparams_name", "hparams_type"})
 
 
+class _StepCount:
+    """Completed optimizer steps (an optimizer step post-hook). The light snapshot's references hold this, not the
+    Snapshotter: through its heartbeat the Snapshotter holds the trainer, and with it DDP's process group, whose
+    connections then stayed open after a rank raised (its peers stayed blocked in a collective with it)."""
+
+    __slots__ = ("n",)
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        self.n += 1
+
+    def count(self) -> int:
+        return self.n
+
+
 class Snapshotter:
     """Snapshots every ``every_n_steps`` optimizer steps (None: every step while that costs <= 5% of a step)."""
 
@@ -148,16 +165,10 @@ class Snapshotter:
         self.heartbeat = heartbeat
         self.heartbeat_every_s = heartbeat_every_s
         self._last_beat = 0.0
-        self._optimizer_steps = 0
+        self._steps = _StepCount()
         self._hooked: set[int] = set()
         self._heavy_shape: Any = None
         self._heavy = LiveRefs()
-
-    def _count_step(self, *args: Any, **kwargs: Any) -> None:
-        self._optimizer_steps += 1
-
-    def _steps_done(self) -> int:
-        return self._optimizer_steps
 
     def maybe_take(self, session: Any) -> None:
         """Called at each step boundary; snapshots when the interval has passed."""
@@ -214,13 +225,13 @@ class Snapshotter:
 
         for opt in session.optimizers:
             if id(opt) not in self._hooked:  # counts completed optimizer steps, however the step was written
-                opt.register_step_post_hook(self._count_step)
+                opt.register_step_post_hook(self._steps)
                 self._hooked.add(id(opt))
         # The heavy tensors change identity only when optimizer state appears (first step) or the module changes.
         shape = (id(session.module), tuple(len(o.state) for o in session.optimizers))
         if shape != self._heavy_shape:
             self._heavy_shape = shape
-            self._heavy = LiveRefs(_heavy_tensors(session), steps=self._steps_done)
+            self._heavy = LiveRefs(_heavy_tensors(session), steps=self._steps.count)
         heavy, memo = self._heavy, {}
         ckpt = capture(session, weights_only=False, check=False)
         state = {k: v if k in _FRESH_KEYS else heavy.keep(v, memo) for k, v in ckpt.items()}

@@ -153,6 +153,7 @@ class RankWorker:
         start = time.perf_counter()
         with _WARMING:  # a spare still importing in warm(): torch._dynamo and torch._inductor imported from two
             pass        # threads at once fail with a circular ImportError
+        fn = args = None
         try:
             if self._info is None:
                 raise RuntimeError("run() called before setup(); the worker group did not start")
@@ -168,10 +169,19 @@ class RankWorker:
                 pickled = cloudpickle.dumps(err)
             except Exception:  # noqa: BLE001 - an exception that does not pickle still reports
                 pickled = None
-            return RankOutcome(ok=False, error=f"{type(err).__name__}: {err}",
-                               traceback=traceback.format_exc(), exception=pickled,
-                               messages=messages.drain_messages() if drain else [],
-                               seconds=time.perf_counter() - start)
+            failed = RankOutcome(ok=False, error=f"{type(err).__name__}: {err}",
+                                 traceback=traceback.format_exc(), exception=pickled,
+                                 messages=messages.drain_messages() if drain else [],
+                                 seconds=time.perf_counter() - start)
+        if drain:
+            fn = args = None  # the run's module, trainer and DDP wrapper: nothing here keeps them any more
+            # A run that raised leaves the process group at once (its traceback, and with it the run's module, is
+            # gone by now), its connections shut down first: the peers still blocked in a collective with this
+            # rank get an error now, and so do theirs in turn, instead of waiting for the collective timeout. The
+            # driver re-forms the group.
+            rendezvous.cut_group_connections()
+            rendezvous.release_process_group()
+        return failed
 
     def poll(self) -> list[Any]:
         """Messages sent with send_to_driver() since the last poll."""

@@ -974,8 +974,9 @@ class WorkerGroup:
 
     def _rank_error(self, failures: dict[int, tuple[str, bool]], results: dict[int, Any],
                     what: str, stopped: bool = True) -> RankError:
-        # A rank that died is the likeliest root cause; otherwise the lowest failing rank.
-        rank = min(failures, key=lambda r: (not failures[r][1], r))
+        # A rank that died is the likeliest root cause; then one whose error is not the echo of a peer leaving
+        # (a rank that raised closes its connections at once, so its peers fail too); then the lowest rank.
+        rank = min(failures, key=lambda r: (not failures[r][1], _peer_echo(failures[r][0]), r))
         text, died = failures[rank]
         info = self.ranks[rank] if rank < len(self.ranks) else RankInfo(global_rank=rank)
         where = f"node {info.node_ip or '?'} (node id {info.node_id[:12] or '?'}, pid {info.pid})"
@@ -1060,6 +1061,14 @@ def _hand_over(outcome: Any, rank: int, on_message: MessageHandler | None) -> No
         messages, outcome.messages = outcome.messages, []
         for msg in messages:
             on_message(rank, msg)
+
+
+PEER_ECHOES = ("Connection closed by peer", "Connection reset by peer")  # gloo, when a peer left the group
+
+
+def _peer_echo(text: str) -> bool:
+    """A rank's error only says that a peer left the process group (that peer's own failure is the cause)."""
+    return any(echo in text for echo in PEER_ECHOES)
 
 
 def _quietly(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

@@ -161,6 +161,8 @@ class DDPStrategy(Strategy):
             return module
         device_ids = [self.root_device.index] if self.root_device.type == "cuda" else None
         self.model = DistributedDataParallel(module, device_ids=device_ids, **self._ddp_kwargs)
+        if torch.are_deterministic_algorithms_enabled():
+            fix_bucket_layout(self.model)
         if self._ddp_comm_hook is not None:
             hook = self._ddp_comm_hook
             if self._ddp_comm_wrapper is not None:
@@ -263,3 +265,17 @@ class DDPStrategy(Strategy):
 def _is_post_local_sgd(state: object | None) -> bool:
     """Whether a DDP comm state is torch's post-localSGD state (it needs periodic model averaging)."""
     return state is not None and type(state).__name__ == "PostLocalSGDState"
+
+
+def fix_bucket_layout(ddp: DistributedDataParallel) -> None:
+    """Give DDP its final gradient-bucket layout before the first step (parameter order), not after it.
+
+    DDP lays its buckets out again after its first backward, in the order the gradients became ready. A resumed run
+    (a checkpoint, or a snapshot after a failure) builds a new DDP, whose first step then all-reduces with the first
+    layout while the uninterrupted run already used the second: elements land in other chunks of gloo's ring, are
+    summed in another order, and with more than 2 ranks the result differed in the last bit. With one layout from
+    the start, every run, resumed or not, sums every element in the same order (``deterministic=True`` only: the
+    ready order overlaps communication with the backward a little better)."""
+    reducer = getattr(ddp, "reducer", None)
+    if reducer is not None and not ddp.find_unused_parameters and hasattr(reducer, "_push_all_rebuilt_params"):
+        reducer._push_all_rebuilt_params()  # the first forward's _rebuild_buckets() then uses parameter order

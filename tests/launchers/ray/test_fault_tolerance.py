@@ -65,11 +65,8 @@ def test_killed_rank_recovers_bitwise(local_ray, tmp_path, alive_actors, world, 
     assert [p.value for p in trainer.last_run.history] == ["starting", "running", "recovering", "running",
                                                            "stopping", "finished"]
     assert_only_the_warm_group_left()
-    equal = torch.equal(params(model), params(ref_model))
-    if world > 2 and not equal:  # the same with a whole-group restart: not caused by the repair in place
-        pytest.xfail("known divergence: a 4-rank run resumed mid-epoch from a snapshot is not bitwise equal to an "
-                     "uninterrupted one (2-rank runs are)")
-    assert equal, "recovery changed the result"
+    # with more than 2 ranks this needs DDP's bucket layout fixed before the first step (strategies.ddp)
+    assert torch.equal(params(model), params(ref_model)), "recovery changed the result"
 
 
 def test_snapshots_every_n_steps_lose_at_most_n_steps(local_ray, tmp_path):

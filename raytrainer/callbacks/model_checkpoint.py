@@ -729,7 +729,8 @@ def _is_file(uri: str) -> bool:
     from raytrainer.io import storage
 
     fs, path = storage.resolve(uri)
-    return fs.get_file_info(path).type == pafs.FileType.File or sharded.is_sharded_checkpoint(uri)
+    with storage.operation("checking checkpoint", uri, fs):
+        return fs.get_file_info(path).type == pafs.FileType.File or sharded.is_sharded_checkpoint(uri)
 
 
 def _num(v: Any) -> Any:

@@ -310,10 +310,13 @@ class RankSession:
                 out = loops.predict_loop(self, self.val_dataloaders, return_predictions)
         except BaseException as exc:
             self.trainer_state.status = TrainerStatus.INTERRUPTED
-            self.hooks.on_exception(exc)
-            if datamodule is not None:
-                datamodule.on_exception(exc)
-            self._finish(model, datamodule, fn, "failed")
+            # the error that ended the call is what the user sees: what fails after it (a logger's last write to
+            # the storage that failed) is logged and noted on it, never raised over it
+            with storage.skip_unresponsive():
+                _secondary(exc, "on_exception", self.hooks.on_exception, exc)
+                if datamodule is not None:
+                    _secondary(exc, "the datamodule's on_exception", datamodule.on_exception, exc)
+                self._finish(model, datamodule, fn, "failed", failure=exc)
             self.trainer_state.stage = None
             raise
         self._finish(model, datamodule, fn, "success")
@@ -396,8 +399,9 @@ class RankSession:
         cause = "failed: interrupted (KeyboardInterrupt)" if isinstance(exc, KeyboardInterrupt) else \
             f"failed: {type(exc).__name__}: {exc}"
         try:
-            events.emit("finish", world_size=self.world_size, step=self.state.global_step,
-                        epoch=self.state.current_epoch, cause=cause.splitlines()[0][:300] if cause else cause)
+            with storage.skip_unresponsive():
+                events.emit("finish", world_size=self.world_size, step=self.state.global_step,
+                            epoch=self.state.current_epoch, cause=cause.splitlines()[0][:300] if cause else cause)
         except Exception as err:  # noqa: BLE001 - the original exception is re-raised by the caller
             log.warning("could not record the end of the run in the events log: %s", err)
 
@@ -419,23 +423,42 @@ class RankSession:
             cb.last_model_path = path
         return path
 
-    def _finish(self, model: LightningModule, datamodule: Any, stage: str, status: str) -> None:
+    def _finish(self, model: LightningModule, datamodule: Any, stage: str, status: str,
+                failure: BaseException | None = None) -> None:
+        """Wait for checkpoint writes, finalize the loggers, run the teardown hooks. Every step runs even when one
+        before it failed; the first error is raised (unless ``failure``, the error that ended the call, is already
+        on its way) and each later one is logged and noted on it."""
+        steps: list[tuple[str, Callable[[], Any]]] = []
         for cb in self.callbacks:
             wait = getattr(cb, "wait_for_writes", None)
             if wait is not None:
-                wait()
+                steps.append((f"waiting for {type(cb).__name__}'s checkpoint writes", wait))
         if self.is_global_zero:
             for lg in self.loggers:
-                lg.finalize(status)
-        self.hooks.callbacks_only("teardown", stage)
-        model.teardown(stage)
+                steps.append((f"{type(lg).__name__}.finalize", functools.partial(lg.finalize, status)))
+        steps.append(("the callbacks' teardown", functools.partial(self.hooks.callbacks_only, "teardown", stage)))
+        steps.append(("the module's teardown", functools.partial(model.teardown, stage)))
         if datamodule is not None:
-            datamodule.teardown(stage)
+            steps.append(("the datamodule's teardown", functools.partial(datamodule.teardown, stage)))
         if self.profiler is not None:  # as Lightning: the report of a call that ended normally
-            self.profiler.describe() if status == "success" else self.profiler.teardown(stage)
-        self.bind_results(None)
+            report = self.profiler.describe if status == "success" else functools.partial(self.profiler.teardown,
+                                                                                          stage)
+            steps.append(("the profiler's report", report))
+        steps.append(("unbinding the results", functools.partial(self.bind_results, None)))
         if self.strategy is not None:
-            self.strategy.teardown()
+            steps.append(("the strategy's teardown", self.strategy.teardown))
+        first = failure
+        for what, step_fn in steps:
+            if first is None:
+                try:
+                    step_fn()
+                except Exception as exc:  # the first error: raised once the rest is torn down
+                    first = exc
+                continue
+            with storage.skip_unresponsive():  # storage that just failed is not waited for again
+                _secondary(first, what, step_fn)
+        if first is not None and first is not failure:
+            raise first
 
     # ------------------------------------------------------------------ profiling (only when a profiler is on)
     def _setup_profiler(self, fn: str) -> Profiler | None:
@@ -962,6 +985,18 @@ class RankSession:
             control.request_stop("preempt")
         elif code == 2:
             control.request_stop("resize")
+
+
+def _secondary(first: BaseException, what: str, fn: Callable[..., Any], *args: Any) -> None:
+    """Run ``fn(*args)`` after ``first`` already ended the call: an error is logged and noted on ``first``, not
+    raised (the user sees the first cause, e.g. the checkpoint write that storage refused, not the logger's last
+    write to the same storage during teardown)."""
+    try:
+        fn(*args)
+    except Exception as exc:  # noqa: BLE001 - reported on the first error
+        problem = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+        log.warning("%s failed too, after %s: %s", what, type(first).__name__, problem)
+        first.add_note(f"then {what} failed too: {problem}")
 
 
 def _converting(convert: Callable[[Any], Any],

@@ -31,9 +31,20 @@ Local paths and ``file://`` use plain OS calls; every other URI goes through
 ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` (for MinIO, moto, on-prem S3), and any URI prefix
 can be pointed at a filesystem object with ``register_filesystem``; every public function also
 takes an explicit ``filesystem=``.
+
+Storage outages. S3 filesystems made here give up on a request after ``RAYTRAINER_STORAGE_TIMEOUT_S / 3``
+seconds without a byte moving (curl's low-speed limit) and try 3 times, so a store that stopped answering fails a
+call within about ``RAYTRAINER_STORAGE_TIMEOUT_S`` (default 30 s) instead of 3 x 60 s per request. Every remote
+call of this module's public functions (and of ``operation`` blocks) logs a warning naming what it writes or
+reads once it has run for a third of that bound, and a network failure (timeout, refused or reset connection, an
+overloaded store) is raised as ``StorageError`` (``StorageTimeout`` when the store did not answer), an OSError
+whose message names the operation and the URI and that carries ``retryable = True``, so a Ray fit with
+``max_failures`` retries it. Inside ``skip_unresponsive()`` (teardown after a failure) a store that timed out in
+the last bound is not waited for again.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -47,6 +58,8 @@ import threading
 import time
 import uuid
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import unquote
 
@@ -55,18 +68,24 @@ import torch
 
 __all__ = [
     "MANIFEST_SUFFIX",
+    "STORAGE_TIMEOUT_ENV",
     "CheckpointCorruptError",
+    "StorageError",
+    "StorageTimeout",
     "exists",
     "join",
     "listdir",
     "load",
     "makedirs",
     "newest_valid",
+    "operation",
     "read_verified",
     "register_filesystem",
     "remove",
     "resolve",
     "save",
+    "skip_unresponsive",
+    "storage_timeout_s",
     "unregister_filesystem",
     "write_bytes_atomic",
 ]
@@ -84,12 +103,45 @@ _BUCKET_SCHEMES = {"s3", "s3a", "gs", "gcs"}
 # Schemes whose pyarrow path is the URI's path (the netloc names the host, not part of the path).
 _HOST_SCHEMES = {"file", "hdfs", "viewfs"}
 _OBJECT_STORE_TYPES = {"s3", "gcs"}
-_S3_TIMEOUT_S = 10.0
+STORAGE_TIMEOUT_ENV = "RAYTRAINER_STORAGE_TIMEOUT_S"
+_DEFAULT_STORAGE_TIMEOUT_S = 30.0
+_S3_ATTEMPTS = 3  # tries per request (the AWS SDK's standard retry strategy); each may wait bound / attempts
 _VERIFY_ATTEMPTS = 3
 
 
 class CheckpointCorruptError(ValueError):
     """A checkpoint file is damaged or not a checkpoint; the message names the file and the mismatch."""
+
+
+class StorageError(OSError):
+    """A remote storage call failed for a reason that may pass: the store did not answer, refused or reset the
+    connection, or said it is overloaded. The message names what was being written or read and the URI.
+    ``retryable = True``: a Ray fit with ``max_failures`` retries a rank that raised it."""
+
+    retryable = True
+
+    def __init__(self, message: str, *, uri: str | None = None, what: str | None = None) -> None:
+        super().__init__(message)
+        self.uri, self.what = uri, what
+
+
+class StorageTimeout(StorageError):
+    """The store did not answer within the bound (``RAYTRAINER_STORAGE_TIMEOUT_S``)."""
+
+
+def storage_timeout_s() -> float:
+    """The bound on a remote storage call against a store that does not answer, in seconds
+    (``RAYTRAINER_STORAGE_TIMEOUT_S``, default 30)."""
+    raw = os.environ.get(STORAGE_TIMEOUT_ENV, "").strip()
+    if not raw:
+        return _DEFAULT_STORAGE_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"{STORAGE_TIMEOUT_ENV}={raw!r} must be a number of seconds > 0")
+    return value
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,14 +226,19 @@ def _s3_from_env(endpoint: str) -> tuple[tuple, pafs.FileSystem]:
     token = os.environ.get("AWS_SESSION_TOKEN") or None
     if not (access and secret):
         access = secret = token = None  # let the AWS SDK find credentials (config files, instance role)
-    key = ("s3-env", scheme, host, region, access, secret, token)
+    bound = storage_timeout_s()
+    key = ("s3-env", scheme, host, region, access, secret, token, bound)
     with _lock:
         if key in _cache:
             return key, _cache[key]
+    # request_timeout is curl's low-speed time on Linux: a request fails once no byte moved for that long (a large
+    # upload that keeps moving is never cut). Each of the tries gets a share of the bound.
+    per_try = bound / _S3_ATTEMPTS
     fs = pafs.S3FileSystem(
         access_key=access, secret_key=secret, session_token=token, region=region,
-        scheme=scheme, endpoint_override=host,
-        connect_timeout=_S3_TIMEOUT_S, request_timeout=6 * _S3_TIMEOUT_S,
+        scheme=scheme, endpoint_override=host, connect_timeout=per_try, request_timeout=per_try,
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=_S3_ATTEMPTS),
+        allow_delayed_open=True,  # a small file is one PUT at close, not a multipart upload of 3 to 5 requests
     )
     return key, fs
 
@@ -264,6 +321,150 @@ def join(base: str, *parts: str) -> str:
     joined = posixpath.join(match["path"] or "/", *parts)
     query = f"?{match['query']}" if match["query"] is not None else ""
     return f"{match['scheme']}://{match['netloc']}{joined}{query}"
+
+
+# --------------------------------------------------------------------------------------------
+# Remote calls: a warning when slow, named and retryable errors, no second wait on a dead store
+# --------------------------------------------------------------------------------------------
+
+# What a network failure looks like in pyarrow's messages (AWS SDK / curl); FileNotFoundError and the other
+# OSError subclasses pyarrow raises are answers from the store, not outages.
+_TIMEOUT_MARKS = ("curlCode: 28", "Timeout was reached", "Operation too slow", "timed out", "REQUEST_TIMEOUT",
+                  "RequestTimeout")
+_OUTAGE_MARKS = _TIMEOUT_MARKS + ("NETWORK_CONNECTION", "curlCode:", "Could not connect", "Connection refused",
+                                  "Connection reset", "Connection closed", "Broken pipe", "SLOW_DOWN", "SlowDown",
+                                  "SERVICE_UNAVAILABLE", "ServiceUnavailable", "INTERNAL_FAILURE", "InternalError")
+_ANSWERS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+_call = threading.local()          # .active: this thread is inside a watched call (inner calls are part of it)
+_unanswered: dict[int, tuple[float, pafs.FileSystem, str]] = {}  # id(fs) -> (when, fs, what timed out) of timeouts
+_skipping = 0                      # > 0 inside skip_unresponsive()
+_SKIP_BOUNDS = 10                  # ... which skips a store that timed out less than this many bounds ago
+
+
+class _Watchdog:
+    """One daemon thread that logs a warning for each remote call still running past its warning time."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._due: dict[int, tuple[float, str]] = {}
+        self._next = 0
+        self._thread: threading.Thread | None = None
+
+    def add(self, at: float, message: str) -> int:
+        with self._cond:
+            self._next += 1
+            self._due[self._next] = (at, message)
+            if self._thread is None or not self._thread.is_alive():  # also after a fork
+                self._thread = threading.Thread(target=self._run, name="raytrainer-storage-watchdog", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+            return self._next
+
+    def remove(self, token: int) -> None:
+        with self._cond:
+            self._due.pop(token, None)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                now = time.monotonic()
+                late = [t for t, (at, _) in self._due.items() if at <= now]
+                messages = [self._due.pop(t)[1] for t in late]
+                if not messages:
+                    soonest = min((at for at, _ in self._due.values()), default=None)
+                    self._cond.wait(None if soonest is None else soonest - now)
+                    continue
+            for message in messages:
+                logger.warning("%s", message)
+
+
+_watchdog = _Watchdog()
+
+
+@contextmanager
+def skip_unresponsive() -> Iterator[None]:
+    """Inside this block a remote call to a store that timed out less than 10 bounds ago fails at once
+    (``StorageTimeout``) instead of waiting the bound again: for the teardown of a run that storage already failed."""
+    global _skipping
+    with _lock:
+        _skipping += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _skipping -= 1
+
+
+@contextmanager
+def operation(what: str, uri: str, filesystem: pafs.FileSystem | None = None, nbytes: int | None = None
+              ) -> Iterator[None]:
+    """Watch one remote storage call made in the block (``what``: "writing", "reading checkpoint", ...): a warning
+    once it has run for a third of the bound, a network failure raised as ``StorageError``/``StorageTimeout`` naming
+    ``what`` and ``uri``, other OSErrors noted with them. Local paths, and calls inside another watched call of the
+    same thread, pass through untouched."""
+    if filesystem is None:
+        try:
+            filesystem = resolve(uri)[0]
+        except ValueError:
+            filesystem = _LOCAL
+    if _is_local(filesystem) or getattr(_call, "active", False):
+        yield
+        return
+    bound = storage_timeout_s()
+    key = id(filesystem)
+    if _skipping:
+        with _lock:
+            earlier = _unanswered.get(key)
+        if earlier is not None and time.monotonic() - earlier[0] < _SKIP_BOUNDS * bound:
+            ago = time.monotonic() - earlier[0]
+            raise StorageTimeout(f"{what} {uri}: not attempted: the same storage did not answer {ago:.0f} s ago "
+                                 f"({earlier[2]})", uri=uri, what=what)
+    size = "" if not nbytes else f" ({nbytes / 1e6:.1f} MB)" if nbytes >= 100_000 else f" ({nbytes} bytes)"
+    start = time.monotonic()
+    token = _watchdog.add(start + bound / _S3_ATTEMPTS, (
+        f"storage is slow: {what} {uri}{size} has not finished after {bound / _S3_ATTEMPTS:.0f} s; it fails if the "
+        f"storage gives no answer for {bound:.0f} s ({STORAGE_TIMEOUT_ENV})"))
+    _call.active = True
+    try:
+        yield
+    except StorageError:
+        raise
+    except OSError as exc:
+        text = str(exc)
+        if isinstance(exc, _ANSWERS) or not any(mark in text for mark in _OUTAGE_MARKS):
+            exc.add_note(f"while {what} {uri}")
+            raise
+        elapsed = time.monotonic() - start
+        first_line = text.splitlines()[0] if text else type(exc).__name__
+        if any(mark in text for mark in _TIMEOUT_MARKS):
+            with _lock:
+                _unanswered[key] = (time.monotonic(), filesystem, f"{what} {uri}")
+            raise StorageTimeout(
+                f"{what} {uri}: storage did not answer within {bound:g} s (gave up after {elapsed:.1f} s; "
+                f"{STORAGE_TIMEOUT_ENV} sets the bound): {first_line}", uri=uri, what=what) from exc
+        raise StorageError(f"{what} {uri}: storage could not be reached (gave up after {elapsed:.1f} s): "
+                           f"{first_line}", uri=uri, what=what) from exc
+    finally:
+        _call.active = False
+        _watchdog.remove(token)
+
+
+def _watched(what: str) -> Any:
+    """Run the decorated ``fn(uri, ..., filesystem=None)`` as one watched remote call (see ``operation``)."""
+    def decorate(fn: Any) -> Any:
+        @functools.wraps(fn)
+        def wrapper(uri: Any, *args: Any, filesystem: pafs.FileSystem | None = None, **kwargs: Any) -> Any:
+            try:
+                fs = resolve(uri, filesystem)[0]
+            except (TypeError, ValueError):  # fn reports the bad argument
+                return fn(uri, *args, filesystem=filesystem, **kwargs)
+            data = args[0] if args else kwargs.get("data")
+            nbytes = memoryview(data).nbytes if isinstance(data, (bytes, bytearray, memoryview)) else None
+            with operation(what, os.fspath(uri), fs, nbytes):
+                return fn(uri, *args, filesystem=filesystem, **kwargs)
+        return wrapper
+    return decorate
+
 
 
 # --------------------------------------------------------------------------------------------
@@ -540,6 +741,7 @@ def _check_target(path: str, uri: str, fs: pafs.FileSystem) -> None:
 # Public byte-level API
 # --------------------------------------------------------------------------------------------
 
+@_watched("writing")
 def write_bytes_atomic(uri: str, data: bytes, *, manifest: bool = True,
                        filesystem: pafs.FileSystem | None = None) -> None:
     """Write ``data`` to ``uri`` so readers see the old or the new complete file, with a manifest to verify it.
@@ -633,6 +835,7 @@ def _read_checked(uri: str, filesystem: pafs.FileSystem | None) -> tuple[bytes, 
     raise CheckpointCorruptError(f"checkpoint {uri} is corrupt: {problem}; manifest: {manifest_uri}")
 
 
+@_watched("reading")
 def read_verified(uri: str, *, filesystem: pafs.FileSystem | None = None) -> bytes:
     """Read ``uri``, checking size and sha256 against its manifest when it has one.
 
@@ -671,7 +874,8 @@ def save(obj: dict, uri: str, *, filesystem: pafs.FileSystem | None = None) -> N
     torch.save(obj, buffer)
     view = buffer.getbuffer()
     try:
-        write_bytes_atomic(uri, view, filesystem=filesystem)
+        with operation("writing checkpoint", uri, filesystem and resolve(uri, filesystem)[0], view.nbytes):
+            write_bytes_atomic(uri, view, filesystem=filesystem)
     finally:
         view.release()
 
@@ -682,7 +886,8 @@ def load(uri: str, map_location: Any = None, weights_only: bool = True, *,
 
     ``weights_only=True`` refuses arbitrary pickled objects; pass False only for files you trust.
     """
-    data, manifest = _read_checked(uri, filesystem)
+    with operation("reading checkpoint", uri, filesystem and resolve(uri, filesystem)[0]):
+        data, manifest = _read_checked(uri, filesystem)
     if manifest is None and data[:2] == b"PK":  # no manifest (another tool wrote it, or it was copied alone):
         problem = _archive_problem(data)        # the zip members' CRCs catch a flipped bit before it loads
         if problem is not None:
@@ -714,12 +919,14 @@ def load(uri: str, map_location: Any = None, weights_only: bool = True, *,
 # Directories
 # --------------------------------------------------------------------------------------------
 
+@_watched("checking")
 def exists(uri: str, *, filesystem: pafs.FileSystem | None = None) -> bool:
     """True if a file or directory exists at ``uri``."""
     fs, path = resolve(uri, filesystem)
     return _file_type(fs, path) != pafs.FileType.NotFound
 
 
+@_watched("removing checkpoint")
 def remove(uri: str, *, missing_ok: bool = False, filesystem: pafs.FileSystem | None = None) -> None:
     """Delete the checkpoint file at ``uri``, its manifest and leftover temporary files."""
     fs, path = resolve(uri, filesystem)
@@ -741,6 +948,7 @@ def remove(uri: str, *, missing_ok: bool = False, filesystem: pafs.FileSystem | 
 _CLAIM_MARK = ".claim-"  # object stores: the marker a writer leaves in a directory it claimed
 
 
+@_watched("claiming directory")
 def claim_dir(uri: str, *, filesystem: pafs.FileSystem | None = None) -> bool:
     """Create the directory ``uri`` exclusively: True when this call made it, False when it existed or another
     writer (another process or host) claimed it at the same moment. Local and network filesystems: ``mkdir``,
@@ -771,14 +979,15 @@ def claim_dir(uri: str, *, filesystem: pafs.FileSystem | None = None) -> bool:
     return False
 
 
+@_watched("creating directory")
 def makedirs(uri: str, *, filesystem: pafs.FileSystem | None = None) -> None:
     """Create the directory ``uri`` and its parents; existing directories are fine."""
     fs, path = resolve(uri, filesystem)
+    if not _is_local(fs):
+        fs.create_dir(path, recursive=True)  # errors are named by the watched call (_watched)
+        return
     try:
-        if _is_local(fs):
-            os.makedirs(path, exist_ok=True)
-        else:
-            fs.create_dir(path, recursive=True)
+        os.makedirs(path, exist_ok=True)
     except OSError as exc:
         exc.add_note(f"while creating checkpoint directory {uri}")
         raise
@@ -794,6 +1003,7 @@ def _is_checkpoint_name(name: str) -> bool:
     return not (name.endswith(MANIFEST_SUFFIX) or name.startswith("."))
 
 
+@_watched("listing")
 def listdir(dir_uri: str, *, missing_ok: bool = False, filesystem: pafs.FileSystem | None = None) -> list[str]:
     """Full paths/URIs of the checkpoint files directly in ``dir_uri``, in natural name order.
 
@@ -831,7 +1041,8 @@ def newest_valid(candidates: list[str], *, filesystem: pafs.FileSystem | None = 
     ranked = []
     for uri in dict.fromkeys(candidates):
         fs, path = resolve(uri, filesystem)
-        info = fs.get_file_info(path)
+        with operation("checking checkpoint", uri, fs):
+            info = fs.get_file_info(path)
         if info.type != pafs.FileType.File:
             skipped.append((uri, "does not exist" if info.type == pafs.FileType.NotFound else "is not a file"))
             continue
@@ -839,7 +1050,8 @@ def newest_valid(candidates: list[str], *, filesystem: pafs.FileSystem | None = 
     ranked.sort(reverse=True)
     for _, _, uri in ranked:
         try:
-            data, manifest = _read_checked(uri, filesystem)
+            with operation("reading checkpoint", uri, filesystem and resolve(uri, filesystem)[0]):
+                data, manifest = _read_checked(uri, filesystem)
         except (CheckpointCorruptError, FileNotFoundError) as exc:
             skipped.append((uri, str(exc)))
             continue

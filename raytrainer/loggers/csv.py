@@ -150,7 +150,10 @@ def next_version(root_dir: str) -> int:
 
     fs, path = storage.resolve(root_dir)
     try:
-        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        with storage.operation("listing the versions in", root_dir, fs):
+            infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except storage.StorageError:
+        raise  # storage is down: claiming a version would wait for it once more
     except Exception:
         return 0
     nums = []

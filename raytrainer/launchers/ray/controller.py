@@ -77,8 +77,9 @@ class FitController:
                  new_group: Callable[[int], Any], scaling: ScalingPolicy) -> None:
         self.plan, self.trainer, self.model, self.kwargs = plan, trainer, model, dict(kwargs)
         self.new_group, self.scaling = new_group, scaling
-        # a tuner's trial is not a run of the user's: its events go nowhere
-        self.events: Any = NoEvents() if trainer.config.tuning_trial else EventLog(trainer.log_dir)
+        # a tuner's trial is not a run of the user's: its events go nowhere. best_effort: a failed write of the
+        # driver's log is logged, never raised over (and so never hides) the ranks' error
+        self.events: Any = NoEvents() if trainer.config.tuning_trial else EventLog(trainer.log_dir, best_effort=True)
         # the live figures as Ray metrics (Prometheus, Grafana), tagged with the run name the actors carry
         self.metrics = RunMetrics(trainer.session.run_name, trainer.log_dir, enabled=not trainer.config.tuning_trial)
         self.failures = FailurePolicy(trainer.config.max_failures)

@@ -75,6 +75,15 @@ def _choose_point(case: Case, sig: int, target: str, steps: int,
     return None, Injection(mode, delay, _signal(sig), f"{name} {delay:.2f}s after {mode}")
 
 
+def _finished_unharmed(case: Case, run: Run, root: str, ref: dict, why: str) -> None:
+    """The fault came too late to matter: the run must equal the uninterrupted one and end as finished."""
+    case.note(why)
+    res = case.expect_clean(run, "a run that finished")
+    if res is not None:
+        case.compare(res, ref, "the run")
+    case.check_final(root)
+
+
 def driver_signal(case: Case, sig: int) -> None:
     """SIGKILL or SIGTERM to the driver (the only process of an in-process run), then the rerun with "last"."""
     world = 2 if case.ray else 1
@@ -86,11 +95,7 @@ def driver_signal(case: Case, sig: int) -> None:
     delivered = run.marker("signal-sent") is not None if inject else injection.delivered
     case.faults += delivered
     if run.rc == 0:  # the signal came too late to matter (or not at all): the run must be the uninterrupted one
-        case.note("the run ended before the signal could matter")
-        res = case.expect_clean(run, "a run that finished")
-        if res is not None:
-            case.compare(res, ref, "the run")
-        case.check_final(root)
+        _finished_unharmed(case, run, root, ref, "the run ended before the signal could matter")
         return
     started = bool(_events(root))
     if sig == signal.SIGKILL:
@@ -187,11 +192,7 @@ def disk_readonly(case: Case) -> None:
     picked, _ = case.check_last(root, found)  # status reads a read-only run
     set_tree_writable(root, True)
     if run.rc == 0:
-        case.note("the run ended before it needed to write again")
-        res = case.expect_clean(run, "a run that finished")
-        if res is not None:
-            case.compare(res, ref, "the run")
-        case.check_final(root)
+        _finished_unharmed(case, run, root, ref, "the run ended before it needed to write again")
         return
     case.expect_named_failure(run, ("Permission denied", "Errno 13", "Read-only", "Errno 30"),
                               "the run on a read-only directory")

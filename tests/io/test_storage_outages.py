@@ -281,17 +281,23 @@ def test_fit_against_an_unresponsive_store_fails_within_about_one_bound(monkeypa
     assert warnings_seen[0][1].startswith("storage is slow: listing the versions in s3://bucket/run/lightning_logs")
 
 
+class _OutageAt(rt.Callback):
+    """Starts an outage (``start``: the proxy's hang or refuse) before step 3, once; ``at`` is when."""
+
+    def __init__(self, start) -> None:
+        self.start, self.at = start, None
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step == 3 and self.at is None:
+            self.at = time.monotonic()
+            self.start()
+
+
 @pytest.mark.slow
 def test_store_hanging_during_a_fit_fails_it_within_about_one_bound(proxied, warnings_seen):
     outage, root = proxied
 
-    class HangAt(rt.Callback):
-        def on_train_batch_start(self, trainer, module, batch, batch_idx):
-            if trainer.global_step == 3 and outage.mode == "up":
-                self.at = time.monotonic()
-                outage.hang()
-
-    hang = HangAt()
+    hang = _OutageAt(outage.hang)
     with pytest.raises(storage.StorageTimeout) as info:
         _trainer(root, callbacks=[hang, rt.ModelCheckpoint(every_n_train_steps=1, save_last=True)]).fit(Net(), data())
     took = time.monotonic() - hang.at
@@ -308,14 +314,9 @@ def test_store_hanging_during_a_fit_fails_it_within_about_one_bound(proxied, war
 def test_store_refusing_during_a_fit_raises_the_first_failure_not_the_loggers_finalize(proxied, warnings_seen):
     outage, root = proxied
 
-    class RefuseAt(rt.Callback):
-        def on_train_batch_start(self, trainer, module, batch, batch_idx):
-            if trainer.global_step == 3 and outage.mode == "up":
-                outage.refuse()
-
     with pytest.raises(storage.StorageError) as info:
-        _trainer(root, callbacks=[RefuseAt(), rt.ModelCheckpoint(every_n_train_steps=1, save_last=True)]).fit(
-            Net(), data())
+        callbacks = [_OutageAt(outage.refuse), rt.ModelCheckpoint(every_n_train_steps=1, save_last=True)]
+        _trainer(root, callbacks=callbacks).fit(Net(), data())
     err = info.value
     frames = [f.name for f in traceback.extract_tb(err.__traceback__)]
     assert "finalize" not in frames, frames  # before: CSVLogger.finalize's write raised over the first failure

@@ -165,6 +165,8 @@ class RankWorker:
             return RankOutcome(ok=True, value=value, messages=messages.drain_messages() if drain else [],
                                seconds=time.perf_counter() - start)
         except (Exception, SystemExit) as err:  # noqa: BLE001 - everything goes back to the driver
+            if drain:  # first of all: the peers blocked in a collective with this rank fail now (see below)
+                rendezvous.cut_group_connections()
             try:
                 pickled = cloudpickle.dumps(err)
             except Exception:  # noqa: BLE001 - an exception that does not pickle still reports
@@ -176,10 +178,10 @@ class RankWorker:
         if drain:
             fn = args = None  # the run's module, trainer and DDP wrapper: nothing here keeps them any more
             # A run that raised leaves the process group at once (its traceback, and with it the run's module, is
-            # gone by now), its connections shut down first: the peers still blocked in a collective with this
-            # rank get an error now, and so do theirs in turn, instead of waiting for the collective timeout. The
-            # driver re-forms the group.
-            rendezvous.cut_group_connections()
+            # gone by now), its connections shut down as soon as it raised: the peers still blocked in a collective
+            # with this rank get an error then, and so do theirs in turn (a hop round gloo's ring costs an exception's
+            # way up, not a garbage collection), instead of waiting for the collective timeout. The driver re-forms
+            # the group.
             rendezvous.release_process_group()
         return failed
 

@@ -358,6 +358,9 @@ class FitController:
                 cause += f": rank(s) {dead} replaced, survivors kept" if dead else ": ranks kept"
                 self.pending_event = ("restart", cause)
                 return Phase.RUNNING
+        why = getattr(self.group, "not_kept", None)  # the survivors could not be kept: say why, not just that
+        if why and isinstance(err, RankError) and decision.world == world_before:
+            cause += f": whole group restarted ({why})"
         if kept:
             self.group.shutdown(graceful=False)
         self.pending_event = ("restart", cause)
@@ -404,6 +407,8 @@ class FitController:
         True when the survivors can re-form the group in place; otherwise the group is shut down (a
         survivor stuck past SETTLE_TIMEOUT_S, an error that will not be retried, a hang).
         """
+        if self.group is not None:
+            self.group.not_kept = None  # set again below if these survivors cannot be kept
         if not getattr(self.group, "started", False):
             return False  # run() already shut it down (max_failures=0, a hang, Ctrl-C)
         retry = isinstance(err, RankError) and _retryable(err, err.died)

@@ -460,6 +460,7 @@ class WorkerGroup:
         self._spares: dict[str, list[Any]] = {}  # node id -> warm spare actors on that node
         self._spare_count = 0
         self._inflight: dict[int, Any] = {}      # rank -> its run() call still going when another rank failed
+        self.not_kept: str | None = None  # why the last settle or reform could not keep the survivors (in words)
 
     # -- properties ----------------------------------------------------------------------------
     @property
@@ -543,6 +544,7 @@ class WorkerGroup:
         go to ``on_message``.
         """
         deadline = time.monotonic() + timeout_s
+        self.not_kept = None
         alive = [r for r, died in failed.items() if not died]
         held = []
         if alive:
@@ -569,8 +571,9 @@ class WorkerGroup:
                 done, _ = ray.wait(list(inflight.values()), num_returns=len(inflight),
                                    timeout=max(0.0, deadline - time.monotonic()))
             if len(done) < len(inflight):
-                log.debug("rank(s) %s did not stop within %gs of the failure", sorted(
-                    r for r, ref in inflight.items() if ref not in done), timeout_s)
+                self.not_kept = (f"rank(s) {sorted(r for r, ref in inflight.items() if ref not in done)} did not "
+                                 f"stop within {timeout_s:g} s of the failure")
+                log.debug("%s", self.not_kept)
                 return False
             for rank, ref in inflight.items():
                 try:
@@ -594,13 +597,15 @@ class WorkerGroup:
         try:
             alive_nodes = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
             if any(self.ranks[r].node_id not in alive_nodes for r in dead):
-                return False  # a node is gone: a new placement must find room elsewhere
+                self.not_kept = "the node of a lost rank is gone"  # a new placement must find room elsewhere
+                return False
             for rank in dead:
                 old = self.ranks[rank]
                 actor = self._replacement(old.node_id, rank)
                 info = ray.get(actor.node_info.remote(), timeout=timeout_s)
                 if info["node_id"] != old.node_id:
                     _quietly(ray.kill, actor, no_restart=True)
+                    self.not_kept = f"the replacement of rank {rank} started on another node"
                     return False
                 self._actors[rank] = actor
                 self.ranks[rank] = replace(old, pid=info["pid"], gpu_ids=tuple(info["gpu_ids"]))
@@ -611,7 +616,8 @@ class WorkerGroup:
             self._form_process_group()
             mark("rendezvous")
         except (RankError, GroupTimeoutError, RayError, GetTimeoutError) as err:
-            log.debug("could not re-form run %r in place: %s", self.run_name, str(err).splitlines()[0])
+            self.not_kept = f"re-forming the group failed: {str(err).splitlines()[0][:200]}"
+            log.debug("could not re-form run %r in place: %s", self.run_name, self.not_kept)
             return False
         for node_id in {self.ranks[r].node_id for r in dead}:
             self._add_spares(node_id)

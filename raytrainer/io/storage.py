@@ -874,7 +874,7 @@ def save(obj: dict, uri: str, *, filesystem: pafs.FileSystem | None = None) -> N
     torch.save(obj, buffer)
     view = buffer.getbuffer()
     try:
-        with operation("writing checkpoint", uri, filesystem and resolve(uri, filesystem)[0], view.nbytes):
+        with operation("writing checkpoint", uri, filesystem, view.nbytes):
             write_bytes_atomic(uri, view, filesystem=filesystem)
     finally:
         view.release()
@@ -886,7 +886,7 @@ def load(uri: str, map_location: Any = None, weights_only: bool = True, *,
 
     ``weights_only=True`` refuses arbitrary pickled objects; pass False only for files you trust.
     """
-    with operation("reading checkpoint", uri, filesystem and resolve(uri, filesystem)[0]):
+    with operation("reading checkpoint", uri, filesystem):
         data, manifest = _read_checked(uri, filesystem)
     if manifest is None and data[:2] == b"PK":  # no manifest (another tool wrote it, or it was copied alone):
         problem = _archive_problem(data)        # the zip members' CRCs catch a flipped bit before it loads
@@ -1050,7 +1050,7 @@ def newest_valid(candidates: list[str], *, filesystem: pafs.FileSystem | None = 
     ranked.sort(reverse=True)
     for _, _, uri in ranked:
         try:
-            with operation("reading checkpoint", uri, filesystem and resolve(uri, filesystem)[0]):
+            with operation("reading checkpoint", uri, filesystem):
                 data, manifest = _read_checked(uri, filesystem)
         except (CheckpointCorruptError, FileNotFoundError) as exc:
             skipped.append((uri, str(exc)))

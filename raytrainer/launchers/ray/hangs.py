@@ -12,7 +12,6 @@ import os
 import sys
 import sysconfig
 import threading
-import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,8 +73,8 @@ def report(info: Any) -> RankProgress:
         return progress
     state = session.state
     progress.step, progress.epoch, progress.batch = state.global_step, state.current_epoch, state.batch_idx
-    clock = getattr(session.snapshotter, "_step_clock", 0.0) if getattr(session, "snapshotter", None) else 0.0
-    progress.idle_s = time.perf_counter() - clock if clock else None
+    snapshotter = getattr(session, "snapshotter", None)
+    progress.idle_s = snapshotter.since_last_step_s() if snapshotter is not None else None
     frame = sys._current_frames().get(thread)
     if frame is not None:
         progress.stack = [(f.filename, f.lineno or 0, f.name, f.line or "") for f in traceback.extract_stack(frame)]

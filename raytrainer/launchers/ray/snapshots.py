@@ -170,6 +170,10 @@ class Snapshotter:
         self._heavy_shape: Any = None
         self._heavy = LiveRefs()
 
+    def since_last_step_s(self) -> float | None:
+        """Seconds since the last training step boundary (less the snapshots taken at it); None before the first."""
+        return time.perf_counter() - self._step_clock if self._clock_started else None
+
     def maybe_take(self, session: Any) -> None:
         """Called at each step boundary; snapshots when the interval has passed."""
         step = session.state.global_step

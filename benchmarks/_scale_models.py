@@ -24,6 +24,9 @@ STEPS_FILE = "steps.0"  # rank 0's (step, time, attempt, world) per step: recove
 KILLED_FILE = "killed"  # the kill marker, as recovery._maybe_kill writes it: {"t", "step"}
 GO_FILE = "go"          # the driver: spares are warm, the steady-state window may begin
 MARK_A, MARK_B = "mark.a", "mark.b"  # rank 0 at the first and last step of the steady-state window
+FIRST_FILE = "first"          # rank 0's first finished step of the run (the end of the group start)
+RECOVERED_FILE = "recovered"  # rank 0's first finished step after the kill (the end of the recovery)
+TRAIN_START_FILE = "train_start.0"  # rank 0's on_train_start times: recovery.breakdown reads them
 
 
 class Synthetic(Dataset):
@@ -77,7 +80,9 @@ def _write_json(path: str, record: dict[str, Any]) -> None:
 class Probe(pl.Callback):
     """The ranks' side of one measurement run, in files under ``out`` (every rank's clock is the driver's).
 
-    - rank 0 appends ``{"step", "t", "attempt", "world"}`` to ``steps.0`` after every training step;
+    - rank 0 appends ``{"step", "t", "attempt", "world"}`` to ``steps.0`` after every training step, marks its
+      first step of the run (``first``) and of the attempt after the kill (``recovered``), and appends the time
+      of each ``on_train_start`` to ``train_start.0``;
     - ``window`` > 0: once the driver wrote ``go``, rank 0 marks the first (``mark.a``) and last (``mark.b``) step
       of ``window`` steps inside one epoch (``epoch_steps`` steps per epoch), for the driver's CPU readings;
     - ``kill``: after ``mark.b`` (or ``go`` without a window), the last rank writes ``killed`` and SIGKILLs itself,
@@ -95,7 +100,11 @@ class Probe(pl.Callback):
         return os.path.join(self.out, name)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if trainer.global_rank == 0:
+            with open(self._path(TRAIN_START_FILE), "a") as f:
+                f.write(json.dumps({"t": time.time()}) + "\n")
         self.attempt = uuid.uuid4().hex
+        self.first_step_marked = False
         self.start_step = trainer.global_step
         self.after_kill = os.path.exists(self._path(KILLED_FILE))
         self.mark_a: int | None = None
@@ -107,6 +116,9 @@ class Probe(pl.Callback):
         if rank == 0:
             with open(self._path(STEPS_FILE), "a") as f:
                 f.write(json.dumps({"step": step, "t": now, "attempt": self.attempt, "world": world}) + "\n")
+            if not self.first_step_marked:  # the driver reads every process's CPU when these appear
+                self.first_step_marked = True
+                _write_json(self._path(RECOVERED_FILE if self.after_kill else FIRST_FILE), {"step": step, "t": now})
             if self.window and not self.after_kill:
                 self._mark(step, now)
         if self.kill and rank == world - 1 and not self.after_kill and os.path.exists(

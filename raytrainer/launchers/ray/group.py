@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import contextlib
 import functools
 import io
 import logging
@@ -25,6 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
+import psutil
 import ray
 from ray import cloudpickle  # Ray's copy: ObjectRefs inside run()/call() arguments stay resolvable on the ranks
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
@@ -95,8 +97,6 @@ def rank_memory_estimate_mb() -> float:
 def check_local_memory(num_ranks: int) -> None:
     """Refuse, before Ray or any actor starts, a local world whose rank processes cannot fit in this machine's
     available memory (``WorldTooLargeError`` with the numbers and what to do instead)."""
-    import psutil
-
     per_rank = rank_memory_estimate_mb()
     if per_rank == 0 or num_ranks <= 0:
         return
@@ -182,6 +182,10 @@ def stop_own_local_instance(grace_s: float = 0.2) -> None:
     except Exception as err:  # noqa: BLE001 - Ray's internals changed: its own hook stops the instance
         log.debug("stopping the local Ray instance the slow way: %s", err)
         return
+    # The raylet's own children (its dashboard and runtime-env agents, idle workers) are not in all_processes: killed
+    # with the raylet, they outlived it by about a minute, holding the agent's fixed HTTP port, and the next script's
+    # ray.init then waited 4 s for that port. They are stopped with the rest.
+    children = _descendants([proc.pid for proc in procs])
     worker._global_node = None  # ray.shutdown() then only disconnects this driver
     try:
         ray.shutdown()
@@ -190,17 +194,35 @@ def stop_own_local_instance(grace_s: float = 0.2) -> None:
         for proc in procs:
             if proc.poll() is None:
                 proc.terminate()
+        for child in children:
+            with contextlib.suppress(psutil.Error):
+                child.terminate()
         deadline = time.monotonic() + grace_s
         for proc in procs:
             try:
                 proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.kill()
+        _, alive = psutil.wait_procs(children, timeout=max(0.0, deadline - time.monotonic()))
+        for child in alive:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
         for proc in procs:
             try:
                 proc.wait(timeout=1.0)  # reaped; one stuck in the kernel is left behind rather than waited on
             except subprocess.TimeoutExpired:
                 log.debug("Ray process %s did not exit after SIGKILL", proc.pid)
+
+
+def _descendants(pids: list[int]) -> list[psutil.Process]:
+    """Every live descendant of ``pids`` (children, grandchildren, ...), each once."""
+    found: dict[int, psutil.Process] = {}
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            found.update((p.pid, p) for p in psutil.Process(pid).children(recursive=True))
+    for pid in pids:
+        found.pop(pid, None)
+    return list(found.values())
 
 
 _OWN_LOCAL_GCS: str | None = None  # GCS address of the local instance ensure_ray started, if any

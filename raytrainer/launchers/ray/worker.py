@@ -207,7 +207,12 @@ class RankWorker:
 
         When the group cannot be closed (a sharded module's device mesh still holds it, so its connections stay open
         and peers would wait for the collective timeout), the process exits just after answering: its connections
-        close, and the driver replaces it as a dead rank."""
+        close, and the driver replaces it as a dead rank.
+
+        The driver asks every survivor at once, so each cuts its own connections first: a survivor still blocked in
+        the failed collective then fails now, instead of when the failure reaches it round gloo's ring, one hop
+        (a process wake-up) at a time."""
+        rendezvous.cut_group_connections()
         released = rendezvous.release_process_group()
         if released is False and rendezvous.SHARDED_MODULE_HOLDS_GROUP:
             self.exit_soon()

@@ -24,9 +24,17 @@ every step, so the ranks' own CPU does not swamp the machine. One fit per size m
    (``num_nodes="1:NODES+1"``, ``scale_check_interval_s=1.0``) runs in a background thread; once it trains,
    ``cluster.add_node`` adds a node; from that call to rank 0's first finished step at the grown world size.
 
+6. CPU: the CPU (psutil: user + system) every process of the cluster spent in the group start (to rank 0's first
+   step), in the steady-state window and in the recovery, by kind: the driver (its main thread, raytrainer's control
+   loop, apart from Ray's threads), the head node's processes, the other nodes' daemons, each rank, the other
+   workers (spares). The recovery is also broken down stage by stage (``recovery.breakdown``).
+
 Each metric is fitted with least squares as ``a + b * ranks`` (with R^2), and as a power law (the exponent: 1 is
 linear, more is faster than linear), then extrapolated to 1024 ranks on 128 nodes (8 ranks per node) and compared
-with the targets: driver CPU per step independent of the world size, group start <= 60 s, recovery <= 10 s.
+with the targets: driver CPU per step independent of the world size, group start <= 60 s, recovery <= 10 s. A
+second extrapolation models a real cluster from the CPU readings: serial part (driver and head, less the head's
+per-second background) + a node's daemons and spares over its 8 cores + the busiest rank + the wall clock the CPU
+does not explain here, each part fitted linearly.
 
 All simulated nodes share this machine's cores: N rank processes that import torch on 2 cores take about N times
 as long as one, so per-rank start costs measured here are an upper bound for a real cluster, whose nodes start

@@ -317,7 +317,7 @@ def _watch(trainer: Any, out: str, nodes: int, traffic: Traffic, box: dict[str, 
         box["rank_pids"] = {r.pid for r in group.ranks}
         spares = [a for node in group._spares.values() for a in node]
         t0 = time.time()
-        box["spare_pids"] = set(ray.get([a.warm.remote() for a in spares], timeout=300))  # waits for their import
+        ray.get([a.warm.remote() for a in spares], timeout=300)  # waits for the import the group started
         box["spares_warm_s"] = time.time() - t0
     except Exception as err:  # noqa: BLE001 - the run goes on; the report says what is missing
         box["error"] = f"{type(err).__name__}: {err}"

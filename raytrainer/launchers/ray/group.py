@@ -45,6 +45,7 @@ MessageHandler = Callable[[int, Any], None]
 # After the first failure, wait this long for other ranks' failures so the root cause (a rank
 # that died) is reported rather than a peer's "connection closed" that followed from it.
 FAILURE_GRACE_S = 0.5
+FAILURE_SLICE_S = 0.02  # within the grace, how often the driver looks whether a death is known yet
 # After a failure, how long peers may stay blocked in a collective before ranks that cannot close their connections
 # (see WorkerGroup.settle) exit to release them.
 HELD_GROUP_WAIT_S = 0.3
@@ -561,12 +562,15 @@ class WorkerGroup:
         reducer keeps it, and its connections, open) cannot: when peers are still blocked after
         ``HELD_GROUP_WAIT_S``, ``before_exits`` runs (the driver takes the survivors' snapshots) and those ranks
         exit, closing their connections; they are replaced as dead. (With 2 ranks nobody is left blocked, so
-        nobody exits.) True when every surviving rank's call ended within ``timeout_s`` (they can then re-form
-        the group); False means the group should be shut down. The messages those calls had not handed over yet
-        go to ``on_message``.
+        nobody exits.) The ranks still in their call first cut their group's connections, all at once
+        (``RankWorker.cut_connections``). True when every surviving rank's call ended within ``timeout_s`` (they can
+        then re-form the group); False means the group should be shut down. The messages those calls had not
+        handed over yet go to ``on_message``.
         """
         deadline = time.monotonic() + timeout_s
         self.not_kept = None
+        for rank in self._inflight:  # all at once: those blocked in the failed collective fail now, not hop by hop
+            self._actors[rank].cut_connections.remote()
         alive = [r for r, died in failed.items() if not died]
         held = []
         if alive:
@@ -964,11 +968,16 @@ class WorkerGroup:
         if failures:
             if poll_ref is not None:  # the messages rank 0 handed to the poll in flight come first (or are lost)
                 self._deliver_poll(poll_ref, on_message)
-            # Give the other ranks a moment to report, so a death is blamed, not its echo.
-            if pending:
-                more, _ = ray.wait(list(pending), num_returns=len(pending), timeout=FAILURE_GRACE_S)
+            # Give the other ranks a moment to report, so a death is blamed, not its echo; once one is known, the
+            # echoes still on their way change nothing (the ranks still running are the caller's to settle).
+            grace_ends = time.monotonic() + FAILURE_GRACE_S
+            while pending and not any(died for _, died in failures.values()):
+                more, _ = ray.wait(list(pending), num_returns=len(pending),
+                                   timeout=min(FAILURE_SLICE_S, max(0.0, grace_ends - time.monotonic())))
                 for ref in more:
                     self._collect(ref, pending.pop(ref), results, failures)
+                if time.monotonic() >= grace_ends:
+                    break
             for rank in sorted(results):  # what the ranks that returned had not handed over yet
                 _hand_over(results[rank], rank, on_message)
             self._inflight = {rank: ref for ref, rank in pending.items()}

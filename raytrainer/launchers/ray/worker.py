@@ -207,17 +207,18 @@ class RankWorker:
 
         When the group cannot be closed (a sharded module's device mesh still holds it, so its connections stay open
         and peers would wait for the collective timeout), the process exits just after answering: its connections
-        close, and the driver replaces it as a dead rank.
-
-        The driver asks every survivor at once, so each cuts its own connections first: a survivor still blocked in
-        the failed collective then fails now, instead of when the failure reaches it round gloo's ring, one hop
-        (a process wake-up) at a time."""
-        rendezvous.cut_group_connections()
+        close, and the driver replaces it as a dead rank."""
         released = rendezvous.release_process_group()
         if released is False and rendezvous.SHARDED_MODULE_HOLDS_GROUP:
             self.exit_soon()
             return "exiting"
         return "held" if released is False else released is not None
+
+    def cut_connections(self) -> int:
+        """Shut down (not close) this rank's process group connections; how many. A collective the running call is
+        blocked in fails now, as when a peer leaves. After a failure the driver asks every rank still in its call at
+        once, so the failure reaches them together rather than one hop of gloo's ring (a process wake-up) at a time."""
+        return rendezvous.cut_group_connections()
 
     def exit_soon(self) -> str:
         """End this process just after answering: its process group's connections close with it, which is how peers

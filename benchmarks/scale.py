@@ -172,8 +172,10 @@ class CpuSampler:
 
 
 def _daemon_pids(node: Any) -> set[int]:
-    """The pids of the processes a Ray node runs for itself (GCS, raylet, agents, ...)."""
-    return {info.process.pid for infos in node.all_processes.values() for info in infos if info.process is not None}
+    """The pids of the processes a Ray node runs for itself (GCS, raylet, monitors)."""
+    from raytrainer.launchers.ray.group import node_processes
+
+    return {proc.pid for proc in node_processes(node)}
 
 
 def account(before: dict[int, float], after: dict[int, float], own_cpu: float, head: set[int], daemons: set[int],
@@ -203,14 +205,13 @@ def _read_at(sampler: CpuSampler, out: str, marker: str, readings: dict[str, Any
     return True
 
 
-def driver_threads() -> dict[str, float]:
-    """CPU seconds of this driver's main thread (the fit's control loop: raytrainer's) and of all its other
-    threads (Ray's core worker, gRPC and log threads, and this benchmark's own readers)."""
+def main_thread_cpu() -> float:
+    """CPU seconds of this driver's main thread: the fit's control loop, raytrainer's (the other threads are Ray's
+    core worker, gRPC and log threads, and this benchmark's own readers)."""
     import psutil
 
     main = threading.main_thread().native_id
-    times = {t.id: t.user_time + t.system_time for t in psutil.Process().threads()}
-    return {"main": times.pop(main, 0.0), "other": sum(times.values())}
+    return next((t.user_time + t.system_time for t in psutil.Process().threads() if t.id == main), 0.0)
 
 
 # ------------------------------------------------------------------------------------------- cluster
@@ -329,7 +330,7 @@ def _watch(trainer: Any, out: str, nodes: int, traffic: Traffic, box: dict[str, 
         if at is None:
             return
         samples.append({"mark": at, "cpu": time.process_time(), "own_cpu": time.thread_time(),
-                        "threads": driver_threads(), "wall": time.monotonic(), "traffic": traffic.snapshot(),
+                        "main_cpu": main_thread_cpu(), "wall": time.monotonic(), "traffic": traffic.snapshot(),
                         "procs": sampler.read()})
     box["window"] = samples
     from _scale_models import KILLED_FILE, RECOVERED_FILE
@@ -387,7 +388,7 @@ def run_main(size: int, nodes: int, ranks_per_node: int, root: str, traffic: Tra
         cpu = (b["cpu"] - a["cpu"]) - (b["own_cpu"] - a["own_cpu"]) - (tb["overhead_cpu"] - ta["overhead_cpu"])
         types = {k: (tb["by_type"].get(k, 0) - ta["by_type"].get(k, 0)) / steps for k in tb["by_type"]}
         wall = b["wall"] - a["wall"]
-        main = b["threads"]["main"] - a["threads"]["main"]
+        main = b["main_cpu"] - a["main_cpu"]
         result.update(
             window_steps=steps, step_ms=1e3 * (b["mark"]["t"] - a["mark"]["t"]) / steps,
             driver_cpu_ms_per_100=1e5 * cpu / steps, driver_cpu_percent=100 * cpu / wall,

@@ -179,7 +179,7 @@ def stop_own_local_instance(grace_s: float = 0.2) -> None:
     worker = ray._private.worker
     node = worker._global_node
     try:
-        procs = [info.process for infos in node.all_processes.values() for info in infos]
+        procs = node_processes(node)
     except Exception as err:  # noqa: BLE001 - Ray's internals changed: its own hook stops the instance
         log.debug("stopping the local Ray instance the slow way: %s", err)
         return
@@ -213,6 +213,12 @@ def stop_own_local_instance(grace_s: float = 0.2) -> None:
                 proc.wait(timeout=1.0)  # reaped; one stuck in the kernel is left behind rather than waited on
             except subprocess.TimeoutExpired:
                 log.debug("Ray process %s did not exit after SIGKILL", proc.pid)
+
+
+def node_processes(node: Any) -> list[subprocess.Popen]:
+    """The processes a Ray node (``ray._private.node.Node``) started for itself: GCS, raylet, monitors. Not the
+    raylet's own children (its agents, the workers): see ``_descendants``."""
+    return [info.process for infos in node.all_processes.values() for info in infos if info.process is not None]
 
 
 def _descendants(pids: list[int]) -> list[psutil.Process]:
@@ -971,13 +977,11 @@ class WorkerGroup:
             # Give the other ranks a moment to report, so a death is blamed, not its echo; once one is known, the
             # echoes still on their way change nothing (the ranks still running are the caller's to settle).
             grace_ends = time.monotonic() + FAILURE_GRACE_S
-            while pending and not any(died for _, died in failures.values()):
+            while pending and not any(died for _, died in failures.values()) and time.monotonic() < grace_ends:
                 more, _ = ray.wait(list(pending), num_returns=len(pending),
-                                   timeout=min(FAILURE_SLICE_S, max(0.0, grace_ends - time.monotonic())))
+                                   timeout=min(FAILURE_SLICE_S, grace_ends - time.monotonic()))
                 for ref in more:
                     self._collect(ref, pending.pop(ref), results, failures)
-                if time.monotonic() >= grace_ends:
-                    break
             for rank in sorted(results):  # what the ranks that returned had not handed over yet
                 _hand_over(results[rank], rank, on_message)
             self._inflight = {rank: ref for ref, rank in pending.items()}

@@ -397,7 +397,7 @@ def test_ensure_ray_reuses_the_running_session(local_ray):
 _EXIT_SCRIPT = """
 import json, os, sys
 import ray
-from raytrainer.launchers.ray.group import ensure_ray, stop_own_local_instance
+from raytrainer.launchers.ray.group import ensure_ray, node_processes, stop_own_local_instance
 
 if sys.argv[1] == "own":
     assert ensure_ray(1, address="local") is True
@@ -412,7 +412,7 @@ class Worker:
 actor = Worker.remote()
 node = ray._private.worker._global_node
 actor_pid = ray.get(actor.pid.remote())
-pids = [info.process.pid for infos in node.all_processes.values() for info in infos] + [actor_pid]
+pids = [proc.pid for proc in node_processes(node)] + [actor_pid]
 import psutil
 # the raylet's own children too: its dashboard and runtime-env agents (they once outlived the script by a minute)
 pids += [c.pid for p in list(pids) for c in psutil.Process(p).children(recursive=True) if c.pid not in pids]
